@@ -1,0 +1,115 @@
+//! `/v1/cluster` (membership view and changes) and the `/healthz`, `/readyz`
+//! probes. Membership changes run on the leader; other nodes relay them.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::error::ApiError;
+use crate::error::ClusterError;
+use crate::node::Node;
+use crate::raft::NodeId;
+
+/// `GET /v1/cluster`
+pub async fn info(State(node): State<Arc<Node>>) -> Response {
+    Json(node.cluster_info()).into_response()
+}
+
+/// Body of `POST /v1/cluster/members`.
+#[derive(Debug, Deserialize)]
+pub struct JoinRequest {
+    id: NodeId,
+    addr: String,
+}
+
+/// Sends the request on to the leader when this node is not it.
+async fn relay(
+    node: &Node,
+    method: reqwest::Method,
+    path: String,
+    body: Option<serde_json::Value>,
+) -> Result<Option<Response>, ApiError> {
+    let Some((leader, addr)) = node.leader() else {
+        return Err(ClusterError::NoLeader.into());
+    };
+    if leader == node.id() {
+        return Ok(None);
+    }
+    let (status, bytes) = node
+        .peers()
+        .relay_json(method, format!("{addr}{path}"), body)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()))?;
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    Ok(Some(
+        (status, [(header::CONTENT_TYPE, "application/json")], Body::from(bytes)).into_response(),
+    ))
+}
+
+/// `POST /v1/cluster/members` `{"id":N,"addr":"http://host:port"}`
+pub async fn add_member(
+    State(node): State<Arc<Node>>,
+    body: Result<Json<JoinRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body.map_err(|e| ApiError::bad_request("invalid_body", e.body_text()))?;
+    let addr = req.addr.trim_end_matches('/').to_owned();
+    let valid = addr
+        .strip_prefix("http://")
+        .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'));
+    if !valid {
+        return Err(ClusterError::Invalid(format!(
+            "addr must look like http://host:port, not {:?}",
+            req.addr
+        ))
+        .into());
+    }
+    let body = json!({ "id": req.id, "addr": addr });
+    if let Some(resp) = relay(&node, reqwest::Method::POST, "/v1/cluster/members".into(), Some(body)).await? {
+        return Ok(resp);
+    }
+    Ok(Json(node.add_member(req.id, &addr).await?).into_response())
+}
+
+/// `DELETE /v1/cluster/members/{id}`
+pub async fn remove_member(
+    State(node): State<Arc<Node>>,
+    id: Result<Path<NodeId>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(id) = id.map_err(|e| ApiError::bad_request("invalid_member", e.body_text()))?;
+    if let Some(resp) = relay(&node, reqwest::Method::DELETE, format!("/v1/cluster/members/{id}"), None).await? {
+        return Ok(resp);
+    }
+    Ok(Json(node.remove_member(id).await?).into_response())
+}
+
+/// `GET /healthz`: the process is up and serving.
+pub async fn healthz() -> Response {
+    Json(json!({ "status": "ok" })).into_response()
+}
+
+/// `GET /readyz`: a member of a cluster with a known leader, caught up.
+pub async fn readyz(State(node): State<Arc<Node>>) -> Result<Response, ApiError> {
+    if node.is_ready() {
+        Ok(Json(json!({ "status": "ready" })).into_response())
+    } else {
+        let info = node.cluster_info();
+        Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            format!(
+                "leader {:?}, member {}, applied {} of {} committed",
+                info.leader_id,
+                info.members.iter().any(|m| m.id == info.node_id),
+                info.applied_index,
+                info.commit_index
+            ),
+        ))
+    }
+}

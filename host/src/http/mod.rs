@@ -1,0 +1,45 @@
+//! The HTTP surface of a node: `fn router(node) -> Router`.
+//!
+//! | file | routes |
+//! |---|---|
+//! | `kv.rs` | `/v1/kv`, `/v1/kv/{key}` |
+//! | `cluster.rs` | `/v1/cluster`, `/v1/cluster/members`, `/healthz`, `/readyz` |
+//! | `raft_rpc.rs` | `/raft/*` (node to node) |
+//! | `error.rs` | the JSON error body; 404 and 405 fallbacks |
+
+pub mod cluster;
+pub mod error;
+pub mod kv;
+pub mod raft_rpc;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{any, delete, get, post};
+
+use crate::node::Node;
+
+/// All routes of a node, sharing `node` as state.
+pub fn router(node: Arc<Node>) -> Router {
+    let raft = Router::new()
+        .route("/append", post(raft_rpc::append))
+        .route("/vote", post(raft_rpc::vote))
+        .route("/snapshot", post(raft_rpc::snapshot))
+        .route("/forward", post(raft_rpc::forward))
+        .route("/read-index", post(raft_rpc::read_index))
+        .layer(DefaultBodyLimit::disable());
+    Router::new()
+        .route("/v1/kv", get(kv::list))
+        .route("/v1/kv/", any(kv::empty_key))
+        .route("/v1/kv/{*key}", get(kv::get).put(kv::put).delete(kv::delete))
+        .route("/v1/cluster", get(cluster::info))
+        .route("/v1/cluster/members", post(cluster::add_member))
+        .route("/v1/cluster/members/{id}", delete(cluster::remove_member))
+        .route("/healthz", get(cluster::healthz))
+        .route("/readyz", get(cluster::readyz))
+        .nest("/raft", raft)
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .with_state(node)
+}

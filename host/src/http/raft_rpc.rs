@@ -1,0 +1,68 @@
+//! `/raft/*`: the node-to-node endpoints. Bodies are MessagePack; a body that
+//! does not decode gets 400 with the JSON error, never a panic. These routes
+//! have no body-size limit (a batch of entries can exceed 1 MiB).
+//!
+//! - `append`, `vote`, `snapshot`: openraft RPCs (client: `raft/network.rs`).
+//! - `forward`: a follower forwards a client write to the leader.
+//! - `read-index`: a follower asks the leader for a linearizable read index.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+use crate::node::Node;
+use crate::raft::network::MSGPACK;
+use crate::raft::{Command, NodeId, TypeConfig};
+
+fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    rmp_serde::from_slice(body)
+        .map_err(|e| ApiError::bad_request("invalid_rpc_body", format!("cannot decode MessagePack body: {e}")))
+}
+
+fn reply<T: Serialize>(value: &T) -> Response {
+    match rmp_serde::to_vec(value) {
+        Ok(bytes) => ([(header::CONTENT_TYPE, MSGPACK)], bytes).into_response(),
+        Err(e) => ApiError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "encode_failed",
+            e.to_string(),
+        )
+        .into_response(),
+    }
+}
+
+/// `POST /raft/append`
+pub async fn append(State(node): State<Arc<Node>>, body: Bytes) -> Result<Response, ApiError> {
+    let req: openraft::raft::AppendEntriesRequest<TypeConfig> = decode(&body)?;
+    Ok(reply(&node.raft().append_entries(req).await))
+}
+
+/// `POST /raft/vote`
+pub async fn vote(State(node): State<Arc<Node>>, body: Bytes) -> Result<Response, ApiError> {
+    let req: openraft::raft::VoteRequest<NodeId> = decode(&body)?;
+    Ok(reply(&node.raft().vote(req).await))
+}
+
+/// `POST /raft/snapshot` (one chunk of a snapshot)
+pub async fn snapshot(State(node): State<Arc<Node>>, body: Bytes) -> Result<Response, ApiError> {
+    let req: openraft::raft::InstallSnapshotRequest<TypeConfig> = decode(&body)?;
+    Ok(reply(&node.raft().install_snapshot(req).await))
+}
+
+/// `POST /raft/forward`: propose a forwarded write on this (leader) node.
+pub async fn forward(State(node): State<Arc<Node>>, body: Bytes) -> Result<Response, ApiError> {
+    let cmd: Command = decode(&body)?;
+    Ok(reply(&node.write_local(cmd).await))
+}
+
+/// `POST /raft/read-index`: confirm leadership and return the read index.
+pub async fn read_index(State(node): State<Arc<Node>>, body: Bytes) -> Result<Response, ApiError> {
+    let () = decode(&body)?;
+    Ok(reply(&node.read_index_local().await))
+}

@@ -1,0 +1,23 @@
+//! # flagstone
+//!
+//! A replicated store for application custom data — feature flags, shared
+//! configuration, counters, blobs up to 1 MiB — kept in a Raft cluster
+//! (openraft over fjall) and served over HTTP from every node.
+//!
+//! # Layout
+//!
+//! - [`raft`]: type configuration, log store, state machine, Raft RPC client.
+//! - [`http`]: the axum router: key/value API, cluster API, Raft RPC server.
+//! - [`node`]: wires storage, Raft and HTTP together; the library API
+//!   ([`Node::set_custom_data`] and friends) and `run(listener, shutdown)`.
+//! - [`keys`]: key and value limits.
+//! - `main.rs`: the `flagstone` binary (argument parsing and logging only).
+
+pub mod error;
+pub mod http;
+pub mod keys;
+pub mod node;
+pub mod peer;
+pub mod raft;
+
+pub use node::{Node, NodeConfig, NodeError, WriteError, run};

@@ -1,0 +1,100 @@
+//! The `flagstone` binary: argument parsing and logging; everything else is in
+//! the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use flagstone::NodeConfig;
+
+#[derive(Parser)]
+#[command(name = "flagstone", version, about = "Replicated custom-data store with WebAssembly plugins")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node. With no flags: a single-node cluster on 127.0.0.1:8080, data in ./data/node-1.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// This node's id, unique in the cluster.
+    #[arg(long, default_value_t = 1, env = "FLAGSTONE_ID")]
+    id: u64,
+    /// Address to serve the HTTP API and Raft RPCs on.
+    #[arg(long, default_value = "127.0.0.1:8080", env = "FLAGSTONE_LISTEN")]
+    listen: SocketAddr,
+    /// URL other nodes reach this node at (default: http://<listen>).
+    #[arg(long, env = "FLAGSTONE_ADVERTISE")]
+    advertise: Option<String>,
+    /// Data directory (default: ./data/node-<id>).
+    #[arg(long, env = "FLAGSTONE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// URL of a cluster member to join (only used when the data dir is empty).
+    #[arg(long, env = "FLAGSTONE_JOIN")]
+    join: Option<String>,
+    /// Build a snapshot and compact the log every N entries.
+    #[arg(long, default_value_t = 10_000)]
+    snapshot_every: u64,
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,openraft=warn,fjall=warn,lsm_tree=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let Cli { command: Command::Serve(args) } = Cli::parse();
+    let mut config = NodeConfig::new(
+        args.id,
+        args.data_dir.unwrap_or_else(|| PathBuf::from(format!("data/node-{}", args.id))),
+    );
+    config.advertise = args.advertise;
+    config.join = args.join;
+    config.raft.snapshot_every = args.snapshot_every;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    // One machine-readable line on stdout so scripts and tests can find the port.
+    println!("flagstone: node {} listening on http://{addr}", args.id);
+    flagstone::run(config, listener, shutdown_signal())
+        .await
+        .context("running the node")?;
+    Ok(())
+}

@@ -1,0 +1,606 @@
+//! A flagstone node: opens storage, starts Raft and the HTTP server, joins or
+//! initializes the cluster, and offers the library API (the seed's four
+//! custom-data operations plus compare-and-set and linearizable reads).
+//!
+//! # Write path
+//! any node → (follower: forward to the leader over `/raft/forward`) → key and
+//! size checks → validators (plugins, later) → `raft.client_write` → log append
+//! (fsync per batch) → replicate → commit → apply → revision returned.
+//!
+//! # Read path
+//! Local reads answer from this node's applied state. A linearizable read first
+//! gets a read index from the leader (which confirms its leadership with a
+//! quorum) and waits until this node has applied up to it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, SnapshotPolicy};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::{Mutex, watch};
+use tokio::task::JoinHandle;
+
+pub use crate::error::{ClusterError, NodeError, ReadError, WriteError};
+use crate::keys::{MAX_VALUE_BYTES, validate_key};
+use crate::peer::PeerClient;
+use crate::raft::network::Network;
+use crate::raft::{
+    Command, CommandResult, KvReader, NodeId, Precondition, Raft, ValueRecord, open_storage,
+};
+
+/// How long a request waits for an election before answering "no leader".
+const LEADER_WAIT: Duration = Duration::from_secs(3);
+/// How many times a write is re-routed after a leader change.
+const WRITE_ATTEMPTS: usize = 4;
+
+/// Raft timing and log compaction settings.
+#[derive(Debug, Clone)]
+pub struct RaftTuning {
+    /// Leader heartbeat interval.
+    pub heartbeat_ms: u64,
+    /// Election timeout range (a random value in it is used).
+    pub election_timeout_ms: (u64, u64),
+    /// Build a snapshot (and purge the log behind it) every this many entries.
+    pub snapshot_every: u64,
+    /// Entries kept in the log behind the last snapshot, for lagging followers.
+    pub keep_behind_snapshot: u64,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        RaftTuning {
+            heartbeat_ms: 100,
+            election_timeout_ms: (400, 800),
+            snapshot_every: 10_000,
+            keep_behind_snapshot: 1_000,
+        }
+    }
+}
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's id, unique in the cluster.
+    pub id: NodeId,
+    /// Where the database and snapshots live.
+    pub data_dir: PathBuf,
+    /// URL other nodes use to reach this one; defaults to `http://<listen addr>`.
+    pub advertise: Option<String>,
+    /// A member to ask for admission, used only when the data dir is empty.
+    pub join: Option<String>,
+    /// Raft timing and compaction.
+    pub raft: RaftTuning,
+}
+
+impl NodeConfig {
+    /// A config with defaults for everything but the id and data dir.
+    pub fn new(id: NodeId, data_dir: impl Into<PathBuf>) -> Self {
+        NodeConfig {
+            id,
+            data_dir: data_dir.into(),
+            advertise: None,
+            join: None,
+            raft: RaftTuning::default(),
+        }
+    }
+}
+
+/// Optional conditions and metadata of a put.
+#[derive(Debug, Clone, Default)]
+pub struct PutOptions {
+    /// Content-Type stored with the value.
+    pub content_type: Option<String>,
+    /// Compare-and-set condition.
+    pub precondition: Precondition,
+}
+
+/// One member as shown by `GET /v1/cluster`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Member {
+    /// Node id.
+    pub id: NodeId,
+    /// Advertised URL.
+    pub addr: String,
+    /// Voter (true) or learner (false).
+    pub voter: bool,
+}
+
+/// The cluster as this node sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterInfo {
+    /// This node's id.
+    pub node_id: NodeId,
+    /// Current leader, if known.
+    pub leader_id: Option<NodeId>,
+    /// Current term.
+    pub term: u64,
+    /// Voters and learners, by id.
+    pub members: Vec<Member>,
+    /// Highest index known committed.
+    pub commit_index: u64,
+    /// Highest index applied to the local state machine.
+    pub applied_index: u64,
+}
+
+/// A running node. Cheap to share (`Arc<Node>`); stop it with [`Node::shutdown`].
+pub struct Node {
+    id: NodeId,
+    advertise: String,
+    local_addr: SocketAddr,
+    raft: Raft,
+    reader: KvReader,
+    committed: Arc<AtomicU64>,
+    peers: PeerClient,
+    membership_lock: Mutex<()>,
+    shutdown_tx: watch::Sender<bool>,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Node {
+    /// Opens the data dir, starts Raft and serves the HTTP API on `listener`.
+    /// A fresh node without `join` initializes a single-node cluster; with
+    /// `join` it asks that member to add it. An existing data dir resumes.
+    pub async fn start(config: NodeConfig, listener: TcpListener) -> Result<Arc<Node>, NodeError> {
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| NodeError::Network(e.to_string()))?;
+        let advertise = config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| format!("http://{local_addr}"))
+            .trim_end_matches('/')
+            .to_owned();
+        let (mut log_store, state_machine) = open_storage(&config.data_dir)?;
+        let fresh = {
+            use openraft::storage::RaftLogStorage;
+            let state = log_store
+                .get_log_state()
+                .await
+                .map_err(|e| NodeError::Raft(e.to_string()))?;
+            let vote = log_store
+                .read_vote()
+                .await
+                .map_err(|e| NodeError::Raft(e.to_string()))?;
+            state.last_log_id.is_none() && vote.is_none() && state_machine.is_fresh()
+        };
+        let reader = state_machine.reader();
+        let committed = log_store.committed_index();
+        let peers = PeerClient::new().map_err(|e| NodeError::Network(e.to_string()))?;
+        let tuning = &config.raft;
+        let raft_config = openraft::Config {
+            cluster_name: "flagstone".into(),
+            heartbeat_interval: tuning.heartbeat_ms,
+            election_timeout_min: tuning.election_timeout_ms.0,
+            election_timeout_max: tuning.election_timeout_ms.1,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(tuning.snapshot_every),
+            max_in_snapshot_log_to_keep: tuning.keep_behind_snapshot,
+            snapshot_max_chunk_size: 1024 * 1024,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+        let raft = Raft::new(
+            config.id,
+            Arc::new(raft_config),
+            Network::new(peers.http().clone()),
+            log_store,
+            state_machine,
+        )
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let node = Arc::new(Node {
+            id: config.id,
+            advertise,
+            local_addr,
+            raft,
+            reader,
+            committed,
+            peers,
+            membership_lock: Mutex::new(()),
+            shutdown_tx,
+            tasks: std::sync::Mutex::new(Vec::new()),
+        });
+
+        let app = crate::http::router(node.clone());
+        let mut rx = shutdown_rx.clone();
+        let server = tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            };
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        node.track(server);
+
+        if fresh {
+            match &config.join {
+                None => {
+                    let members = BTreeMap::from([(node.id, BasicNode::new(&node.advertise))]);
+                    node.raft
+                        .initialize(members)
+                        .await
+                        .map_err(|e| NodeError::Raft(e.to_string()))?;
+                    tracing::info!(id = node.id, "initialized a single-node cluster");
+                }
+                Some(seed) => {
+                    let task = tokio::spawn(join_loop(node.clone(), seed.clone(), shutdown_rx));
+                    node.track(task);
+                }
+            }
+        } else if config.join.is_some() {
+            tracing::info!("data dir holds cluster state: resuming, --join ignored");
+        }
+        Ok(node)
+    }
+
+    fn track(&self, task: JoinHandle<()>) {
+        if let Ok(mut tasks) = self.tasks.lock() {
+            tasks.push(task);
+        }
+    }
+
+    /// Stops serving (in-flight requests finish), stops Raft and flushes.
+    pub async fn shutdown(&self) {
+        let _ = self.shutdown_tx.send(true);
+        let tasks: Vec<_> = match self.tasks.lock() {
+            Ok(mut t) => t.drain(..).collect(),
+            Err(_) => Vec::new(),
+        };
+        for task in tasks {
+            if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
+                tracing::warn!("a task did not stop within 5 s");
+            }
+        }
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The socket address the HTTP server is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The URL other nodes use to reach this node.
+    pub fn advertise(&self) -> &str {
+        &self.advertise
+    }
+
+    /// The Raft handle (for the RPC server and introspection).
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// The local read view.
+    pub fn reader(&self) -> &KvReader {
+        &self.reader
+    }
+
+    /// The peer client.
+    pub(crate) fn peers(&self) -> &PeerClient {
+        &self.peers
+    }
+
+    /// The current leader and its URL, if known.
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let id = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&id)?.addr.clone();
+        Some((id, addr))
+    }
+
+    async fn wait_for_leader(&self) -> Option<(NodeId, String)> {
+        if let Some(l) = self.leader() {
+            return Some(l);
+        }
+        let _ = self
+            .raft
+            .wait(Some(LEADER_WAIT))
+            .metrics(|m| m.current_leader.is_some(), "leader known")
+            .await;
+        self.leader()
+    }
+
+    // ---- library API: the seed's four operations --------------------------
+
+    /// Stores `value` under `key` on the cluster; returns the write's revision.
+    pub async fn set_custom_data(&self, key: &str, value: impl Into<Vec<u8>>) -> Result<u64, WriteError> {
+        self.put(key, value.into(), PutOptions::default()).await
+    }
+
+    /// Reads `key` from this node's applied state.
+    pub async fn get_custom_data(&self, key: &str) -> Result<Option<Vec<u8>>, ReadError> {
+        validate_key(key)?;
+        Ok(self.reader.get(key)?.map(|r| r.value))
+    }
+
+    /// Deletes `key`; returns whether it existed.
+    pub async fn delete_custom_data(&self, key: &str) -> Result<bool, WriteError> {
+        self.delete(key, Precondition::None).await.map(|(deleted, _)| deleted)
+    }
+
+    /// Keys starting with `prefix` (`""`: all), sorted, from local state.
+    pub async fn list_custom_data_keys(&self, prefix: &str) -> Result<Vec<String>, ReadError> {
+        Ok(self.reader.list(prefix)?)
+    }
+
+    // ---- full API ---------------------------------------------------------
+
+    /// Stores a value with options (content type, compare-and-set).
+    pub async fn put(&self, key: &str, value: Vec<u8>, opts: PutOptions) -> Result<u64, WriteError> {
+        validate_key(key)?;
+        if value.len() > MAX_VALUE_BYTES {
+            return Err(WriteError::ValueTooLarge(value.len()));
+        }
+        let cmd = Command::Put {
+            key: key.to_owned(),
+            value,
+            content_type: opts.content_type,
+            precondition: opts.precondition,
+        };
+        match self.write(cmd).await? {
+            CommandResult::Put { revision } => Ok(revision),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Deletes a key, optionally only at a given revision; returns
+    /// `(existed, revision)`.
+    pub async fn delete(&self, key: &str, precondition: Precondition) -> Result<(bool, u64), WriteError> {
+        validate_key(key)?;
+        let cmd = Command::Delete { key: key.to_owned(), precondition };
+        match self.write(cmd).await? {
+            CommandResult::Delete { deleted, revision } => Ok((deleted, revision)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Reads a key with its metadata; `linearizable` confirms with the leader
+    /// first that this node has applied every write committed before the call.
+    pub async fn get(&self, key: &str, linearizable: bool) -> Result<Option<ValueRecord>, ReadError> {
+        validate_key(key)?;
+        if linearizable {
+            self.read_barrier().await?;
+        }
+        Ok(self.reader.get(key)?)
+    }
+
+    /// Lists keys with the revision they were read at.
+    pub async fn list(&self, prefix: &str, linearizable: bool) -> Result<(Vec<String>, u64), ReadError> {
+        if linearizable {
+            self.read_barrier().await?;
+        }
+        let revision = self.reader.applied_index();
+        Ok((self.reader.list(prefix)?, revision))
+    }
+
+    /// Routes a command to the leader (forwarding from followers) and turns a
+    /// failed precondition into an error.
+    pub async fn write(&self, cmd: Command) -> Result<CommandResult, WriteError> {
+        let mut last = WriteError::NoLeader;
+        for attempt in 0..WRITE_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(50 * attempt as u64)).await;
+            }
+            let Some((leader, addr)) = self.wait_for_leader().await else {
+                return Err(WriteError::NoLeader);
+            };
+            let result = if leader == self.id {
+                self.write_local(cmd.clone()).await
+            } else {
+                self.peers.forward_write(&addr, &cmd).await
+            };
+            match result {
+                Err(e @ (WriteError::NotLeader { .. } | WriteError::NoLeader)) => last = e,
+                Ok(CommandResult::PreconditionFailed { current }) => {
+                    return Err(WriteError::PreconditionFailed { current });
+                }
+                other => return other,
+            }
+        }
+        Err(match last {
+            WriteError::NotLeader { .. } => WriteError::NoLeader,
+            e => e,
+        })
+    }
+
+    /// Proposes a command on this node, which must be the leader. Validator
+    /// plugins hook in here, between the checks and `client_write`.
+    pub async fn write_local(&self, cmd: Command) -> Result<CommandResult, WriteError> {
+        validate_key(cmd.key())?;
+        if let Command::Put { value, .. } = &cmd
+            && value.len() > MAX_VALUE_BYTES
+        {
+            return Err(WriteError::ValueTooLarge(value.len()));
+        }
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => Ok(resp.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(WriteError::NotLeader { leader: f.leader_id })
+            }
+            Err(RaftError::APIError(e)) => Err(WriteError::Unavailable(e.to_string())),
+            Err(RaftError::Fatal(e)) => Err(WriteError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// On the leader: the index a linearizable read must wait for, after
+    /// confirming leadership with a quorum.
+    pub async fn read_index_local(&self) -> Result<u64, ReadError> {
+        match self.raft.get_read_log_id().await {
+            Ok((read_log_id, _)) => Ok(read_log_id.map_or(0, |l| l.index)),
+            Err(RaftError::APIError(_)) => Err(ReadError::NoLeader),
+            Err(RaftError::Fatal(e)) => Err(ReadError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Waits until this node has applied everything committed before the call.
+    pub async fn read_barrier(&self) -> Result<(), ReadError> {
+        let mut last = ReadError::NoLeader;
+        for attempt in 0..WRITE_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(50 * attempt as u64)).await;
+            }
+            let Some((leader, addr)) = self.wait_for_leader().await else {
+                return Err(ReadError::NoLeader);
+            };
+            let index = if leader == self.id {
+                self.read_index_local().await
+            } else {
+                self.peers.read_index(&addr, LEADER_WAIT).await
+            };
+            match index {
+                Ok(index) => {
+                    if self.reader.applied_index() >= index {
+                        return Ok(());
+                    }
+                    return self
+                        .raft
+                        .wait(Some(LEADER_WAIT))
+                        .applied_index_at_least(Some(index), "linearizable read")
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| ReadError::Unavailable(e.to_string()));
+                }
+                Err(e @ ReadError::NoLeader) => last = e,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
+    // ---- cluster ----------------------------------------------------------
+
+    /// The cluster as this node sees it.
+    pub fn cluster_info(&self) -> ClusterInfo {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, node)| Member { id: *id, addr: node.addr.clone(), voter: voters.contains(id) })
+            .collect();
+        let applied_index = m.last_applied.map_or(0, |l| l.index);
+        ClusterInfo {
+            node_id: self.id,
+            leader_id: m.current_leader,
+            term: m.current_term,
+            members,
+            commit_index: self.committed.load(Ordering::Relaxed).max(applied_index),
+            applied_index,
+        }
+    }
+
+    /// Ready: a member of a cluster with a known leader, caught up locally.
+    pub fn is_ready(&self) -> bool {
+        let info = self.cluster_info();
+        info.leader_id.is_some()
+            && info.members.iter().any(|m| m.id == self.id)
+            && info.applied_index >= info.commit_index
+    }
+
+    /// On the leader: adds `id` at `addr` as a learner, waits for it to catch
+    /// up, then promotes it to voter. Idempotent for an existing voter.
+    pub async fn add_member(&self, id: NodeId, addr: &str) -> Result<ClusterInfo, ClusterError> {
+        let _guard = self.membership_lock.lock().await;
+        let current = self.cluster_info();
+        if let Some(m) = current.members.iter().find(|m| m.id == id) {
+            if m.addr != addr {
+                return Err(ClusterError::Conflict { id, addr: m.addr.clone() });
+            }
+            if m.voter {
+                return Ok(current);
+            }
+        }
+        self.raft
+            .add_learner(id, BasicNode::new(addr), true)
+            .await
+            .map_err(cluster_err)?;
+        let mut voters: BTreeSet<NodeId> = current.members.iter().filter(|m| m.voter).map(|m| m.id).collect();
+        voters.insert(id);
+        self.raft.change_membership(voters, false).await.map_err(cluster_err)?;
+        tracing::info!(id, addr, "added voter");
+        Ok(self.cluster_info())
+    }
+
+    /// On the leader: removes `id` from the cluster (voter or learner).
+    pub async fn remove_member(&self, id: NodeId) -> Result<ClusterInfo, ClusterError> {
+        let _guard = self.membership_lock.lock().await;
+        let current = self.cluster_info();
+        let Some(member) = current.members.iter().find(|m| m.id == id) else {
+            return Err(ClusterError::NotMember(id));
+        };
+        if member.voter {
+            let voters: BTreeSet<NodeId> =
+                current.members.iter().filter(|m| m.voter && m.id != id).map(|m| m.id).collect();
+            if voters.is_empty() {
+                return Err(ClusterError::Invalid("cannot remove the last voter".into()));
+            }
+            self.raft.change_membership(voters, false).await.map_err(cluster_err)?;
+        } else {
+            self.raft
+                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                .await
+                .map_err(cluster_err)?;
+        }
+        tracing::info!(id, "removed member");
+        Ok(self.cluster_info())
+    }
+}
+
+fn cluster_err(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ClusterError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => ClusterError::NoLeader,
+        other => ClusterError::Failed(other.to_string()),
+    }
+}
+
+fn unexpected(r: CommandResult) -> WriteError {
+    WriteError::Unavailable(format!("unexpected apply result {r:?}"))
+}
+
+/// Asks the seed to add this node until it succeeds or the node stops.
+async fn join_loop(node: Arc<Node>, seed: String, mut stop: watch::Receiver<bool>) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match node.peers.join(&seed, node.id, &node.advertise).await {
+            Ok(()) => {
+                tracing::info!(seed, "joined the cluster");
+                return;
+            }
+            Err(e) => tracing::warn!(seed, error = %e, "join failed; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Runs a node on `listener` until `shutdown` resolves, then stops it cleanly.
+pub async fn run(
+    config: NodeConfig,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), NodeError> {
+    let node = Node::start(config, listener).await?;
+    shutdown.await;
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    Ok(())
+}

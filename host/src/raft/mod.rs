@@ -1,0 +1,45 @@
+//! Raft plumbing: type configuration, the fjall-backed log store and state
+//! machine, and the HTTP network client. Nothing here knows about the HTTP API.
+
+pub mod log_store;
+pub mod network;
+pub mod state_machine;
+pub mod types;
+
+use std::path::Path;
+
+pub use log_store::LogStore;
+pub use state_machine::{Change, KvReader, StateMachineStore};
+pub use types::*;
+
+/// Opening the on-disk store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// fjall could not open or create the database.
+    #[error("opening the database at {path}: {source}")]
+    Database {
+        /// The database directory.
+        path: String,
+        /// The underlying error.
+        source: fjall::Error,
+    },
+    /// The stored state could not be read.
+    #[error("reading stored state: {0}")]
+    State(#[from] StorageError),
+}
+
+/// Opens the database under `data_dir` (created if missing) and returns the log
+/// store and state machine, which share one fjall journal.
+pub fn open_storage(data_dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
+    let db_path = data_dir.join("db");
+    let db_err = |source| OpenError::Database {
+        path: db_path.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| db_err(fjall::Error::from(e)))?;
+    let db = fjall::Database::builder(&db_path).open().map_err(db_err)?;
+    let log = LogStore::open(&db).map_err(db_err)?;
+    let sm = StateMachineStore::open(&db, data_dir)?;
+    Ok((log, sm))
+}

@@ -1,0 +1,457 @@
+//! The replicated state machine on fjall: applies committed commands to the
+//! `kv` keyspace, answers local reads, builds and installs snapshots, and
+//! publishes every applied change, in commit order, to subscribers (plugins'
+//! on-change hooks and watch streams).
+//!
+//! Applies are not fsynced on their own: they share the journal with the Raft
+//! log, whose entries are fsynced before they are acknowledged, so a crash
+//! recovers a prefix of both and openraft re-applies what the state machine
+//! lost. Snapshots are written to `snapshot/current` with fsync + rename.
+
+use std::collections::HashMap;
+use std::io::{Cursor, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use fjall::{Database, Keyspace, Readable};
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, StorageIOError};
+use tokio::sync::broadcast;
+
+use super::types::{
+    Command, CommandResult, Entry, LogId, Precondition, SnapshotMeta, StorageError,
+    StoredMembership, TypeConfig, ValueRecord,
+};
+
+const LAST_APPLIED: &str = "last_applied";
+const MEMBERSHIP: &str = "membership";
+/// How many applied changes a slow subscriber may lag behind before it is told
+/// it lost events (`broadcast::error::RecvError::Lagged`).
+pub const CHANGE_CHANNEL_CAPACITY: usize = 4096;
+
+/// One committed change to the key space, published after it was applied.
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// Revision (log index) of the change.
+    pub revision: u64,
+    /// The key written.
+    pub key: String,
+    /// The previous value, if the key existed.
+    pub old: Option<Arc<ValueRecord>>,
+    /// The new value; `None` for a delete.
+    pub new: Option<Arc<ValueRecord>>,
+}
+
+fn sm_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::new(ErrorSubject::StateMachine, verb, openraft::AnyError::new(&e)).into()
+}
+
+fn encode_meta<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StorageError> {
+    rmp_serde::to_vec(value).map_err(|e| sm_err(ErrorVerb::Write, e))
+}
+
+fn snap_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::new(ErrorSubject::Snapshot(None), verb, openraft::AnyError::new(&e)).into()
+}
+
+/// Read-only, cloneable view of the applied key space for local reads.
+#[derive(Clone)]
+pub struct KvReader {
+    kv: Keyspace,
+    applied: Arc<AtomicU64>,
+    changes: broadcast::Sender<Arc<Change>>,
+}
+
+/// A read failed (I/O or a corrupt record).
+#[derive(Debug, thiserror::Error)]
+#[error("local read failed: {0}")]
+pub struct ReadError(String);
+
+impl KvReader {
+    /// The value stored under `key`, if any.
+    pub fn get(&self, key: &str) -> Result<Option<ValueRecord>, ReadError> {
+        match self.kv.get(key).map_err(|e| ReadError(e.to_string()))? {
+            None => Ok(None),
+            Some(bytes) => ValueRecord::decode(&bytes)
+                .map(Some)
+                .map_err(|e| ReadError(e.to_string())),
+        }
+    }
+
+    /// Keys starting with `prefix`, sorted bytewise (which is UTF-8 order).
+    pub fn list(&self, prefix: &str) -> Result<Vec<String>, ReadError> {
+        let mut keys = Vec::new();
+        for item in self.kv.prefix(prefix) {
+            let key = item.key().map_err(|e| ReadError(e.to_string()))?;
+            keys.push(String::from_utf8_lossy(&key).into_owned());
+        }
+        Ok(keys)
+    }
+
+    /// The last applied log index: the store's current revision.
+    pub fn applied_index(&self) -> u64 {
+        self.applied.load(Ordering::Acquire)
+    }
+
+    /// Subscribes to committed changes, in commit order, from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
+        self.changes.subscribe()
+    }
+}
+
+/// The state machine handed to openraft.
+pub struct StateMachineStore {
+    db: Database,
+    kv: Keyspace,
+    meta: Keyspace,
+    snapshot_dir: PathBuf,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    applied: Arc<AtomicU64>,
+    changes: broadcast::Sender<Arc<Change>>,
+    snapshot_seq: u64,
+}
+
+impl StateMachineStore {
+    /// Opens (or creates) the state machine keyspaces in `db`; snapshots are
+    /// kept under `data_dir/snapshot`.
+    pub fn open(db: &Database, data_dir: &Path) -> Result<Self, StorageError> {
+        let open_err = |e: fjall::Error| sm_err(ErrorVerb::Read, e);
+        let kv = db
+            .keyspace("kv", fjall::KeyspaceCreateOptions::default)
+            .map_err(open_err)?;
+        let meta = db
+            .keyspace("sm_meta", fjall::KeyspaceCreateOptions::default)
+            .map_err(open_err)?;
+        let snapshot_dir = data_dir.join("snapshot");
+        std::fs::create_dir_all(&snapshot_dir).map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        let read = |key: &str| -> Result<Option<fjall::Slice>, StorageError> {
+            meta.get(key).map_err(|e| sm_err(ErrorVerb::Read, e))
+        };
+        let last_applied: Option<LogId> = match read(LAST_APPLIED)? {
+            Some(b) => rmp_serde::from_slice(&b).map_err(|e| sm_err(ErrorVerb::Read, e))?,
+            None => None,
+        };
+        let membership: StoredMembership = match read(MEMBERSHIP)? {
+            Some(b) => rmp_serde::from_slice(&b).map_err(|e| sm_err(ErrorVerb::Read, e))?,
+            None => StoredMembership::default(),
+        };
+        let (changes, _) = broadcast::channel(CHANGE_CHANNEL_CAPACITY);
+        Ok(StateMachineStore {
+            db: db.clone(),
+            kv,
+            meta,
+            snapshot_dir,
+            applied: Arc::new(AtomicU64::new(last_applied.map_or(0, |l| l.index))),
+            last_applied,
+            membership,
+            changes,
+            snapshot_seq: 0,
+        })
+    }
+
+    /// A read handle sharing this state machine's keyspace and counters.
+    pub fn reader(&self) -> KvReader {
+        KvReader {
+            kv: self.kv.clone(),
+            applied: self.applied.clone(),
+            changes: self.changes.clone(),
+        }
+    }
+
+    /// Whether anything was ever applied or installed (an existing node).
+    pub fn is_fresh(&self) -> bool {
+        self.last_applied.is_none() && self.membership.log_id().is_none()
+    }
+
+    fn current(
+        &self,
+        overlay: &HashMap<String, Option<Arc<ValueRecord>>>,
+        key: &str,
+    ) -> Result<Option<Arc<ValueRecord>>, StorageError> {
+        if let Some(v) = overlay.get(key) {
+            return Ok(v.clone());
+        }
+        match self.kv.get(key).map_err(|e| sm_err(ErrorVerb::Read, e))? {
+            None => Ok(None),
+            Some(bytes) => ValueRecord::decode(&bytes)
+                .map(|r| Some(Arc::new(r)))
+                .map_err(|e| sm_err(ErrorVerb::Read, e)),
+        }
+    }
+
+    fn apply_command(
+        &self,
+        cmd: Command,
+        index: u64,
+        batch: &mut fjall::OwnedWriteBatch,
+        overlay: &mut HashMap<String, Option<Arc<ValueRecord>>>,
+        changes: &mut Vec<Change>,
+    ) -> Result<CommandResult, StorageError> {
+        let (key, precondition) = match &cmd {
+            Command::Put { key, precondition, .. } | Command::Delete { key, precondition } => {
+                (key.clone(), *precondition)
+            }
+        };
+        let old = self.current(overlay, &key)?;
+        let current_rev = old.as_ref().map(|r| r.revision);
+        let holds = match precondition {
+            Precondition::None => true,
+            Precondition::Absent => old.is_none(),
+            Precondition::Revision(r) => current_rev == Some(r),
+        };
+        if !holds {
+            return Ok(CommandResult::PreconditionFailed { current: current_rev });
+        }
+        match cmd {
+            Command::Put { value, content_type, .. } => {
+                let record = Arc::new(ValueRecord {
+                    revision: index,
+                    create_revision: old.as_ref().map_or(index, |o| o.create_revision),
+                    version: old.as_ref().map_or(1, |o| o.version + 1),
+                    content_type,
+                    value,
+                });
+                batch.insert(&self.kv, key.as_bytes(), record.encode());
+                overlay.insert(key.clone(), Some(record.clone()));
+                changes.push(Change { revision: index, key, old, new: Some(record) });
+                Ok(CommandResult::Put { revision: index })
+            }
+            Command::Delete { .. } => {
+                let deleted = old.is_some();
+                if deleted {
+                    batch.remove(&self.kv, key.as_bytes());
+                    overlay.insert(key.clone(), None);
+                    changes.push(Change { revision: index, key, old, new: None });
+                }
+                Ok(CommandResult::Delete { deleted, revision: index })
+            }
+        }
+    }
+
+    fn write_snapshot_file(dir: &Path, meta: &SnapshotMeta, data: &[u8]) -> std::io::Result<()> {
+        let meta_bytes = rmp_serde::to_vec(meta).map_err(std::io::Error::other)?;
+        let tmp = dir.join("current.tmp");
+        {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&(meta_bytes.len() as u64).to_be_bytes())?;
+            f.write_all(&meta_bytes)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, dir.join("current"))?;
+        std::fs::File::open(dir)?.sync_all()
+    }
+
+    fn read_snapshot_file(dir: &Path) -> std::io::Result<Option<(SnapshotMeta, Vec<u8>)>> {
+        let bytes = match std::fs::read(dir.join("current")) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "corrupt snapshot file");
+        let len_bytes: [u8; 8] = bytes.get(..8).ok_or_else(bad)?.try_into().map_err(|_| bad())?;
+        let meta_len = usize::try_from(u64::from_be_bytes(len_bytes)).map_err(|_| bad())?;
+        let meta_end = 8usize.checked_add(meta_len).ok_or_else(bad)?;
+        let meta: SnapshotMeta =
+            rmp_serde::from_slice(bytes.get(8..meta_end).ok_or_else(bad)?).map_err(|_| bad())?;
+        Ok(Some((meta, bytes[meta_end..].to_vec())))
+    }
+}
+
+/// Snapshot data: a sequence of `[u32 key len][key][u32 record len][record]`.
+fn encode_pair(out: &mut Vec<u8>, key: &[u8], record: &[u8]) {
+    out.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    out.extend_from_slice(key);
+    out.extend_from_slice(&(record.len() as u32).to_be_bytes());
+    out.extend_from_slice(record);
+}
+
+/// Splits snapshot data into `(key, record)` pairs; `None` if it is malformed.
+fn decode_pairs(mut data: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+    fn take<'a>(data: &mut &'a [u8]) -> Option<&'a [u8]> {
+        let len = u32::from_be_bytes(data.get(..4)?.try_into().ok()?) as usize;
+        let item = data.get(4..4 + len)?;
+        *data = &data[4 + len..];
+        Some(item)
+    }
+    let mut pairs = Vec::new();
+    while !data.is_empty() {
+        let key = take(&mut data)?;
+        let record = take(&mut data)?;
+        ValueRecord::decode_revision(record).ok()?;
+        pairs.push((key, record));
+    }
+    Some(pairs)
+}
+
+/// Builds a snapshot from a consistent fjall snapshot taken when it was asked for.
+pub struct SnapshotBuilder {
+    view: fjall::Snapshot,
+    kv: Keyspace,
+    dir: PathBuf,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    seq: u64,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let snapshot_id = match self.last_applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, self.seq),
+            None => format!("0-0-{}", self.seq),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: self.last_applied,
+            last_membership: self.membership.clone(),
+            snapshot_id,
+        };
+        let view = self.view.clone();
+        let kv = self.kv.clone();
+        let dir = self.dir.clone();
+        let file_meta = meta.clone();
+        let data = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, StorageError> {
+            let mut data = Vec::new();
+            for item in view.iter(&kv) {
+                let (k, v) = item.into_inner().map_err(|e| snap_err(ErrorVerb::Read, e))?;
+                encode_pair(&mut data, &k, &v);
+            }
+            StateMachineStore::write_snapshot_file(&dir, &file_meta, &data)
+                .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+            Ok(data)
+        })
+        .await
+        .map_err(|e| snap_err(ErrorVerb::Write, e))??;
+        tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "built snapshot");
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        Ok((self.last_applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResult>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut batch = self.db.batch();
+        let mut overlay = HashMap::new();
+        let mut changes = Vec::new();
+        let mut results = Vec::new();
+        for entry in entries {
+            self.last_applied = Some(entry.log_id);
+            let result = match entry.payload {
+                EntryPayload::Blank => CommandResult::Noop,
+                EntryPayload::Membership(m) => {
+                    self.membership = StoredMembership::new(Some(entry.log_id), m);
+                    CommandResult::Noop
+                }
+                EntryPayload::Normal(cmd) => {
+                    self.apply_command(cmd, entry.log_id.index, &mut batch, &mut overlay, &mut changes)?
+                }
+            };
+            results.push(result);
+        }
+        batch.insert(&self.meta, LAST_APPLIED, encode_meta(&self.last_applied)?);
+        batch.insert(&self.meta, MEMBERSHIP, encode_meta(&self.membership)?);
+        batch.commit().map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        if let Some(l) = self.last_applied {
+            self.applied.store(l.index, Ordering::Release);
+        }
+        for change in changes {
+            // No receivers is fine: nobody is watching.
+            let _ = self.changes.send(Arc::new(change));
+        }
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.snapshot_seq += 1;
+        SnapshotBuilder {
+            view: self.db.snapshot(),
+            kv: self.kv.clone(),
+            dir: self.snapshot_dir.clone(),
+            last_applied: self.last_applied,
+            membership: self.membership.clone(),
+            seq: self.snapshot_seq,
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let invalid = || {
+            snap_err(
+                ErrorVerb::Read,
+                std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed snapshot data"),
+            )
+        };
+        let pairs = decode_pairs(&data).ok_or_else(invalid)?;
+        StateMachineStore::write_snapshot_file(&self.snapshot_dir, meta, &data)
+            .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        let mut batch = self.db.batch();
+        for item in self.kv.iter() {
+            let key = item.key().map_err(|e| sm_err(ErrorVerb::Read, e))?;
+            batch.remove(&self.kv, key);
+        }
+        for (k, v) in pairs {
+            batch.insert(&self.kv, k, v);
+        }
+        self.last_applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        batch.insert(&self.meta, LAST_APPLIED, encode_meta(&self.last_applied)?);
+        batch.insert(&self.meta, MEMBERSHIP, encode_meta(&self.membership)?);
+        batch.commit().map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        self.applied
+            .store(meta.last_log_id.map_or(0, |l| l.index), Ordering::Release);
+        tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "installed snapshot");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let dir = self.snapshot_dir.clone();
+        let found = tokio::task::spawn_blocking(move || StateMachineStore::read_snapshot_file(&dir))
+            .await
+            .map_err(|e| snap_err(ErrorVerb::Read, e))?
+            .map_err(|e| snap_err(ErrorVerb::Read, e))?;
+        Ok(found.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_pairs_round_trip_and_reject_garbage() {
+        let rec = ValueRecord {
+            revision: 3,
+            create_revision: 3,
+            version: 1,
+            content_type: None,
+            value: b"v".to_vec(),
+        }
+        .encode();
+        let mut data = Vec::new();
+        encode_pair(&mut data, b"a", &rec);
+        encode_pair(&mut data, b"b/c", &rec);
+        let pairs = decode_pairs(&data).unwrap();
+        assert_eq!(pairs.len(), 2);
+        assert_eq!(pairs[1].0, b"b/c");
+        assert!(decode_pairs(&data[..data.len() - 1]).is_none());
+        assert!(decode_pairs(&[0, 0, 0, 9, 1]).is_none());
+    }
+}

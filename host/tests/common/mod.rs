@@ -1,0 +1,183 @@
+//! Test harness: in-process nodes and `flagstone` processes on 127.0.0.1:0,
+//! a small HTTP client, and bounded waits.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flagstone::node::RaftTuning;
+use flagstone::{Node, NodeConfig};
+
+/// Raft timings for tests: quick elections, frequent snapshots when asked.
+pub fn fast_tuning() -> RaftTuning {
+    RaftTuning {
+        heartbeat_ms: 50,
+        election_timeout_ms: (250, 500),
+        ..RaftTuning::default()
+    }
+}
+
+/// Polls `check` every 25 ms until it returns `Some` or `timeout` passes.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Starts an in-process node on 127.0.0.1:0.
+pub async fn start_node(id: u64, dir: &Path, join: Option<&str>, tuning: RaftTuning) -> Arc<Node> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut config = NodeConfig::new(id, dir.join(format!("node-{id}")));
+    config.join = join.map(str::to_owned);
+    config.raft = tuning;
+    Node::start(config, listener).await.unwrap()
+}
+
+/// Waits until `nodes` all agree on one leader and on `voters` voters.
+pub async fn wait_converged(nodes: &[Arc<Node>], voters: usize) -> u64 {
+    wait_for("cluster to converge", Duration::from_secs(20), || async {
+        let infos: Vec<_> = nodes.iter().map(|n| n.cluster_info()).collect();
+        let leader = infos[0].leader_id?;
+        let ok = infos.iter().all(|i| {
+            i.leader_id == Some(leader)
+                && i.term == infos[0].term
+                && i.members.iter().filter(|m| m.voter).count() == voters
+        });
+        ok.then_some(leader)
+    })
+    .await
+}
+
+/// A 3-node in-process cluster: node 1 initializes, 2 and 3 join it.
+pub async fn cluster3(dir: &Path, tuning: RaftTuning) -> Vec<Arc<Node>> {
+    let n1 = start_node(1, dir, None, tuning.clone()).await;
+    let seed = n1.advertise().to_owned();
+    let n2 = start_node(2, dir, Some(&seed), tuning.clone()).await;
+    let n3 = start_node(3, dir, Some(&seed), tuning).await;
+    let nodes = vec![n1, n2, n3];
+    wait_converged(&nodes, 3).await;
+    nodes
+}
+
+pub fn url(node: &Node, path: &str) -> String {
+    format!("{}{path}", node.advertise())
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap()
+}
+
+/// A `flagstone serve` child process.
+pub struct Proc {
+    pub id: u64,
+    pub data_dir: PathBuf,
+    pub url: String,
+    child: Option<Child>,
+}
+
+impl Proc {
+    /// Spawns a node; `listen` may be `127.0.0.1:0`.
+    pub fn spawn(id: u64, data_dir: &Path, listen: &str, join: Option<&str>) -> Proc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flagstone"));
+        cmd.args(["serve", "--id", &id.to_string(), "--listen", listen, "--data-dir"])
+            .arg(data_dir)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if let Some(j) = join {
+            cmd.args(["--join", j]);
+        }
+        let mut child = cmd.spawn().expect("spawn flagstone");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let url = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .filter(|u| u.starts_with("http://"))
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        Proc { id, data_dir: data_dir.to_owned(), url, child: Some(child) }
+    }
+
+    /// The `host:port` the node listens on.
+    pub fn listen(&self) -> &str {
+        self.url.trim_start_matches("http://")
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let pid = c.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "node {} ignored SIGTERM", self.id);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the node again on the same address and data dir.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        let listen = self.listen().to_owned();
+        let again = Proc::spawn(self.id, &self.data_dir, &listen, None);
+        assert_eq!(again.url, self.url);
+        *self = again;
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// `GET /v1/cluster` as JSON.
+pub async fn cluster_json(c: &reqwest::Client, base: &str) -> Option<serde_json::Value> {
+    c.get(format!("{base}/v1/cluster")).send().await.ok()?.json().await.ok()
+}
+
+/// Waits until the process cluster agrees on a leader with `voters` voters.
+pub async fn wait_proc_converged(c: &reqwest::Client, procs: &[&Proc], voters: usize) -> u64 {
+    wait_for("process cluster to converge", Duration::from_secs(30), || async {
+        let mut leader = None;
+        for p in procs {
+            let j = cluster_json(c, &p.url).await?;
+            let l = j["leader_id"].as_u64()?;
+            let v = j["members"].as_array()?.iter().filter(|m| m["voter"] == true).count();
+            if v != voters || leader.is_some_and(|x| x != l) {
+                return None;
+            }
+            leader = Some(l);
+        }
+        leader
+    })
+    .await
+}

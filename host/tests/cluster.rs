@@ -1,0 +1,218 @@
+//! Three real nodes in one process, talking HTTP over 127.0.0.1: formation,
+//! replication, forwarding, compare-and-set under contention, linearizable
+//! reads, failover, snapshot install to a late joiner, membership removal.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use flagstone::Node;
+use flagstone::node::{PutOptions, RaftTuning};
+use flagstone::raft::Precondition;
+use flagstone::WriteError;
+use serde_json::Value;
+
+fn leader_of(nodes: &[Arc<Node>], id: u64) -> Arc<Node> {
+    nodes.iter().find(|n| n.id() == id).unwrap().clone()
+}
+
+fn follower_of(nodes: &[Arc<Node>], leader: u64) -> Arc<Node> {
+    nodes.iter().find(|n| n.id() != leader).unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forms_replicates_and_forwards() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = cluster3(dir.path(), fast_tuning()).await;
+    let c = client();
+
+    // Every node reports the same leader, term and three voters over HTTP.
+    let mut views = Vec::new();
+    for n in &nodes {
+        let j: Value = c.get(url(n, "/v1/cluster")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(j["node_id"], n.id());
+        assert_eq!(j["members"].as_array().unwrap().len(), 3);
+        views.push((j["leader_id"].clone(), j["term"].clone()));
+    }
+    assert!(views.iter().all(|v| *v == views[0]), "{views:?}");
+    let leader = views[0].0.as_u64().unwrap();
+
+    // A write on each node (followers forward), read back from every node.
+    for (i, n) in nodes.iter().enumerate() {
+        let r = c
+            .put(url(n, &format!("/v1/kv/from/{}", n.id())))
+            .header("content-type", "text/plain")
+            .body(format!("written via node {}", n.id()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "write via node {} (leader {leader})", n.id());
+        let _ = i;
+    }
+    for n in &nodes {
+        for src in 1..=3 {
+            let r = c
+                .get(url(n, &format!("/v1/kv/from/{src}?consistency=linearizable")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            assert_eq!(r.headers()["content-type"], "text/plain");
+            assert_eq!(r.text().await.unwrap(), format!("written via node {src}"));
+        }
+    }
+    // Local reads converge too, and the listing is identical everywhere.
+    let mut listings = Vec::new();
+    for n in &nodes {
+        let keys = wait_for("local replication", Duration::from_secs(5), || async {
+            let k = n.list_custom_data_keys("from/").await.unwrap();
+            (k.len() == 3).then_some(k)
+        })
+        .await;
+        listings.push(keys);
+    }
+    assert!(listings.iter().all(|l| *l == listings[0]));
+
+    // Deleting through a follower is seen by all.
+    let f = follower_of(&nodes, leader);
+    let r = c.delete(url(&f, "/v1/kv/from/1")).send().await.unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["deleted"], true);
+    for n in &nodes {
+        let r = c.get(url(n, "/v1/kv/from/1?consistency=linearizable")).send().await.unwrap();
+        assert_eq!(r.status(), 404);
+    }
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_and_set_from_every_node_loses_no_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = cluster3(dir.path(), fast_tuning()).await;
+    nodes[0].set_custom_data("global_counter", "0").await.unwrap();
+    const PER_NODE: u64 = 15;
+    let mut tasks = Vec::new();
+    for n in &nodes {
+        let n = n.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conflicts = 0u64;
+            for _ in 0..PER_NODE {
+                loop {
+                    let cur = n.get("global_counter", true).await.unwrap().unwrap();
+                    let v: u64 = String::from_utf8(cur.value).unwrap().parse().unwrap();
+                    let opts = PutOptions {
+                        content_type: None,
+                        precondition: Precondition::Revision(cur.revision),
+                    };
+                    match n.put("global_counter", (v + 1).to_string().into_bytes(), opts).await {
+                        Ok(_) => break,
+                        Err(WriteError::PreconditionFailed { .. }) => conflicts += 1,
+                        Err(e) => panic!("unexpected {e}"),
+                    }
+                }
+            }
+            conflicts
+        }));
+    }
+    let mut conflicts = 0;
+    for t in tasks {
+        conflicts += t.await.unwrap();
+    }
+    for n in &nodes {
+        let v = n.get("global_counter", true).await.unwrap().unwrap();
+        assert_eq!(v.value, (3 * PER_NODE).to_string().into_bytes(), "node {}", n.id());
+    }
+    println!("{conflicts} compare-and-set conflicts retried");
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_failover_keeps_every_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = cluster3(dir.path(), fast_tuning()).await;
+    let leader_id = nodes[0].cluster_info().leader_id.unwrap();
+    let leader = leader_of(&nodes, leader_id);
+    let survivors: Vec<_> = nodes.iter().filter(|n| n.id() != leader_id).cloned().collect();
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        let key = format!("before/{i}");
+        survivors[i % 2].set_custom_data(&key, format!("{i}")).await.unwrap();
+        acked.push(key);
+    }
+    leader.shutdown().await;
+    let new_leader = wait_for("a new leader", Duration::from_secs(10), || async {
+        let l = survivors[0].cluster_info().leader_id?;
+        (l != leader_id && survivors[1].cluster_info().leader_id == Some(l)).then_some(l)
+    })
+    .await;
+    assert_ne!(new_leader, leader_id);
+    for i in 0..10 {
+        let key = format!("after/{i}");
+        survivors[i % 2].set_custom_data(&key, format!("{i}")).await.unwrap();
+        acked.push(key);
+    }
+    for n in &survivors {
+        for k in &acked {
+            assert!(n.get(k, true).await.unwrap().is_some(), "node {} lost {k}", n.id());
+        }
+    }
+    for n in survivors {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_joiner_catches_up_through_snapshot_and_members_can_be_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let tuning = RaftTuning {
+        snapshot_every: 20,
+        keep_behind_snapshot: 5,
+        ..fast_tuning()
+    };
+    let nodes = cluster3(dir.path(), tuning.clone()).await;
+    for i in 0..120 {
+        nodes[i % 3].set_custom_data(&format!("bulk/{i:03}"), vec![b'v'; 512]).await.unwrap();
+    }
+    let leader = leader_of(&nodes, nodes[0].cluster_info().leader_id.unwrap());
+    // The log was compacted behind a snapshot: entry 1 no longer exists, so a
+    // new node can only be brought up to date by installing a snapshot.
+    let purged = wait_for("log purge", Duration::from_secs(10), || async {
+        let m = leader.raft().metrics().borrow().clone();
+        m.purged.filter(|p| p.index > 50).map(|p| p.index)
+    })
+    .await;
+    println!("leader purged the log up to {purged}");
+
+    let n4 = start_node(4, dir.path(), Some(nodes[1].advertise()), tuning).await;
+    let mut all = nodes.clone();
+    all.push(n4.clone());
+    wait_converged(&all, 4).await;
+    let keys = wait_for("late joiner to catch up", Duration::from_secs(10), || async {
+        let k = n4.list_custom_data_keys("bulk/").await.unwrap();
+        (k.len() == 120).then_some(k)
+    })
+    .await;
+    assert_eq!(keys[0], "bulk/000");
+    let snap = n4.raft().metrics().borrow().snapshot;
+    assert!(snap.is_some_and(|s| s.index >= purged), "node 4 installed no snapshot: {snap:?}");
+    assert!(dir.path().join("node-4/snapshot/current").exists());
+    assert_eq!(n4.get_custom_data("bulk/007").await.unwrap(), Some(vec![b'v'; 512]));
+    n4.set_custom_data("from/4", "hello").await.unwrap();
+
+    // Remove node 4 through a follower; the cluster goes back to 3 voters.
+    let c = client();
+    let r = c.delete(url(&nodes[2], "/v1/cluster/members/4")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    n4.shutdown().await;
+    wait_converged(&nodes, 3).await;
+    assert!(nodes.iter().all(|n| n.cluster_info().members.len() == 3));
+    nodes[0].set_custom_data("after/removal", "ok").await.unwrap();
+    for n in nodes {
+        n.shutdown().await;
+    }
+}

@@ -316,6 +316,19 @@ impl Node {
         self.leader()
     }
 
+    /// After `stale` failed to act as leader: waits (bounded) until this node
+    /// learns of another leader, so the retry goes somewhere new.
+    async fn wait_for_leader_change(&self, stale: NodeId) {
+        let _ = self
+            .raft
+            .wait(Some(LEADER_WAIT))
+            .metrics(
+                |m| m.current_leader.is_some_and(|l| l != stale),
+                "leader change",
+            )
+            .await;
+    }
+
     // ---- library API: the seed's four operations --------------------------
 
     /// Stores `value` under `key` on the cluster; returns the write's revision.
@@ -406,7 +419,10 @@ impl Node {
                 self.peers.forward_write(&addr, &cmd).await
             };
             match result {
-                Err(e @ (WriteError::NotLeader { .. } | WriteError::NoLeader)) => last = e,
+                Err(e @ (WriteError::NotLeader { .. } | WriteError::NoLeader)) => {
+                    last = e;
+                    self.wait_for_leader_change(leader).await;
+                }
                 Ok(CommandResult::PreconditionFailed { current }) => {
                     return Err(WriteError::PreconditionFailed { current });
                 }
@@ -476,7 +492,10 @@ impl Node {
                         .map(|_| ())
                         .map_err(|e| ReadError::Unavailable(e.to_string()));
                 }
-                Err(e @ ReadError::NoLeader) => last = e,
+                Err(e @ ReadError::NoLeader) => {
+                    last = e;
+                    self.wait_for_leader_change(leader).await;
+                }
                 Err(e) => return Err(e),
             }
         }

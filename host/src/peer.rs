@@ -22,8 +22,18 @@ pub struct PeerClient {
 
 /// A peer call failed before any answer from the peer's application logic.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct TransportError(String);
+#[error("{message}")]
+pub struct TransportError {
+    message: String,
+    /// The connection could not be made: the request was never sent.
+    not_sent: bool,
+}
+
+impl TransportError {
+    fn new(message: String) -> Self {
+        TransportError { message, not_sent: false }
+    }
+}
 
 impl PeerClient {
     /// Builds the shared client.
@@ -48,7 +58,7 @@ impl PeerClient {
         req: &Req,
         timeout: Duration,
     ) -> Result<Resp, TransportError> {
-        let body = rmp_serde::to_vec(req).map_err(|e| TransportError(e.to_string()))?;
+        let body = rmp_serde::to_vec(req).map_err(|e| TransportError::new(e.to_string()))?;
         let resp = self
             .http
             .post(&url)
@@ -57,19 +67,22 @@ impl PeerClient {
             .body(body)
             .send()
             .await
-            .map_err(|e| TransportError(format!("{url}: {e}")))?;
+            .map_err(|e| TransportError {
+                message: format!("{url}: {e}"),
+                not_sent: e.is_connect(),
+            })?;
         let status = resp.status();
         let bytes = resp
             .bytes()
             .await
-            .map_err(|e| TransportError(format!("{url}: {e}")))?;
+            .map_err(|e| TransportError::new(format!("{url}: {e}")))?;
         if !status.is_success() {
-            return Err(TransportError(format!(
+            return Err(TransportError::new(format!(
                 "{url}: {status}: {}",
                 String::from_utf8_lossy(&bytes)
             )));
         }
-        rmp_serde::from_slice(&bytes).map_err(|e| TransportError(format!("{url}: bad answer: {e}")))
+        rmp_serde::from_slice(&bytes).map_err(|e| TransportError::new(format!("{url}: bad answer: {e}")))
     }
 
     /// Sends `cmd` to the leader at `addr`, which validates and proposes it.
@@ -84,14 +97,28 @@ impl PeerClient {
             FORWARD_TIMEOUT,
         )
         .await
-        .map_err(|e| WriteError::Unavailable(e.0))?
+        .map_err(|e| {
+            if e.not_sent {
+                // The leader is gone (connection refused): safe to retry once a
+                // new leader is known, since nothing was sent.
+                WriteError::NoLeader
+            } else {
+                WriteError::Unavailable(e.message)
+            }
+        })?
     }
 
     /// Asks the leader at `addr` for a read index (confirmed with a quorum).
     pub async fn read_index(&self, addr: &str, timeout: Duration) -> Result<u64, ReadError> {
         self.call::<_, Result<u64, ReadError>>(format!("{addr}/raft/read-index"), &(), timeout)
             .await
-            .map_err(|e| ReadError::Unavailable(e.0))?
+            .map_err(|e| {
+                if e.not_sent {
+                    ReadError::NoLeader
+                } else {
+                    ReadError::Unavailable(e.message)
+                }
+            })?
     }
 
     /// Asks the member at `seed` to add node `id` reachable at `addr`.
@@ -103,13 +130,13 @@ impl PeerClient {
             .json(&serde_json::json!({ "id": id, "addr": addr }))
             .send()
             .await
-            .map_err(|e| TransportError(e.to_string()))?;
+            .map_err(|e| TransportError::new(e.to_string()))?;
         let status = resp.status();
         if status.is_success() {
             return Ok(());
         }
         let body = resp.text().await.unwrap_or_default();
-        Err(TransportError(format!("{status}: {body}")))
+        Err(TransportError::new(format!("{status}: {body}")))
     }
 
     /// Relays a JSON request to another node and returns its status and body.
@@ -123,9 +150,9 @@ impl PeerClient {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.map_err(|e| TransportError(format!("{url}: {e}")))?;
+        let resp = req.send().await.map_err(|e| TransportError::new(format!("{url}: {e}")))?;
         let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.map_err(|e| TransportError(e.to_string()))?;
+        let bytes = resp.bytes().await.map_err(|e| TransportError::new(e.to_string()))?;
         Ok((status, bytes))
     }
 }

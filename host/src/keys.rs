@@ -47,10 +47,7 @@ mod tests {
             validate_key(&"k".repeat(MAX_KEY_BYTES + 1)),
             Err(KeyError::TooLong(MAX_KEY_BYTES + 1))
         );
-        assert_eq!(
-            validate_key("a\nb"),
-            Err(KeyError::ControlCharacter(10, 1))
-        );
+        assert_eq!(validate_key("a\nb"), Err(KeyError::ControlCharacter(10, 1)));
         assert!(validate_key("a\u{7f}").is_err());
         assert!(validate_key("a\u{85}").is_err());
     }

@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use flagstone::NodeConfig;
 
 #[derive(Parser)]
-#[command(name = "flagstone", version, about = "Replicated custom-data store with WebAssembly plugins")]
+#[command(
+    name = "flagstone",
+    version,
+    about = "Replicated custom-data store with WebAssembly plugins"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -79,10 +83,13 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let Cli { command: Command::Serve(args) } = Cli::parse();
+    let Cli {
+        command: Command::Serve(args),
+    } = Cli::parse();
     let mut config = NodeConfig::new(
         args.id,
-        args.data_dir.unwrap_or_else(|| PathBuf::from(format!("data/node-{}", args.id))),
+        args.data_dir
+            .unwrap_or_else(|| PathBuf::from(format!("data/node-{}", args.id))),
     );
     config.advertise = args.advertise;
     config.join = args.join;

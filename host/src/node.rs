@@ -215,7 +215,10 @@ impl Node {
             let stop = async move {
                 let _ = rx.wait_for(|stop| *stop).await;
             };
-            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+            {
                 tracing::error!(error = %e, "HTTP server failed");
             }
         });
@@ -256,7 +259,10 @@ impl Node {
             Err(_) => Vec::new(),
         };
         for task in tasks {
-            if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_err()
+            {
                 tracing::warn!("a task did not stop within 5 s");
             }
         }
@@ -332,7 +338,11 @@ impl Node {
     // ---- library API: the seed's four operations --------------------------
 
     /// Stores `value` under `key` on the cluster; returns the write's revision.
-    pub async fn set_custom_data(&self, key: &str, value: impl Into<Vec<u8>>) -> Result<u64, WriteError> {
+    pub async fn set_custom_data(
+        &self,
+        key: &str,
+        value: impl Into<Vec<u8>>,
+    ) -> Result<u64, WriteError> {
         self.put(key, value.into(), PutOptions::default()).await
     }
 
@@ -344,7 +354,9 @@ impl Node {
 
     /// Deletes `key`; returns whether it existed.
     pub async fn delete_custom_data(&self, key: &str) -> Result<bool, WriteError> {
-        self.delete(key, Precondition::None).await.map(|(deleted, _)| deleted)
+        self.delete(key, Precondition::None)
+            .await
+            .map(|(deleted, _)| deleted)
     }
 
     /// Keys starting with `prefix` (`""`: all), sorted, from local state.
@@ -355,7 +367,12 @@ impl Node {
     // ---- full API ---------------------------------------------------------
 
     /// Stores a value with options (content type, compare-and-set).
-    pub async fn put(&self, key: &str, value: Vec<u8>, opts: PutOptions) -> Result<u64, WriteError> {
+    pub async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        opts: PutOptions,
+    ) -> Result<u64, WriteError> {
         validate_key(key)?;
         if value.len() > MAX_VALUE_BYTES {
             return Err(WriteError::ValueTooLarge(value.len()));
@@ -374,9 +391,16 @@ impl Node {
 
     /// Deletes a key, optionally only at a given revision; returns
     /// `(existed, revision)`.
-    pub async fn delete(&self, key: &str, precondition: Precondition) -> Result<(bool, u64), WriteError> {
+    pub async fn delete(
+        &self,
+        key: &str,
+        precondition: Precondition,
+    ) -> Result<(bool, u64), WriteError> {
         validate_key(key)?;
-        let cmd = Command::Delete { key: key.to_owned(), precondition };
+        let cmd = Command::Delete {
+            key: key.to_owned(),
+            precondition,
+        };
         match self.write(cmd).await? {
             CommandResult::Delete { deleted, revision } => Ok((deleted, revision)),
             other => Err(unexpected(other)),
@@ -385,7 +409,11 @@ impl Node {
 
     /// Reads a key with its metadata; `linearizable` confirms with the leader
     /// first that this node has applied every write committed before the call.
-    pub async fn get(&self, key: &str, linearizable: bool) -> Result<Option<ValueRecord>, ReadError> {
+    pub async fn get(
+        &self,
+        key: &str,
+        linearizable: bool,
+    ) -> Result<Option<ValueRecord>, ReadError> {
         validate_key(key)?;
         if linearizable {
             self.read_barrier().await?;
@@ -394,7 +422,11 @@ impl Node {
     }
 
     /// Lists keys with the revision they were read at.
-    pub async fn list(&self, prefix: &str, linearizable: bool) -> Result<(Vec<String>, u64), ReadError> {
+    pub async fn list(
+        &self,
+        prefix: &str,
+        linearizable: bool,
+    ) -> Result<(Vec<String>, u64), ReadError> {
         if linearizable {
             self.read_barrier().await?;
         }
@@ -447,7 +479,9 @@ impl Node {
         match self.raft.client_write(cmd).await {
             Ok(resp) => Ok(resp.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(WriteError::NotLeader { leader: f.leader_id })
+                Err(WriteError::NotLeader {
+                    leader: f.leader_id,
+                })
             }
             Err(RaftError::APIError(e)) => Err(WriteError::Unavailable(e.to_string())),
             Err(RaftError::Fatal(e)) => Err(WriteError::Unavailable(e.to_string())),
@@ -511,7 +545,11 @@ impl Node {
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let members = membership
             .nodes()
-            .map(|(id, node)| Member { id: *id, addr: node.addr.clone(), voter: voters.contains(id) })
+            .map(|(id, node)| Member {
+                id: *id,
+                addr: node.addr.clone(),
+                voter: voters.contains(id),
+            })
             .collect();
         let applied_index = m.last_applied.map_or(0, |l| l.index);
         ClusterInfo {
@@ -539,7 +577,10 @@ impl Node {
         let current = self.cluster_info();
         if let Some(m) = current.members.iter().find(|m| m.id == id) {
             if m.addr != addr {
-                return Err(ClusterError::Conflict { id, addr: m.addr.clone() });
+                return Err(ClusterError::Conflict {
+                    id,
+                    addr: m.addr.clone(),
+                });
             }
             if m.voter {
                 return Ok(current);
@@ -549,9 +590,17 @@ impl Node {
             .add_learner(id, BasicNode::new(addr), true)
             .await
             .map_err(cluster_err)?;
-        let mut voters: BTreeSet<NodeId> = current.members.iter().filter(|m| m.voter).map(|m| m.id).collect();
+        let mut voters: BTreeSet<NodeId> = current
+            .members
+            .iter()
+            .filter(|m| m.voter)
+            .map(|m| m.id)
+            .collect();
         voters.insert(id);
-        self.raft.change_membership(voters, false).await.map_err(cluster_err)?;
+        self.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(cluster_err)?;
         tracing::info!(id, addr, "added voter");
         Ok(self.cluster_info())
     }
@@ -564,12 +613,19 @@ impl Node {
             return Err(ClusterError::NotMember(id));
         };
         if member.voter {
-            let voters: BTreeSet<NodeId> =
-                current.members.iter().filter(|m| m.voter && m.id != id).map(|m| m.id).collect();
+            let voters: BTreeSet<NodeId> = current
+                .members
+                .iter()
+                .filter(|m| m.voter && m.id != id)
+                .map(|m| m.id)
+                .collect();
             if voters.is_empty() {
                 return Err(ClusterError::Invalid("cannot remove the last voter".into()));
             }
-            self.raft.change_membership(voters, false).await.map_err(cluster_err)?;
+            self.raft
+                .change_membership(voters, false)
+                .await
+                .map_err(cluster_err)?;
         } else {
             self.raft
                 .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)

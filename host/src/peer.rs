@@ -31,7 +31,10 @@ pub struct TransportError {
 
 impl TransportError {
     fn new(message: String) -> Self {
-        TransportError { message, not_sent: false }
+        TransportError {
+            message,
+            not_sent: false,
+        }
     }
 }
 
@@ -82,7 +85,8 @@ impl PeerClient {
                 String::from_utf8_lossy(&bytes)
             )));
         }
-        rmp_serde::from_slice(&bytes).map_err(|e| TransportError::new(format!("{url}: bad answer: {e}")))
+        rmp_serde::from_slice(&bytes)
+            .map_err(|e| TransportError::new(format!("{url}: bad answer: {e}")))
     }
 
     /// Sends `cmd` to the leader at `addr`, which validates and proposes it.
@@ -146,13 +150,22 @@ impl PeerClient {
         url: String,
         body: Option<serde_json::Value>,
     ) -> Result<(u16, bytes::Bytes), TransportError> {
-        let mut req = self.http.request(method, &url).timeout(Duration::from_secs(30));
+        let mut req = self
+            .http
+            .request(method, &url)
+            .timeout(Duration::from_secs(30));
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.map_err(|e| TransportError::new(format!("{url}: {e}")))?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| TransportError::new(format!("{url}: {e}")))?;
         let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.map_err(|e| TransportError::new(e.to_string()))?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| TransportError::new(e.to_string()))?;
         Ok((status, bytes))
     }
 }

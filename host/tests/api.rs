@@ -27,7 +27,14 @@ async fn error_code(resp: reqwest::Response, status: StatusCode) -> Value {
 }
 
 async fn revision(c: &reqwest::Client, base: &str) -> u64 {
-    let j: Value = c.get(format!("{base}/v1/kv")).send().await.unwrap().json().await.unwrap();
+    let j: Value = c
+        .get(format!("{base}/v1/kv"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     j["revision"].as_u64().unwrap()
 }
 
@@ -50,7 +57,11 @@ async fn put_get_delete_list_round_trip() {
     let rev = j["revision"].as_u64().unwrap();
     assert_eq!(etag, format!("\"{rev}\""));
 
-    let r = c.get(format!("{base}/v1/kv/flags/new_ui")).send().await.unwrap();
+    let r = c
+        .get(format!("{base}/v1/kv/flags/new_ui"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "application/json");
     assert_eq!(r.headers()["etag"].to_str().unwrap(), etag);
@@ -58,28 +69,72 @@ async fn put_get_delete_list_round_trip() {
 
     // No Content-Type given: served as octet-stream; binary kept exactly.
     let bin: Vec<u8> = (0..=255).collect();
-    c.put(format!("{base}/v1/kv/blob")).body(bin.clone()).send().await.unwrap();
-    let r = c.get(format!("{base}/v1/kv/blob?consistency=linearizable")).send().await.unwrap();
+    c.put(format!("{base}/v1/kv/blob"))
+        .body(bin.clone())
+        .send()
+        .await
+        .unwrap();
+    let r = c
+        .get(format!("{base}/v1/kv/blob?consistency=linearizable"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.headers()["content-type"], "application/octet-stream");
     assert_eq!(r.bytes().await.unwrap().to_vec(), bin);
 
     for k in ["b", "a", "flags/zeta", "c/d"] {
-        c.put(format!("{base}/v1/kv/{k}")).body("x").send().await.unwrap();
+        c.put(format!("{base}/v1/kv/{k}"))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
     }
-    let j: Value = c.get(format!("{base}/v1/kv?prefix=")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(j["keys"], serde_json::json!(["a", "b", "blob", "c/d", "flags/new_ui", "flags/zeta"]));
-    let j: Value = c.get(format!("{base}/v1/kv?prefix=flags/")).send().await.unwrap().json().await.unwrap();
+    let j: Value = c
+        .get(format!("{base}/v1/kv?prefix="))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        j["keys"],
+        serde_json::json!(["a", "b", "blob", "c/d", "flags/new_ui", "flags/zeta"])
+    );
+    let j: Value = c
+        .get(format!("{base}/v1/kv?prefix=flags/"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(j["keys"], serde_json::json!(["flags/new_ui", "flags/zeta"]));
     assert!(j["revision"].as_u64().unwrap() > rev);
 
-    let r = c.delete(format!("{base}/v1/kv/flags/new_ui")).send().await.unwrap();
+    let r = c
+        .delete(format!("{base}/v1/kv/flags/new_ui"))
+        .send()
+        .await
+        .unwrap();
     let j: Value = r.json().await.unwrap();
     assert_eq!(j["deleted"], true);
-    let r = c.delete(format!("{base}/v1/kv/flags/new_ui")).send().await.unwrap();
+    let r = c
+        .delete(format!("{base}/v1/kv/flags/new_ui"))
+        .send()
+        .await
+        .unwrap();
     let j: Value = r.json().await.unwrap();
     assert_eq!(j["deleted"], false);
-    let r = c.get(format!("{base}/v1/kv/flags/new_ui")).send().await.unwrap();
-    assert_eq!(error_code(r, StatusCode::NOT_FOUND).await["code"], "key_not_found");
+    let r = c
+        .get(format!("{base}/v1/kv/flags/new_ui"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_code(r, StatusCode::NOT_FOUND).await["code"],
+        "key_not_found"
+    );
     node.shutdown().await;
 }
 
@@ -89,33 +144,83 @@ async fn compare_and_set_and_create_only() {
     let c = client();
     let base = node.advertise();
     let k = format!("{base}/v1/kv/counter");
-    let r = c.put(&k).header("if-none-match", "*").body("0").send().await.unwrap();
+    let r = c
+        .put(&k)
+        .header("if-none-match", "*")
+        .body("0")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let rev0 = r.json::<Value>().await.unwrap()["revision"].as_u64().unwrap();
-    let r = c.put(&k).header("if-none-match", "*").body("9").send().await.unwrap();
+    let rev0 = r.json::<Value>().await.unwrap()["revision"]
+        .as_u64()
+        .unwrap();
+    let r = c
+        .put(&k)
+        .header("if-none-match", "*")
+        .body("9")
+        .send()
+        .await
+        .unwrap();
     let e = error_code(r, StatusCode::PRECONDITION_FAILED).await;
     assert_eq!(e["code"], "precondition_failed");
     assert_eq!(e["revision"], rev0);
 
-    let r = c.put(&k).header("if-match", format!("\"{}\"", rev0 + 100)).body("9").send().await.unwrap();
+    let r = c
+        .put(&k)
+        .header("if-match", format!("\"{}\"", rev0 + 100))
+        .body("9")
+        .send()
+        .await
+        .unwrap();
     error_code(r, StatusCode::PRECONDITION_FAILED).await;
     assert_eq!(c.get(&k).send().await.unwrap().text().await.unwrap(), "0");
 
-    let r = c.put(&k).header("if-match", format!("\"{rev0}\"")).body("1").send().await.unwrap();
+    let r = c
+        .put(&k)
+        .header("if-match", format!("\"{rev0}\""))
+        .body("1")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let rev1 = r.json::<Value>().await.unwrap()["revision"].as_u64().unwrap();
+    let rev1 = r.json::<Value>().await.unwrap()["revision"]
+        .as_u64()
+        .unwrap();
     // An unquoted revision works too; the old one no longer does.
-    let r = c.put(&k).header("if-match", rev0.to_string()).body("2").send().await.unwrap();
+    let r = c
+        .put(&k)
+        .header("if-match", rev0.to_string())
+        .body("2")
+        .send()
+        .await
+        .unwrap();
     error_code(r, StatusCode::PRECONDITION_FAILED).await;
-    let r = c.delete(&k).header("if-match", rev0.to_string()).send().await.unwrap();
+    let r = c
+        .delete(&k)
+        .header("if-match", rev0.to_string())
+        .send()
+        .await
+        .unwrap();
     error_code(r, StatusCode::PRECONDITION_FAILED).await;
-    let r = c.delete(&k).header("if-match", rev1.to_string()).send().await.unwrap();
+    let r = c
+        .delete(&k)
+        .header("if-match", rev1.to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     // Library API: the seed's four operations.
     let rev = node.set_custom_data("lib", b"v".to_vec()).await.unwrap();
     assert!(rev > rev1);
-    assert_eq!(node.get_custom_data("lib").await.unwrap(), Some(b"v".to_vec()));
-    assert_eq!(node.list_custom_data_keys("li").await.unwrap(), vec!["lib".to_string()]);
+    assert_eq!(
+        node.get_custom_data("lib").await.unwrap(),
+        Some(b"v".to_vec())
+    );
+    assert_eq!(
+        node.list_custom_data_keys("li").await.unwrap(),
+        vec!["lib".to_string()]
+    );
     assert!(node.delete_custom_data("lib").await.unwrap());
     assert_eq!(node.get_custom_data("lib").await.unwrap(), None);
     node.shutdown().await;
@@ -127,35 +232,71 @@ async fn value_size_limit() {
     let c = client();
     let base = node.advertise();
     let exact = vec![b'x'; MAX_VALUE_BYTES];
-    let r = c.put(format!("{base}/v1/kv/big")).body(exact.clone()).send().await.unwrap();
+    let r = c
+        .put(format!("{base}/v1/kv/big"))
+        .body(exact.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let got = c.get(format!("{base}/v1/kv/big")).send().await.unwrap().bytes().await.unwrap();
+    let got = c
+        .get(format!("{base}/v1/kv/big"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     assert_eq!(got.len(), MAX_VALUE_BYTES);
 
     let before = revision(&c, base).await;
-    let r = c.put(format!("{base}/v1/kv/big")).body(vec![b'y'; MAX_VALUE_BYTES + 1]).send().await.unwrap();
-    assert_eq!(error_code(r, StatusCode::PAYLOAD_TOO_LARGE).await["code"], "value_too_large");
+    let r = c
+        .put(format!("{base}/v1/kv/big"))
+        .body(vec![b'y'; MAX_VALUE_BYTES + 1])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_code(r, StatusCode::PAYLOAD_TOO_LARGE).await["code"],
+        "value_too_large"
+    );
     assert_eq!(revision(&c, base).await, before);
-    let got = c.get(format!("{base}/v1/kv/big")).send().await.unwrap().bytes().await.unwrap();
+    let got = c
+        .get(format!("{base}/v1/kv/big"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     assert!(got.iter().all(|b| *b == b'x'));
 
     // Refused before the body is buffered: announce 2 MiB, send 10 bytes,
     // and the answer comes without the rest ever being sent.
-    let mut s = tokio::net::TcpStream::connect(node.local_addr()).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(node.local_addr())
+        .await
+        .unwrap();
     let head = format!(
         "PUT /v1/kv/big HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n0123456789",
         2 * MAX_VALUE_BYTES
     );
     s.write_all(head.as_bytes()).await.unwrap();
     let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     let text = String::from_utf8_lossy(&buf[..n]);
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     assert!(text.contains("value_too_large"), "{text}");
 
     // Chunked (no Content-Length): refused once it crosses the limit.
-    let mut s = tokio::net::TcpStream::connect(node.local_addr()).await.unwrap();
-    s.write_all(b"PUT /v1/kv/big HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n").await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(node.local_addr())
+        .await
+        .unwrap();
+    s.write_all(b"PUT /v1/kv/big HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
     let chunk = vec![b'z'; 64 * 1024];
     for _ in 0..(MAX_VALUE_BYTES / chunk.len() + 1) {
         let mut frame = format!("{:x}\r\n", chunk.len()).into_bytes();
@@ -165,7 +306,10 @@ async fn value_size_limit() {
             break;
         }
     }
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     let text = String::from_utf8_lossy(&buf[..n]);
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     assert_eq!(revision(&c, base).await, before);
@@ -177,26 +321,68 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let (_dir, node) = single().await;
     let c = client();
     let base = node.advertise();
-    c.put(format!("{base}/v1/kv/k")).body("v").send().await.unwrap();
+    c.put(format!("{base}/v1/kv/k"))
+        .body("v")
+        .send()
+        .await
+        .unwrap();
     let before = revision(&c, base).await;
 
     let long = "k".repeat(MAX_KEY_BYTES + 1);
-    for path in ["/v1/kv/", "/v1/kv/a%01b", "/v1/kv/line%0Abreak", "/v1/kv/bad%FFutf8", &format!("/v1/kv/{long}")] {
-        for method in [reqwest::Method::PUT, reqwest::Method::GET, reqwest::Method::DELETE] {
-            let r = c.request(method.clone(), format!("{base}{path}")).body("v").send().await.unwrap();
+    for path in [
+        "/v1/kv/",
+        "/v1/kv/a%01b",
+        "/v1/kv/line%0Abreak",
+        "/v1/kv/bad%FFutf8",
+        &format!("/v1/kv/{long}"),
+    ] {
+        for method in [
+            reqwest::Method::PUT,
+            reqwest::Method::GET,
+            reqwest::Method::DELETE,
+        ] {
+            let r = c
+                .request(method.clone(), format!("{base}{path}"))
+                .body("v")
+                .send()
+                .await
+                .unwrap();
             let e = error_code(r, StatusCode::BAD_REQUEST).await;
             assert_eq!(e["code"], "invalid_key", "{method} {path}: {e}");
         }
     }
     let ok = "k".repeat(MAX_KEY_BYTES);
-    let r = c.put(format!("{base}/v1/kv/{ok}")).body("v").send().await.unwrap();
+    let r = c
+        .put(format!("{base}/v1/kv/{ok}"))
+        .body("v")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let before = before.max(revision(&c, base).await);
 
-    let r = c.put(format!("{base}/v1/kv/k")).header("if-match", "banana").body("x").send().await.unwrap();
-    assert_eq!(error_code(r, StatusCode::BAD_REQUEST).await["code"], "invalid_precondition");
-    let r = c.put(format!("{base}/v1/kv/k")).header("if-none-match", "\"3\"").body("x").send().await.unwrap();
-    assert_eq!(error_code(r, StatusCode::BAD_REQUEST).await["code"], "invalid_precondition");
+    let r = c
+        .put(format!("{base}/v1/kv/k"))
+        .header("if-match", "banana")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_code(r, StatusCode::BAD_REQUEST).await["code"],
+        "invalid_precondition"
+    );
+    let r = c
+        .put(format!("{base}/v1/kv/k"))
+        .header("if-none-match", "\"3\"")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_code(r, StatusCode::BAD_REQUEST).await["code"],
+        "invalid_precondition"
+    );
     let r = c
         .put(format!("{base}/v1/kv/k"))
         .header("if-match", "1")
@@ -206,25 +392,58 @@ async fn bad_input_is_refused_and_changes_nothing() {
         .await
         .unwrap();
     error_code(r, StatusCode::BAD_REQUEST).await;
-    let r = c.get(format!("{base}/v1/kv/k?consistency=eventual-ish")).send().await.unwrap();
-    assert_eq!(error_code(r, StatusCode::BAD_REQUEST).await["code"], "invalid_consistency");
+    let r = c
+        .get(format!("{base}/v1/kv/k?consistency=eventual-ish"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_code(r, StatusCode::BAD_REQUEST).await["code"],
+        "invalid_consistency"
+    );
 
     let r = c.get(format!("{base}/v2/nothing")).send().await.unwrap();
-    assert_eq!(error_code(r, StatusCode::NOT_FOUND).await["code"], "not_found");
-    let r = c.post(format!("{base}/v1/kv/k")).body("v").send().await.unwrap();
-    assert_eq!(error_code(r, StatusCode::METHOD_NOT_ALLOWED).await["code"], "method_not_allowed");
+    assert_eq!(
+        error_code(r, StatusCode::NOT_FOUND).await["code"],
+        "not_found"
+    );
+    let r = c
+        .post(format!("{base}/v1/kv/k"))
+        .body("v")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_code(r, StatusCode::METHOD_NOT_ALLOWED).await["code"],
+        "method_not_allowed"
+    );
     let r = c.delete(format!("{base}/v1/kv")).send().await.unwrap();
     error_code(r, StatusCode::METHOD_NOT_ALLOWED).await;
 
     // Malformed bodies on the node-to-node endpoints: 400, never a panic.
     for rpc in ["append", "vote", "snapshot", "forward", "read-index"] {
-        for body in [&b""[..], b"\xc1garbage", b"{\"json\":true}", &[0x92, 0x01][..]] {
-            let r = c.post(format!("{base}/raft/{rpc}")).body(body.to_vec()).send().await.unwrap();
+        for body in [
+            &b""[..],
+            b"\xc1garbage",
+            b"{\"json\":true}",
+            &[0x92, 0x01][..],
+        ] {
+            let r = c
+                .post(format!("{base}/raft/{rpc}"))
+                .body(body.to_vec())
+                .send()
+                .await
+                .unwrap();
             let e = error_code(r, StatusCode::BAD_REQUEST).await;
             assert_eq!(e["code"], "invalid_rpc_body", "{rpc}");
         }
     }
-    let r = c.post(format!("{base}/v1/cluster/members")).body("{not json").send().await.unwrap();
+    let r = c
+        .post(format!("{base}/v1/cluster/members"))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     error_code(r, StatusCode::BAD_REQUEST).await;
     let r = c
         .post(format!("{base}/v1/cluster/members"))
@@ -232,16 +451,54 @@ async fn bad_input_is_refused_and_changes_nothing() {
         .send()
         .await
         .unwrap();
-    assert_eq!(error_code(r, StatusCode::BAD_REQUEST).await["code"], "invalid_member");
-    let r = c.delete(format!("{base}/v1/cluster/members/notanumber")).send().await.unwrap();
+    assert_eq!(
+        error_code(r, StatusCode::BAD_REQUEST).await["code"],
+        "invalid_member"
+    );
+    let r = c
+        .delete(format!("{base}/v1/cluster/members/notanumber"))
+        .send()
+        .await
+        .unwrap();
     error_code(r, StatusCode::BAD_REQUEST).await;
-    let r = c.delete(format!("{base}/v1/cluster/members/77")).send().await.unwrap();
+    let r = c
+        .delete(format!("{base}/v1/cluster/members/77"))
+        .send()
+        .await
+        .unwrap();
     error_code(r, StatusCode::NOT_FOUND).await;
 
-    assert_eq!(revision(&c, base).await, before, "bad input must change nothing");
-    assert_eq!(c.get(format!("{base}/v1/kv/k")).send().await.unwrap().text().await.unwrap(), "v");
-    assert_eq!(c.get(format!("{base}/healthz")).send().await.unwrap().status(), 200);
-    assert_eq!(c.get(format!("{base}/readyz")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        revision(&c, base).await,
+        before,
+        "bad input must change nothing"
+    );
+    assert_eq!(
+        c.get(format!("{base}/v1/kv/k"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "v"
+    );
+    assert_eq!(
+        c.get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.get(format!("{base}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     node.shutdown().await;
 }
 
@@ -251,14 +508,19 @@ async fn single_node_restarts_with_its_data() {
     let node = start_node(1, dir.path(), None, fast_tuning()).await;
     wait_converged(std::slice::from_ref(&node), 1).await;
     for i in 0..20 {
-        node.set_custom_data(&format!("k{i:02}"), format!("v{i}")).await.unwrap();
+        node.set_custom_data(&format!("k{i:02}"), format!("v{i}"))
+            .await
+            .unwrap();
     }
     node.shutdown().await;
     drop(node);
     let node = start_node(1, dir.path(), None, fast_tuning()).await;
     wait_converged(std::slice::from_ref(&node), 1).await;
     assert_eq!(node.list_custom_data_keys("k").await.unwrap().len(), 20);
-    assert_eq!(node.get_custom_data("k07").await.unwrap(), Some(b"v7".to_vec()));
+    assert_eq!(
+        node.get_custom_data("k07").await.unwrap(),
+        Some(b"v7".to_vec())
+    );
     node.set_custom_data("after", "restart").await.unwrap();
     node.shutdown().await;
 }

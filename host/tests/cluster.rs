@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use common::*;
 use flagstone::Node;
+use flagstone::WriteError;
 use flagstone::node::{PutOptions, RaftTuning};
 use flagstone::raft::Precondition;
-use flagstone::WriteError;
 use serde_json::Value;
 
 fn leader_of(nodes: &[Arc<Node>], id: u64) -> Arc<Node> {
@@ -31,7 +31,14 @@ async fn forms_replicates_and_forwards() {
     // Every node reports the same leader, term and three voters over HTTP.
     let mut views = Vec::new();
     for n in &nodes {
-        let j: Value = c.get(url(n, "/v1/cluster")).send().await.unwrap().json().await.unwrap();
+        let j: Value = c
+            .get(url(n, "/v1/cluster"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(j["node_id"], n.id());
         assert_eq!(j["members"].as_array().unwrap().len(), 3);
         views.push((j["leader_id"].clone(), j["term"].clone()));
@@ -48,13 +55,21 @@ async fn forms_replicates_and_forwards() {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 200, "write via node {} (leader {leader})", n.id());
+        assert_eq!(
+            r.status(),
+            200,
+            "write via node {} (leader {leader})",
+            n.id()
+        );
         let _ = i;
     }
     for n in &nodes {
         for src in 1..=3 {
             let r = c
-                .get(url(n, &format!("/v1/kv/from/{src}?consistency=linearizable")))
+                .get(url(
+                    n,
+                    &format!("/v1/kv/from/{src}?consistency=linearizable"),
+                ))
                 .send()
                 .await
                 .unwrap();
@@ -80,7 +95,11 @@ async fn forms_replicates_and_forwards() {
     let r = c.delete(url(&f, "/v1/kv/from/1")).send().await.unwrap();
     assert_eq!(r.json::<Value>().await.unwrap()["deleted"], true);
     for n in &nodes {
-        let r = c.get(url(n, "/v1/kv/from/1?consistency=linearizable")).send().await.unwrap();
+        let r = c
+            .get(url(n, "/v1/kv/from/1?consistency=linearizable"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 404);
     }
     for n in nodes {
@@ -92,7 +111,10 @@ async fn forms_replicates_and_forwards() {
 async fn compare_and_set_from_every_node_loses_no_update() {
     let dir = tempfile::tempdir().unwrap();
     let nodes = cluster3(dir.path(), fast_tuning()).await;
-    nodes[0].set_custom_data("global_counter", "0").await.unwrap();
+    nodes[0]
+        .set_custom_data("global_counter", "0")
+        .await
+        .unwrap();
     const PER_NODE: u64 = 15;
     let mut tasks = Vec::new();
     for n in &nodes {
@@ -107,7 +129,10 @@ async fn compare_and_set_from_every_node_loses_no_update() {
                         content_type: None,
                         precondition: Precondition::Revision(cur.revision),
                     };
-                    match n.put("global_counter", (v + 1).to_string().into_bytes(), opts).await {
+                    match n
+                        .put("global_counter", (v + 1).to_string().into_bytes(), opts)
+                        .await
+                    {
                         Ok(_) => break,
                         Err(WriteError::PreconditionFailed { .. }) => conflicts += 1,
                         Err(e) => panic!("unexpected {e}"),
@@ -123,7 +148,12 @@ async fn compare_and_set_from_every_node_loses_no_update() {
     }
     for n in &nodes {
         let v = n.get("global_counter", true).await.unwrap().unwrap();
-        assert_eq!(v.value, (3 * PER_NODE).to_string().into_bytes(), "node {}", n.id());
+        assert_eq!(
+            v.value,
+            (3 * PER_NODE).to_string().into_bytes(),
+            "node {}",
+            n.id()
+        );
     }
     println!("{conflicts} compare-and-set conflicts retried");
     for n in nodes {
@@ -137,11 +167,18 @@ async fn leader_failover_keeps_every_acknowledged_write() {
     let nodes = cluster3(dir.path(), fast_tuning()).await;
     let leader_id = nodes[0].cluster_info().leader_id.unwrap();
     let leader = leader_of(&nodes, leader_id);
-    let survivors: Vec<_> = nodes.iter().filter(|n| n.id() != leader_id).cloned().collect();
+    let survivors: Vec<_> = nodes
+        .iter()
+        .filter(|n| n.id() != leader_id)
+        .cloned()
+        .collect();
     let mut acked = Vec::new();
     for i in 0..20 {
         let key = format!("before/{i}");
-        survivors[i % 2].set_custom_data(&key, format!("{i}")).await.unwrap();
+        survivors[i % 2]
+            .set_custom_data(&key, format!("{i}"))
+            .await
+            .unwrap();
         acked.push(key);
     }
     leader.shutdown().await;
@@ -153,12 +190,19 @@ async fn leader_failover_keeps_every_acknowledged_write() {
     assert_ne!(new_leader, leader_id);
     for i in 0..10 {
         let key = format!("after/{i}");
-        survivors[i % 2].set_custom_data(&key, format!("{i}")).await.unwrap();
+        survivors[i % 2]
+            .set_custom_data(&key, format!("{i}"))
+            .await
+            .unwrap();
         acked.push(key);
     }
     for n in &survivors {
         for k in &acked {
-            assert!(n.get(k, true).await.unwrap().is_some(), "node {} lost {k}", n.id());
+            assert!(
+                n.get(k, true).await.unwrap().is_some(),
+                "node {} lost {k}",
+                n.id()
+            );
         }
     }
     for n in survivors {
@@ -176,7 +220,10 @@ async fn late_joiner_catches_up_through_snapshot_and_members_can_be_removed() {
     };
     let nodes = cluster3(dir.path(), tuning.clone()).await;
     for i in 0..120 {
-        nodes[i % 3].set_custom_data(&format!("bulk/{i:03}"), vec![b'v'; 512]).await.unwrap();
+        nodes[i % 3]
+            .set_custom_data(&format!("bulk/{i:03}"), vec![b'v'; 512])
+            .await
+            .unwrap();
     }
     let leader = leader_of(&nodes, nodes[0].cluster_info().leader_id.unwrap());
     // The log was compacted behind a snapshot: entry 1 no longer exists, so a
@@ -192,26 +239,43 @@ async fn late_joiner_catches_up_through_snapshot_and_members_can_be_removed() {
     let mut all = nodes.clone();
     all.push(n4.clone());
     wait_converged(&all, 4).await;
-    let keys = wait_for("late joiner to catch up", Duration::from_secs(10), || async {
-        let k = n4.list_custom_data_keys("bulk/").await.unwrap();
-        (k.len() == 120).then_some(k)
-    })
+    let keys = wait_for(
+        "late joiner to catch up",
+        Duration::from_secs(10),
+        || async {
+            let k = n4.list_custom_data_keys("bulk/").await.unwrap();
+            (k.len() == 120).then_some(k)
+        },
+    )
     .await;
     assert_eq!(keys[0], "bulk/000");
     let snap = n4.raft().metrics().borrow().snapshot;
-    assert!(snap.is_some_and(|s| s.index >= purged), "node 4 installed no snapshot: {snap:?}");
+    assert!(
+        snap.is_some_and(|s| s.index >= purged),
+        "node 4 installed no snapshot: {snap:?}"
+    );
     assert!(dir.path().join("node-4/snapshot/current").exists());
-    assert_eq!(n4.get_custom_data("bulk/007").await.unwrap(), Some(vec![b'v'; 512]));
+    assert_eq!(
+        n4.get_custom_data("bulk/007").await.unwrap(),
+        Some(vec![b'v'; 512])
+    );
     n4.set_custom_data("from/4", "hello").await.unwrap();
 
     // Remove node 4 through a follower; the cluster goes back to 3 voters.
     let c = client();
-    let r = c.delete(url(&nodes[2], "/v1/cluster/members/4")).send().await.unwrap();
+    let r = c
+        .delete(url(&nodes[2], "/v1/cluster/members/4"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     n4.shutdown().await;
     wait_converged(&nodes, 3).await;
     assert!(nodes.iter().all(|n| n.cluster_info().members.len() == 3));
-    nodes[0].set_custom_data("after/removal", "ok").await.unwrap();
+    nodes[0]
+        .set_custom_data("after/removal", "ok")
+        .await
+        .unwrap();
     for n in nodes {
         n.shutdown().await;
     }

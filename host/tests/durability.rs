@@ -17,14 +17,22 @@ async fn put(c: &reqwest::Client, base: &str, key: &str, value: &str) -> Result<
         .await
         .map_err(|e| e.to_string())?;
     if r.status() != 200 {
-        return Err(format!("{}: {}", r.status(), r.text().await.unwrap_or_default()));
+        return Err(format!(
+            "{}: {}",
+            r.status(),
+            r.text().await.unwrap_or_default()
+        ));
     }
     let j: Value = r.json().await.map_err(|e| e.to_string())?;
     Ok(j["revision"].as_u64().unwrap())
 }
 
 async fn get(c: &reqwest::Client, base: &str, key: &str, linearizable: bool) -> Option<String> {
-    let q = if linearizable { "?consistency=linearizable" } else { "" };
+    let q = if linearizable {
+        "?consistency=linearizable"
+    } else {
+        ""
+    };
     let r = c.get(format!("{base}/v1/kv/{key}{q}")).send().await.ok()?;
     if r.status() != 200 {
         return None;
@@ -64,7 +72,10 @@ async fn kill9_leader_loses_no_acknowledged_write_and_it_rejoins() {
     let mut i = 60;
     let mut failed_during_election = 0;
     while acked.len() < 100 {
-        assert!(start.elapsed() < Duration::from_secs(20), "no leader took writes after the kill");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no leader took writes after the kill"
+        );
         let p = &procs[others[i % 2]];
         let (k, v) = (format!("k/{i:03}"), format!("value-{i}"));
         match put(&c, &p.url, &k, &v).await {
@@ -76,7 +87,10 @@ async fn kill9_leader_loses_no_acknowledged_write_and_it_rejoins() {
         }
         i += 1;
     }
-    println!("failover: {failed_during_election} writes refused while electing, {:?} to 100 acks", start.elapsed());
+    println!(
+        "failover: {failed_during_election} writes refused while electing, {:?} to 100 acks",
+        start.elapsed()
+    );
     let new_leader = cluster_json(&c, &procs[others[0]].url).await.unwrap()["leader_id"].as_u64();
     assert!(new_leader.is_some_and(|l| l != leader));
 
@@ -111,7 +125,9 @@ async fn whole_cluster_kill9_and_restart_keeps_everything() {
     let mut acked = Vec::new();
     for i in 0..40 {
         let k = format!("durable/{i:02}");
-        put(&c, &procs[i % 3].url, &k, &i.to_string()).await.unwrap();
+        put(&c, &procs[i % 3].url, &k, &i.to_string())
+            .await
+            .unwrap();
         acked.push(k);
     }
     // Every node dies at once, without any chance to flush.
@@ -124,10 +140,17 @@ async fn whole_cluster_kill9_and_restart_keeps_everything() {
     wait_proc_converged(&c, &procs.iter().collect::<Vec<_>>(), 3).await;
     for p in &procs {
         for (i, k) in acked.iter().enumerate() {
-            assert_eq!(get(&c, &p.url, k, true).await.as_deref(), Some(i.to_string().as_str()), "node {} {k}", p.id);
+            assert_eq!(
+                get(&c, &p.url, k, true).await.as_deref(),
+                Some(i.to_string().as_str()),
+                "node {} {k}",
+                p.id
+            );
         }
     }
-    put(&c, &procs[1].url, "after/restart", "yes").await.unwrap();
+    put(&c, &procs[1].url, "after/restart", "yes")
+        .await
+        .unwrap();
     // SIGTERM: a clean stop with exit status 0.
     for p in procs.iter_mut() {
         let status = p.terminate();

@@ -7,7 +7,9 @@ use openraft::testing::{StoreBuilder, Suite};
 struct FjallBuilder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for FjallBuilder {
-    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
         let dir = tempfile::tempdir().expect("temp dir");
         let (log, sm) = open_storage(dir.path()).expect("open storage");
         Ok((dir, log, sm))

@@ -46,10 +46,21 @@ async fn relay(
         .peers()
         .relay_json(method, format!("{addr}{path}"), body)
         .await
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()))?;
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                e.to_string(),
+            )
+        })?;
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
     Ok(Some(
-        (status, [(header::CONTENT_TYPE, "application/json")], Body::from(bytes)).into_response(),
+        (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            Body::from(bytes),
+        )
+            .into_response(),
     ))
 }
 
@@ -71,7 +82,14 @@ pub async fn add_member(
         .into());
     }
     let body = json!({ "id": req.id, "addr": addr });
-    if let Some(resp) = relay(&node, reqwest::Method::POST, "/v1/cluster/members".into(), Some(body)).await? {
+    if let Some(resp) = relay(
+        &node,
+        reqwest::Method::POST,
+        "/v1/cluster/members".into(),
+        Some(body),
+    )
+    .await?
+    {
         return Ok(resp);
     }
     Ok(Json(node.add_member(req.id, &addr).await?).into_response())
@@ -83,7 +101,14 @@ pub async fn remove_member(
     id: Result<Path<NodeId>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let Path(id) = id.map_err(|e| ApiError::bad_request("invalid_member", e.body_text()))?;
-    if let Some(resp) = relay(&node, reqwest::Method::DELETE, format!("/v1/cluster/members/{id}"), None).await? {
+    if let Some(resp) = relay(
+        &node,
+        reqwest::Method::DELETE,
+        format!("/v1/cluster/members/{id}"),
+        None,
+    )
+    .await?
+    {
         return Ok(resp);
     }
     Ok(Json(node.remove_member(id).await?).into_response())

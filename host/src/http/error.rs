@@ -22,7 +22,12 @@ pub struct ApiError {
 impl ApiError {
     /// An error with a status, a stable machine-readable code and a message.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into(), extra: Map::new() }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            extra: Map::new(),
+        }
     }
 
     /// Adds a field to the error object.
@@ -50,7 +55,8 @@ impl IntoResponse for ApiError {
         error.extend(self.extra);
         let mut resp = (self.status, Json(json!({ "error": error }))).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
     }
@@ -68,10 +74,12 @@ impl From<WriteError> for ApiError {
                 ApiError::new(StatusCode::PRECONDITION_FAILED, "precondition_failed", msg)
                     .with("revision", current)
             }
-            WriteError::RejectedByPlugin { plugin, message } => {
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "rejected_by_plugin", message)
-                    .with("plugin", plugin)
-            }
+            WriteError::RejectedByPlugin { plugin, message } => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "rejected_by_plugin",
+                message,
+            )
+            .with("plugin", plugin),
             WriteError::NoLeader | WriteError::NotLeader { .. } => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_leader", msg)
             }
@@ -103,19 +111,29 @@ impl From<ClusterError> for ApiError {
         let msg = e.to_string();
         match e {
             ClusterError::Invalid(_) => ApiError::bad_request("invalid_member", msg),
-            ClusterError::Conflict { .. } => ApiError::new(StatusCode::CONFLICT, "member_conflict", msg),
-            ClusterError::NotMember(_) => ApiError::new(StatusCode::NOT_FOUND, "not_member", msg),
-            ClusterError::NoLeader => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_leader", msg),
-            ClusterError::Failed(_) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "membership_change_failed", msg)
+            ClusterError::Conflict { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "member_conflict", msg)
             }
+            ClusterError::NotMember(_) => ApiError::new(StatusCode::NOT_FOUND, "not_member", msg),
+            ClusterError::NoLeader => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_leader", msg)
+            }
+            ClusterError::Failed(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "membership_change_failed",
+                msg,
+            ),
         }
     }
 }
 
 /// Fallback for unknown routes: 404 with the JSON body.
 pub async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no route for {}", uri.path()))
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route for {}", uri.path()),
+    )
 }
 
 /// Fallback for a known route with the wrong method: 405 with the JSON body.

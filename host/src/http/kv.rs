@@ -7,12 +7,12 @@
 
 use std::sync::Arc;
 
+use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
@@ -64,9 +64,9 @@ fn precondition(headers: &HeaderMap, allow_create_only: bool) -> Result<Precondi
         headers
             .get(&name)
             .map(|v| {
-                v.to_str()
-                    .map(|s| s.trim().to_owned())
-                    .map_err(|_| ApiError::bad_request("invalid_precondition", format!("{name} is not ASCII")))
+                v.to_str().map(|s| s.trim().to_owned()).map_err(|_| {
+                    ApiError::bad_request("invalid_precondition", format!("{name} is not ASCII"))
+                })
             })
             .transpose()
     };
@@ -77,12 +77,14 @@ fn precondition(headers: &HeaderMap, allow_create_only: bool) -> Result<Precondi
         )),
         (Some(m), None) => {
             let bare = m.trim_start_matches("W/").trim_matches('"');
-            bare.parse::<u64>().map(Precondition::Revision).map_err(|_| {
-                ApiError::bad_request(
-                    "invalid_precondition",
-                    format!("If-Match must be a revision such as \"42\", not {m:?}"),
-                )
-            })
+            bare.parse::<u64>()
+                .map(Precondition::Revision)
+                .map_err(|_| {
+                    ApiError::bad_request(
+                        "invalid_precondition",
+                        format!("If-Match must be a revision such as \"42\", not {m:?}"),
+                    )
+                })
         }
         (None, Some(n)) if n == "*" && allow_create_only => Ok(Precondition::Absent),
         (None, Some(n)) => Err(ApiError::bad_request(
@@ -118,7 +120,9 @@ async fn read_value(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))?;
         if buf.len() + chunk.len() > MAX_VALUE_BYTES {
-            return Err(too_large("more than".to_owned() + &format!(" {MAX_VALUE_BYTES}")));
+            return Err(too_large(
+                "more than".to_owned() + &format!(" {MAX_VALUE_BYTES}"),
+            ));
         }
         buf.extend_from_slice(&chunk);
     }
@@ -138,12 +142,23 @@ pub async fn put(
         None => None,
         Some(v) => Some(
             v.to_str()
-                .map_err(|_| ApiError::bad_request("invalid_content_type", "Content-Type is not ASCII"))?
+                .map_err(|_| {
+                    ApiError::bad_request("invalid_content_type", "Content-Type is not ASCII")
+                })?
                 .to_owned(),
         ),
     };
     let value = read_value(&headers, body).await?;
-    let revision = node.put(&key, value, PutOptions { content_type, precondition }).await?;
+    let revision = node
+        .put(
+            &key,
+            value,
+            PutOptions {
+                content_type,
+                precondition,
+            },
+        )
+        .await?;
     let mut resp = Json(json!({ "key": key, "revision": revision })).into_response();
     resp.headers_mut().insert(header::ETAG, etag(revision));
     Ok(resp)
@@ -160,7 +175,13 @@ pub async fn get(
     let record = node
         .get(&key, params.linearizable()?)
         .await?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "key_not_found", format!("no value for key {key:?}")))?;
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "key_not_found",
+                format!("no value for key {key:?}"),
+            )
+        })?;
     let content_type = record
         .content_type
         .as_deref()

@@ -21,8 +21,12 @@ use crate::raft::network::MSGPACK;
 use crate::raft::{Command, NodeId, TypeConfig};
 
 fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    rmp_serde::from_slice(body)
-        .map_err(|e| ApiError::bad_request("invalid_rpc_body", format!("cannot decode MessagePack body: {e}")))
+    rmp_serde::from_slice(body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_rpc_body",
+            format!("cannot decode MessagePack body: {e}"),
+        )
+    })
 }
 
 fn reply<T: Serialize>(value: &T) -> Response {

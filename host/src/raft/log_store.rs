@@ -42,7 +42,11 @@ pub struct LogStore {
     committed_index: Arc<AtomicU64>,
 }
 
-fn io_err(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
+fn io_err(
+    subject: ErrorSubject<NodeId>,
+    verb: ErrorVerb,
+    e: impl std::error::Error + 'static,
+) -> StorageError {
     StorageIOError::new(subject, verb, openraft::AnyError::new(&e)).into()
 }
 
@@ -83,7 +87,10 @@ impl LogStore {
         self.committed_index.clone()
     }
 
-    fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
+    fn read_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, StorageError> {
         let Some(bytes) = self.meta.get(key).map_err(read_err)? else {
             return Ok(None);
         };
@@ -167,7 +174,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
-        let bytes = rmp_serde::to_vec(vote).map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))?;
+        let bytes =
+            rmp_serde::to_vec(vote).map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))?;
         self.meta
             .insert(VOTE, bytes)
             .and_then(|_| self.db.persist(PersistMode::SyncData))
@@ -189,7 +197,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.read_meta::<Option<LogId>>(COMMITTED)?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
@@ -200,9 +212,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.insert(&self.log, index_key(entry.log_id.index), bytes);
         }
         batch.commit().map_err(write_err)?;
-        self.flusher.send(callback).map_err(|_| {
-            write_err(std::io::Error::other("log flusher thread has stopped"))
-        })?;
+        self.flusher
+            .send(callback)
+            .map_err(|_| write_err(std::io::Error::other("log flusher thread has stopped")))?;
         Ok(())
     }
 

@@ -2,13 +2,15 @@
 //! MessagePack over HTTP (`POST {peer}/raft/{append,vote,snapshot}`), over one
 //! pooled keep-alive HTTP client per node. The server side is `http/raft_rpc.rs`.
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::BasicNode;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::BasicNode;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -52,7 +54,12 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 type RpcResult<T, E> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
 
 impl PeerConnection {
-    async fn call<Req, Resp, E>(&self, path: &str, req: &Req, option: &RPCOption) -> RpcResult<Resp, E>
+    async fn call<Req, Resp, E>(
+        &self,
+        path: &str,
+        req: &Req,
+        option: &RPCOption,
+    ) -> RpcResult<Resp, E>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
@@ -80,8 +87,13 @@ impl PeerConnection {
             .await
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         if !status.is_success() {
-            let msg = format!("peer answered {status}: {}", String::from_utf8_lossy(&bytes));
-            return Err(RPCError::Network(NetworkError::new(&std::io::Error::other(msg))));
+            let msg = format!(
+                "peer answered {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            );
+            return Err(RPCError::Network(NetworkError::new(
+                &std::io::Error::other(msg),
+            )));
         }
         let result: Result<Resp, RaftError<NodeId, E>> =
             rmp_serde::from_slice(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
@@ -106,7 +118,11 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         self.call("snapshot", &rpc, &option).await
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
         self.call("vote", &rpc, &option).await
     }
 }

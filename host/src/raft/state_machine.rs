@@ -44,7 +44,12 @@ pub struct Change {
 }
 
 fn sm_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
-    StorageIOError::new(ErrorSubject::StateMachine, verb, openraft::AnyError::new(&e)).into()
+    StorageIOError::new(
+        ErrorSubject::StateMachine,
+        verb,
+        openraft::AnyError::new(&e),
+    )
+    .into()
 }
 
 fn encode_meta<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StorageError> {
@@ -52,7 +57,12 @@ fn encode_meta<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StorageError> 
 }
 
 fn snap_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
-    StorageIOError::new(ErrorSubject::Snapshot(None), verb, openraft::AnyError::new(&e)).into()
+    StorageIOError::new(
+        ErrorSubject::Snapshot(None),
+        verb,
+        openraft::AnyError::new(&e),
+    )
+    .into()
 }
 
 /// Read-only, cloneable view of the applied key space for local reads.
@@ -190,9 +200,10 @@ impl StateMachineStore {
         changes: &mut Vec<Change>,
     ) -> Result<CommandResult, StorageError> {
         let (key, precondition) = match &cmd {
-            Command::Put { key, precondition, .. } | Command::Delete { key, precondition } => {
-                (key.clone(), *precondition)
+            Command::Put {
+                key, precondition, ..
             }
+            | Command::Delete { key, precondition } => (key.clone(), *precondition),
         };
         let old = self.current(overlay, &key)?;
         let current_rev = old.as_ref().map(|r| r.revision);
@@ -202,10 +213,16 @@ impl StateMachineStore {
             Precondition::Revision(r) => current_rev == Some(r),
         };
         if !holds {
-            return Ok(CommandResult::PreconditionFailed { current: current_rev });
+            return Ok(CommandResult::PreconditionFailed {
+                current: current_rev,
+            });
         }
         match cmd {
-            Command::Put { value, content_type, .. } => {
+            Command::Put {
+                value,
+                content_type,
+                ..
+            } => {
                 let record = Arc::new(ValueRecord {
                     revision: index,
                     create_revision: old.as_ref().map_or(index, |o| o.create_revision),
@@ -215,7 +232,12 @@ impl StateMachineStore {
                 });
                 batch.insert(&self.kv, key.as_bytes(), record.encode());
                 overlay.insert(key.clone(), Some(record.clone()));
-                changes.push(Change { revision: index, key, old, new: Some(record) });
+                changes.push(Change {
+                    revision: index,
+                    key,
+                    old,
+                    new: Some(record),
+                });
                 Ok(CommandResult::Put { revision: index })
             }
             Command::Delete { .. } => {
@@ -223,9 +245,17 @@ impl StateMachineStore {
                 if deleted {
                     batch.remove(&self.kv, key.as_bytes());
                     overlay.insert(key.clone(), None);
-                    changes.push(Change { revision: index, key, old, new: None });
+                    changes.push(Change {
+                        revision: index,
+                        key,
+                        old,
+                        new: None,
+                    });
                 }
-                Ok(CommandResult::Delete { deleted, revision: index })
+                Ok(CommandResult::Delete {
+                    deleted,
+                    revision: index,
+                })
             }
         }
     }
@@ -251,7 +281,11 @@ impl StateMachineStore {
             Err(e) => return Err(e),
         };
         let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "corrupt snapshot file");
-        let len_bytes: [u8; 8] = bytes.get(..8).ok_or_else(bad)?.try_into().map_err(|_| bad())?;
+        let len_bytes: [u8; 8] = bytes
+            .get(..8)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?;
         let meta_len = usize::try_from(u64::from_be_bytes(len_bytes)).map_err(|_| bad())?;
         let meta_end = 8usize.checked_add(meta_len).ok_or_else(bad)?;
         let meta: SnapshotMeta =
@@ -314,7 +348,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let data = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, StorageError> {
             let mut data = Vec::new();
             for item in view.iter(&kv) {
-                let (k, v) = item.into_inner().map_err(|e| snap_err(ErrorVerb::Read, e))?;
+                let (k, v) = item
+                    .into_inner()
+                    .map_err(|e| snap_err(ErrorVerb::Read, e))?;
                 encode_pair(&mut data, &k, &v);
             }
             StateMachineStore::write_snapshot_file(&dir, &file_meta, &data)
@@ -324,7 +360,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         .await
         .map_err(|e| snap_err(ErrorVerb::Write, e))??;
         tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "built snapshot");
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
     }
 }
 
@@ -352,9 +391,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     self.membership = StoredMembership::new(Some(entry.log_id), m);
                     CommandResult::Noop
                 }
-                EntryPayload::Normal(cmd) => {
-                    self.apply_command(cmd, entry.log_id.index, &mut batch, &mut overlay, &mut changes)?
-                }
+                EntryPayload::Normal(cmd) => self.apply_command(
+                    cmd,
+                    entry.log_id.index,
+                    &mut batch,
+                    &mut overlay,
+                    &mut changes,
+                )?,
             };
             results.push(result);
         }
@@ -423,11 +466,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
         let dir = self.snapshot_dir.clone();
-        let found = tokio::task::spawn_blocking(move || StateMachineStore::read_snapshot_file(&dir))
-            .await
-            .map_err(|e| snap_err(ErrorVerb::Read, e))?
-            .map_err(|e| snap_err(ErrorVerb::Read, e))?;
-        Ok(found.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+        let found =
+            tokio::task::spawn_blocking(move || StateMachineStore::read_snapshot_file(&dir))
+                .await
+                .map_err(|e| snap_err(ErrorVerb::Read, e))?
+                .map_err(|e| snap_err(ErrorVerb::Read, e))?;
+        Ok(found.map(|(meta, data)| Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
     }
 }
 

@@ -32,7 +32,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -77,7 +80,10 @@ pub fn url(node: &Node, path: &str) -> String {
 }
 
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap()
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
 }
 
 /// A `flagstone serve` child process.
@@ -92,12 +98,19 @@ impl Proc {
     /// Spawns a node; `listen` may be `127.0.0.1:0`.
     pub fn spawn(id: u64, data_dir: &Path, listen: &str, join: Option<&str>) -> Proc {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_flagstone"));
-        cmd.args(["serve", "--id", &id.to_string(), "--listen", listen, "--data-dir"])
-            .arg(data_dir)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+        cmd.args([
+            "serve",
+            "--id",
+            &id.to_string(),
+            "--listen",
+            listen,
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
         if let Some(j) = join {
             cmd.args(["--join", j]);
         }
@@ -112,7 +125,12 @@ impl Proc {
             .filter(|u| u.starts_with("http://"))
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_owned();
-        Proc { id, data_dir: data_dir.to_owned(), url, child: Some(child) }
+        Proc {
+            id,
+            data_dir: data_dir.to_owned(),
+            url,
+            child: Some(child),
+        }
     }
 
     /// The `host:port` the node listens on.
@@ -138,7 +156,11 @@ impl Proc {
             if let Some(s) = c.try_wait().unwrap() {
                 return s;
             }
-            assert!(Instant::now() < deadline, "node {} ignored SIGTERM", self.id);
+            assert!(
+                Instant::now() < deadline,
+                "node {} ignored SIGTERM",
+                self.id
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -161,23 +183,37 @@ impl Drop for Proc {
 
 /// `GET /v1/cluster` as JSON.
 pub async fn cluster_json(c: &reqwest::Client, base: &str) -> Option<serde_json::Value> {
-    c.get(format!("{base}/v1/cluster")).send().await.ok()?.json().await.ok()
+    c.get(format!("{base}/v1/cluster"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
 }
 
 /// Waits until the process cluster agrees on a leader with `voters` voters.
 pub async fn wait_proc_converged(c: &reqwest::Client, procs: &[&Proc], voters: usize) -> u64 {
-    wait_for("process cluster to converge", Duration::from_secs(30), || async {
-        let mut leader = None;
-        for p in procs {
-            let j = cluster_json(c, &p.url).await?;
-            let l = j["leader_id"].as_u64()?;
-            let v = j["members"].as_array()?.iter().filter(|m| m["voter"] == true).count();
-            if v != voters || leader.is_some_and(|x| x != l) {
-                return None;
+    wait_for(
+        "process cluster to converge",
+        Duration::from_secs(30),
+        || async {
+            let mut leader = None;
+            for p in procs {
+                let j = cluster_json(c, &p.url).await?;
+                let l = j["leader_id"].as_u64()?;
+                let v = j["members"]
+                    .as_array()?
+                    .iter()
+                    .filter(|m| m["voter"] == true)
+                    .count();
+                if v != voters || leader.is_some_and(|x| x != l) {
+                    return None;
+                }
+                leader = Some(l);
             }
-            leader = Some(l);
-        }
-        leader
-    })
+            leader
+        },
+    )
     .await
 }

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The README's test command: installs what it needs, builds everything
+# (host, guest SDK, plugins for wasm32-wasip2), checks formatting and lints,
+# runs every test and the 3-node custom-data example.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "toolchain and system packages"
+rustup target add wasm32-wasip2
+rustup component add rustfmt clippy 2>/dev/null || true
+missing=()
+for tool in curl python3; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if ((${#missing[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}"
+fi
+
+step "format"
+cargo fmt --all --check
+
+step "lint"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "tests"
+cargo test --workspace --locked
+
+step "example: examples/custom-data/run.sh"
+bash examples/custom-data/run.sh

@@ -113,6 +113,9 @@ pub enum NodeError {
     /// Raft could not be started or initialized.
     #[error("raft: {0}")]
     Raft(String),
+    /// The plugin runtime could not be set up.
+    #[error("plugins: {0}")]
+    Plugins(String),
     /// The listener or the HTTP client could not be set up.
     #[error("network: {0}")]
     Network(String),

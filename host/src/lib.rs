@@ -18,6 +18,7 @@ pub mod http;
 pub mod keys;
 pub mod node;
 pub mod peer;
+pub mod plugins;
 pub mod raft;
 
 pub use node::{Node, NodeConfig, NodeError, WriteError, run};

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -45,6 +46,21 @@ struct ServeArgs {
     /// Build a snapshot and compact the log every N entries.
     #[arg(long, default_value_t = 10_000)]
     snapshot_every: u64,
+    /// Directory of WebAssembly plugins (`*.wasm`), reloaded when files change.
+    #[arg(long, env = "FLAGSTONE_PLUGINS_DIR")]
+    plugins_dir: Option<PathBuf>,
+    /// Deadline of a plugin's validate-write call, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    validate_timeout_ms: u64,
+    /// Deadline of a plugin's evaluate call, in milliseconds.
+    #[arg(long, default_value_t = 10)]
+    evaluate_timeout_ms: u64,
+    /// Deadline of a plugin's on-change call, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    on_change_timeout_ms: u64,
+    /// Linear memory cap per plugin instance, in MiB.
+    #[arg(long, default_value_t = 32)]
+    plugin_memory_mib: usize,
 }
 
 async fn shutdown_signal() {
@@ -94,6 +110,11 @@ async fn main() -> anyhow::Result<()> {
     config.advertise = args.advertise;
     config.join = args.join;
     config.raft.snapshot_every = args.snapshot_every;
+    config.plugins_dir = args.plugins_dir;
+    config.plugin_limits.validate = Duration::from_millis(args.validate_timeout_ms);
+    config.plugin_limits.evaluate = Duration::from_millis(args.evaluate_timeout_ms);
+    config.plugin_limits.on_change = Duration::from_millis(args.on_change_timeout_ms);
+    config.plugin_limits.memory_bytes = args.plugin_memory_mib * 1024 * 1024;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;

@@ -29,6 +29,7 @@ use tokio::task::JoinHandle;
 pub use crate::error::{ClusterError, NodeError, ReadError, WriteError};
 use crate::keys::{MAX_VALUE_BYTES, validate_key};
 use crate::peer::PeerClient;
+use crate::plugins::{Limits, PluginHost, types as wit};
 use crate::raft::network::Network;
 use crate::raft::{
     Command, CommandResult, KvReader, NodeId, Precondition, Raft, ValueRecord, open_storage,
@@ -76,6 +77,15 @@ pub struct NodeConfig {
     pub join: Option<String>,
     /// Raft timing and compaction.
     pub raft: RaftTuning,
+    /// Directory of `.wasm` plugins (hot reloaded); `None`: no plugins.
+    pub plugins_dir: Option<PathBuf>,
+    /// Limits on every plugin call.
+    pub plugin_limits: Limits,
+    /// How often the plugins directory is checked for changes.
+    pub plugin_reload_every: Duration,
+    /// Where compiled plugins are cached (default `<data_dir>/plugin-cache`);
+    /// safe to share between nodes.
+    pub plugin_cache_dir: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -87,6 +97,10 @@ impl NodeConfig {
             advertise: None,
             join: None,
             raft: RaftTuning::default(),
+            plugins_dir: None,
+            plugin_limits: Limits::default(),
+            plugin_reload_every: Duration::from_secs(1),
+            plugin_cache_dir: None,
         }
     }
 }
@@ -138,8 +152,10 @@ pub struct Node {
     committed: Arc<AtomicU64>,
     peers: PeerClient,
     membership_lock: Mutex<()>,
+    plugins: Option<Arc<PluginHost>>,
     shutdown_tx: watch::Sender<bool>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    background: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Node {
@@ -170,6 +186,26 @@ impl Node {
             state.last_log_id.is_none() && vote.is_none() && state_machine.is_fresh()
         };
         let reader = state_machine.reader();
+        let plugins = match &config.plugins_dir {
+            None => None,
+            Some(dir) => {
+                // wasmtime's cache wants an absolute directory.
+                let cache = config
+                    .plugin_cache_dir
+                    .clone()
+                    .unwrap_or_else(|| config.data_dir.join("plugin-cache"));
+                let cache = std::path::absolute(cache)
+                    .map_err(|e| NodeError::Plugins(format!("plugin cache dir: {e}")))?;
+                let host = PluginHost::new(
+                    dir,
+                    Some(&cache),
+                    reader.clone(),
+                    config.plugin_limits.clone(),
+                )
+                .map_err(|e| NodeError::Plugins(e.to_string()))?;
+                Some(host)
+            }
+        };
         let committed = log_store.committed_index();
         let peers = PeerClient::new().map_err(|e| NodeError::Network(e.to_string()))?;
         let tuning = &config.raft;
@@ -205,10 +241,16 @@ impl Node {
             committed,
             peers,
             membership_lock: Mutex::new(()),
+            plugins,
             shutdown_tx,
             tasks: std::sync::Mutex::new(Vec::new()),
+            background: std::sync::Mutex::new(Vec::new()),
         });
 
+        if let Some(host) = &node.plugins {
+            node.track_background(host.dispatch_changes());
+            node.track_background(host.watch_dir(config.plugin_reload_every));
+        }
         let app = crate::http::router(node.clone());
         let mut rx = shutdown_rx.clone();
         let server = tokio::spawn(async move {
@@ -251,9 +293,19 @@ impl Node {
         }
     }
 
+    /// Tasks that run until the node stops (aborted by `shutdown`).
+    fn track_background(&self, task: JoinHandle<()>) {
+        if let Ok(mut tasks) = self.background.lock() {
+            tasks.push(task);
+        }
+    }
+
     /// Stops serving (in-flight requests finish), stops Raft and flushes.
     pub async fn shutdown(&self) {
         let _ = self.shutdown_tx.send(true);
+        if let Ok(mut bg) = self.background.lock() {
+            bg.drain(..).for_each(|t| t.abort());
+        }
         let tasks: Vec<_> = match self.tasks.lock() {
             Ok(mut t) => t.drain(..).collect(),
             Err(_) => Vec::new(),
@@ -294,6 +346,11 @@ impl Node {
     /// The local read view.
     pub fn reader(&self) -> &KvReader {
         &self.reader
+    }
+
+    /// The plugin host, when the node runs with a plugins directory.
+    pub fn plugins(&self) -> Option<&Arc<PluginHost>> {
+        self.plugins.as_ref()
     }
 
     /// The peer client.
@@ -476,6 +533,7 @@ impl Node {
         {
             return Err(WriteError::ValueTooLarge(value.len()));
         }
+        self.run_validators(&cmd).await?;
         match self.raft.client_write(cmd).await {
             Ok(resp) => Ok(resp.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
@@ -486,6 +544,52 @@ impl Node {
             Err(RaftError::APIError(e)) => Err(WriteError::Unavailable(e.to_string())),
             Err(RaftError::Fatal(e)) => Err(WriteError::Unavailable(e.to_string())),
         }
+    }
+
+    /// Runs the validator plugins that match the key (none: nothing to do).
+    async fn run_validators(&self, cmd: &Command) -> Result<(), WriteError> {
+        let Some(host) = &self.plugins else {
+            return Ok(());
+        };
+        if !host.validates(cmd.key()) {
+            return Ok(());
+        }
+        let current = self
+            .reader
+            .get(cmd.key())
+            .map_err(|e| WriteError::Unavailable(e.to_string()))?
+            .map(|r| wit::Entry {
+                value: r.value,
+                content_type: r.content_type,
+                revision: r.revision,
+            });
+        let write = match cmd {
+            Command::Put {
+                key,
+                value,
+                content_type,
+                ..
+            } => wit::Write {
+                key: key.clone(),
+                value: Some(value.clone()),
+                content_type: content_type.clone(),
+                current,
+            },
+            Command::Delete { key, .. } => wit::Write {
+                key: key.clone(),
+                value: None,
+                content_type: None,
+                current,
+            },
+        };
+        let host = host.clone();
+        tokio::task::spawn_blocking(move || host.validate(&write))
+            .await
+            .map_err(|e| WriteError::Unavailable(format!("validator task: {e}")))?
+            .map_err(|r| WriteError::RejectedByPlugin {
+                plugin: r.plugin,
+                message: r.message,
+            })
     }
 
     /// On the leader: the index a linearizable read must wait for, after

@@ -4,12 +4,14 @@
 //! |---|---|
 //! | `kv.rs` | `/v1/kv`, `/v1/kv/{key}` |
 //! | `cluster.rs` | `/v1/cluster`, `/v1/cluster/members`, `/healthz`, `/readyz` |
+//! | `plugins.rs` | `/v1/plugins`, `/v1/flags/{key}/evaluate` |
 //! | `raft_rpc.rs` | `/raft/*` (node to node) |
 //! | `error.rs` | the JSON error body; 404 and 405 fallbacks |
 
 pub mod cluster;
 pub mod error;
 pub mod kv;
+pub mod plugins;
 pub mod raft_rpc;
 
 use std::sync::Arc;
@@ -39,6 +41,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/cluster", get(cluster::info))
         .route("/v1/cluster/members", post(cluster::add_member))
         .route("/v1/cluster/members/{id}", delete(cluster::remove_member))
+        .route("/v1/plugins", get(plugins::list))
+        .route("/v1/flags/{key}/evaluate", post(plugins::evaluate))
         .route("/healthz", get(cluster::healthz))
         .route("/readyz", get(cluster::readyz))
         .nest("/raft", raft)

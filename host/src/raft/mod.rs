@@ -43,6 +43,10 @@ pub fn open_storage(data_dir: &Path) -> Result<(LogStore, StateMachineStore), Op
     std::fs::create_dir_all(data_dir).map_err(|e| db_err(fjall::Error::from(e)))?;
     let db = fjall::Database::builder(&db_path).open().map_err(db_err)?;
     let log = LogStore::open(&db).map_err(db_err)?;
-    let sm = StateMachineStore::open(&db, data_dir)?;
+    let mut sm = StateMachineStore::open(&db, data_dir)?;
+    sm.set_replay_until(
+        log.committed_index()
+            .load(std::sync::atomic::Ordering::Relaxed),
+    );
     Ok((log, sm))
 }

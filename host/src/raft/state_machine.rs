@@ -41,6 +41,9 @@ pub struct Change {
     pub old: Option<Arc<ValueRecord>>,
     /// The new value; `None` for a delete.
     pub new: Option<Arc<ValueRecord>>,
+    /// Re-applied while replaying the log at startup (it was committed, and
+    /// published, before the restart).
+    pub replayed: bool,
 }
 
 fn sm_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
@@ -89,6 +92,16 @@ impl KvReader {
         }
     }
 
+    /// The revision of `key` without copying its value.
+    pub fn revision(&self, key: &str) -> Result<Option<u64>, ReadError> {
+        match self.kv.get(key).map_err(|e| ReadError(e.to_string()))? {
+            None => Ok(None),
+            Some(bytes) => ValueRecord::decode_revision(&bytes)
+                .map(Some)
+                .map_err(|e| ReadError(e.to_string())),
+        }
+    }
+
     /// Keys starting with `prefix`, sorted bytewise (which is UTF-8 order).
     pub fn list(&self, prefix: &str) -> Result<Vec<String>, ReadError> {
         let mut keys = Vec::new();
@@ -121,9 +134,16 @@ pub struct StateMachineStore {
     applied: Arc<AtomicU64>,
     changes: broadcast::Sender<Arc<Change>>,
     snapshot_seq: u64,
+    replay_until: u64,
 }
 
 impl StateMachineStore {
+    /// Marks changes up to `index` (the commit index stored before a restart)
+    /// as replayed rather than new.
+    pub fn set_replay_until(&mut self, index: u64) {
+        self.replay_until = index;
+    }
+
     /// Opens (or creates) the state machine keyspaces in `db`; snapshots are
     /// kept under `data_dir/snapshot`.
     pub fn open(db: &Database, data_dir: &Path) -> Result<Self, StorageError> {
@@ -158,6 +178,7 @@ impl StateMachineStore {
             membership,
             changes,
             snapshot_seq: 0,
+            replay_until: 0,
         })
     }
 
@@ -237,6 +258,7 @@ impl StateMachineStore {
                     key,
                     old,
                     new: Some(record),
+                    replayed: index <= self.replay_until,
                 });
                 Ok(CommandResult::Put { revision: index })
             }
@@ -250,6 +272,7 @@ impl StateMachineStore {
                         key,
                         old,
                         new: None,
+                        replayed: index <= self.replay_until,
                     });
                 }
                 Ok(CommandResult::Delete {

@@ -1,0 +1,10 @@
+//! The only place bindings for the `flagstone:plugin` world are generated
+//! (from `wit/`). Everything else uses the types re-exported here.
+
+wasmtime::component::bindgen!({
+    world: "plugin",
+    path: "../wit",
+});
+
+pub use exports::flagstone::plugin::{evaluator, manifest, reactor, validator};
+pub use flagstone::plugin::{log, store, types};

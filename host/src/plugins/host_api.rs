@@ -1,0 +1,128 @@
+//! What a plugin can do: the `store` and `log` imports of the world, backed
+//! by the node's local applied state, plus the minimum of WASI that Rust's
+//! `wasm32-wasip2` std needs to start (`wasi:io`, `wasi:cli` with no
+//! environment, no arguments and closed stdio). **Not linked at all:**
+//! `wasi:filesystem`, `wasi:sockets`, `wasi:clocks`, `wasi:random` — a plugin
+//! importing them fails to load, so file and network access are impossible by
+//! construction, not merely denied.
+
+use std::sync::Arc;
+
+use wasmtime::component::{HasData, Linker, ResourceTable};
+use wasmtime::{Engine, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::p2::bindings::{cli, io};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::{self, log, store, types};
+use crate::raft::KvReader;
+
+/// Per-instance host state.
+pub struct HostState {
+    reader: KvReader,
+    plugin: Arc<str>,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) limits: StoreLimits,
+}
+
+impl HostState {
+    /// State for an instance of `plugin` reading from `reader`, with its
+    /// linear memory capped at `memory_bytes`.
+    pub fn new(reader: KvReader, plugin: Arc<str>, memory_bytes: usize) -> Self {
+        HostState {
+            reader,
+            plugin,
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(memory_bytes)
+                .instances(4)
+                .tables(8)
+                .memories(2)
+                .trap_on_grow_failure(false)
+                .build(),
+        }
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl types::Host for HostState {}
+
+impl store::Host for HostState {
+    fn get(&mut self, key: String) -> Option<types::Entry> {
+        let record = self.reader.get(&key).ok().flatten()?;
+        Some(types::Entry {
+            value: record.value,
+            content_type: record.content_type,
+            revision: record.revision,
+        })
+    }
+
+    fn revision(&mut self, key: String) -> Option<u64> {
+        self.reader.revision(&key).ok().flatten()
+    }
+
+    fn list(&mut self, prefix: String) -> Vec<String> {
+        self.reader.list(&prefix).unwrap_or_default()
+    }
+}
+
+impl log::Host for HostState {
+    fn log(&mut self, level: log::Level, message: String) {
+        let plugin = &*self.plugin;
+        match level {
+            log::Level::Trace => tracing::trace!(plugin, "{message}"),
+            log::Level::Debug => tracing::debug!(plugin, "{message}"),
+            log::Level::Info => tracing::info!(plugin, "{message}"),
+            log::Level::Warn => tracing::warn!(plugin, "{message}"),
+            log::Level::Error => tracing::error!(plugin, "{message}"),
+        }
+    }
+}
+
+struct Io;
+impl HasData for Io {
+    type Data<'a> = &'a mut ResourceTable;
+}
+
+struct Own;
+impl HasData for Own {
+    type Data<'a> = &'a mut HostState;
+}
+
+/// The linker every plugin is instantiated with: the world's imports and the
+/// WASI subset described in the module docs.
+pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
+    let mut l = Linker::new(engine);
+    bindings::Plugin::add_to_linker::<HostState, Own>(&mut l, |s| s)?;
+    io::error::add_to_linker::<HostState, Io>(&mut l, |s| &mut s.table)?;
+    wasmtime_wasi::p2::bindings::sync::io::poll::add_to_linker::<HostState, Io>(&mut l, |s| {
+        &mut s.table
+    })?;
+    wasmtime_wasi::p2::bindings::sync::io::streams::add_to_linker::<HostState, Io>(&mut l, |s| {
+        &mut s.table
+    })?;
+    use wasmtime_wasi::cli::{WasiCli, WasiCliCtxView, WasiCliView};
+    fn cli_view(s: &mut HostState) -> WasiCliCtxView<'_> {
+        s.cli()
+    }
+    cli::exit::add_to_linker::<HostState, WasiCli>(&mut l, cli_view)?;
+    cli::environment::add_to_linker::<HostState, WasiCli>(&mut l, cli_view)?;
+    cli::stdin::add_to_linker::<HostState, WasiCli>(&mut l, cli_view)?;
+    cli::stdout::add_to_linker::<HostState, WasiCli>(&mut l, cli_view)?;
+    cli::stderr::add_to_linker::<HostState, WasiCli>(&mut l, cli_view)?;
+    cli::terminal_input::add_to_linker::<HostState, WasiCli>(&mut l, cli_view)?;
+    cli::terminal_output::add_to_linker::<HostState, WasiCli>(&mut l, cli_view)?;
+    cli::terminal_stdin::add_to_linker::<HostState, WasiCli>(&mut l, cli_view)?;
+    cli::terminal_stdout::add_to_linker::<HostState, WasiCli>(&mut l, cli_view)?;
+    cli::terminal_stderr::add_to_linker::<HostState, WasiCli>(&mut l, cli_view)?;
+    Ok(l)
+}

@@ -1,0 +1,407 @@
+//! The set of loaded plugins and how the node uses them: loading from
+//! `--plugins-dir` (hot reload by polling the directory), running validators
+//! before a proposal, dispatching committed changes to reactors off the apply
+//! path, routing flag evaluations, and reporting status.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::broadcast::error::RecvError;
+use wasmtime::Engine;
+
+use super::bindings::types;
+use super::limits::{EpochTicker, Limits};
+use super::runtime::{CallError, LoadError, LoadedPlugin, StatsView, engine};
+use crate::raft::{Change, KvReader};
+
+/// A validator's verdict that stops a write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// Plugin name.
+    pub plugin: String,
+    /// The plugin's reason (or what went wrong with the call).
+    pub message: String,
+}
+
+/// An evaluation as answered by a plugin, or a typed error.
+pub type EvalResult = Result<(String, types::Evaluation), types::EvaluationError>;
+
+struct Active {
+    plugin: Arc<LoadedPlugin>,
+    file: PathBuf,
+    stamp: (SystemTime, u64),
+    /// Sender into this plugin's on-change worker (None: no on-change hook).
+    reactor: Option<SyncSender<Arc<Change>>>,
+}
+
+#[derive(Default)]
+struct PluginSet {
+    /// By plugin name: validators run in this order.
+    active: BTreeMap<String, Active>,
+    /// Files that failed to load, with the reason.
+    broken: BTreeMap<PathBuf, ((SystemTime, u64), String)>,
+}
+
+/// One entry of `GET /v1/plugins`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginStatus {
+    /// Plugin name (file name for a broken one).
+    pub name: String,
+    /// Plugin version.
+    pub version: String,
+    /// The file it was loaded from.
+    pub file: String,
+    /// Hooks implemented.
+    pub hooks: Vec<&'static str>,
+    /// Key prefixes.
+    pub prefixes: Vec<String>,
+    /// `ok`, `unhealthy` (recent calls failed) or `broken` (did not load).
+    pub state: &'static str,
+    /// Why it is broken.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Counters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub counters: Option<StatsView>,
+}
+
+fn hook_name(h: &types::Hook) -> &'static str {
+    match h {
+        types::Hook::ValidateWrite => "validate-write",
+        types::Hook::OnChange => "on-change",
+        types::Hook::Evaluate => "evaluate",
+    }
+}
+
+/// The node's plugins.
+pub struct PluginHost {
+    engine: Engine,
+    _ticker: EpochTicker,
+    limits: Limits,
+    reader: KvReader,
+    dir: PathBuf,
+    set: RwLock<PluginSet>,
+}
+
+impl PluginHost {
+    /// Creates the host for `dir` (compiled code cached in `cache_dir`) and
+    /// loads what is there; broken files are reported, not fatal.
+    pub fn new(
+        dir: &Path,
+        cache_dir: Option<&Path>,
+        reader: KvReader,
+        limits: Limits,
+    ) -> Result<Arc<Self>, LoadError> {
+        let engine = engine(&limits, cache_dir)?;
+        let ticker = EpochTicker::start(engine.clone())
+            .map_err(|e| LoadError(format!("epoch thread: {e}")))?;
+        let host = Arc::new(PluginHost {
+            engine,
+            _ticker: ticker,
+            limits,
+            reader,
+            dir: dir.to_owned(),
+            set: RwLock::new(PluginSet::default()),
+        });
+        host.rescan();
+        Ok(host)
+    }
+
+    fn snapshot(&self) -> Vec<Arc<LoadedPlugin>> {
+        match self.set.read() {
+            Ok(set) => set.active.values().map(|a| a.plugin.clone()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Loaded plugins in name order.
+    pub fn plugins(&self) -> Vec<Arc<LoadedPlugin>> {
+        self.snapshot()
+    }
+
+    /// Looks at the directory and loads added or changed `.wasm` files,
+    /// unloads removed ones. Returns whether anything changed.
+    pub fn rescan(&self) -> bool {
+        let mut found: BTreeMap<PathBuf, (SystemTime, u64)> = BTreeMap::new();
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let path = e.path();
+                if path.extension().is_some_and(|x| x == "wasm")
+                    && let Ok(meta) = e.metadata()
+                    && meta.is_file()
+                {
+                    found.insert(
+                        path,
+                        (
+                            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                            meta.len(),
+                        ),
+                    );
+                }
+            }
+        }
+        let (unchanged_active, unchanged_broken): (Vec<PathBuf>, Vec<PathBuf>) =
+            match self.set.read() {
+                Ok(set) => (
+                    set.active
+                        .values()
+                        .filter(|a| found.get(&a.file) == Some(&a.stamp))
+                        .map(|a| a.file.clone())
+                        .collect(),
+                    set.broken
+                        .iter()
+                        .filter(|(f, (st, _))| found.get(*f) == Some(st))
+                        .map(|(f, _)| f.clone())
+                        .collect(),
+                ),
+                Err(_) => return false,
+            };
+        let to_load: Vec<_> = found
+            .iter()
+            .filter(|(f, _)| !unchanged_active.contains(f) && !unchanged_broken.contains(f))
+            .collect();
+        let mut changed = false;
+        let Ok(mut set) = self.set.write() else {
+            return false;
+        };
+        // Unload what disappeared or changed.
+        let before = set.active.len() + set.broken.len();
+        set.active.retain(|_, a| unchanged_active.contains(&a.file));
+        set.broken.retain(|f, _| unchanged_broken.contains(f));
+        changed |= set.active.len() + set.broken.len() != before;
+        for (file, stamp) in to_load {
+            changed = true;
+            match self.load_file(file) {
+                Ok(plugin) => {
+                    let name = plugin.name().to_owned();
+                    if let Some(other) = set.active.get(&name) {
+                        let msg = format!(
+                            "plugin name {name:?} is already used by {}",
+                            other.file.display()
+                        );
+                        tracing::error!(file = %file.display(), "{msg}");
+                        set.broken.insert(file.clone(), (*stamp, msg));
+                        continue;
+                    }
+                    tracing::info!(plugin = %name, version = %plugin.info.version, file = %file.display(), "plugin loaded");
+                    let plugin = Arc::new(plugin);
+                    let reactor = self.start_reactor(&plugin);
+                    set.active.insert(
+                        name,
+                        Active {
+                            plugin,
+                            file: file.clone(),
+                            stamp: *stamp,
+                            reactor,
+                        },
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(file = %file.display(), error = %e, "plugin failed to load");
+                    set.broken.insert(file.clone(), (*stamp, e.0));
+                }
+            }
+        }
+        changed
+    }
+
+    fn load_file(&self, file: &Path) -> Result<LoadedPlugin, LoadError> {
+        let wasm = std::fs::read(file)
+            .map_err(|e| LoadError(format!("reading {}: {e}", file.display())))?;
+        LoadedPlugin::load(
+            &self.engine,
+            &wasm,
+            self.reader.clone(),
+            self.limits.clone(),
+        )
+    }
+
+    /// Starts the worker thread that feeds this plugin's on-change hook, in
+    /// commit order, from a bounded queue.
+    fn start_reactor(&self, plugin: &Arc<LoadedPlugin>) -> Option<SyncSender<Arc<Change>>> {
+        if !plugin.has_hook(types::Hook::OnChange) {
+            return None;
+        }
+        let (tx, rx) = sync_channel::<Arc<Change>>(self.limits.on_change_queue);
+        let p = plugin.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("on-change-{}", p.name()))
+            .spawn(move || {
+                while let Ok(change) = rx.recv() {
+                    let c = types::Change {
+                        key: change.key.clone(),
+                        old_value: change.old.as_ref().map(|r| r.value.clone()),
+                        new_value: change.new.as_ref().map(|r| r.value.clone()),
+                        revision: change.revision,
+                    };
+                    // Failures are counted and logged by `call`.
+                    let _ = p.on_change(&c);
+                }
+            });
+        spawned.ok().map(|_| tx)
+    }
+
+    /// Polls the directory every `every` until the returned task is aborted.
+    pub fn watch_dir(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let host = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(h) = host.upgrade() else { return };
+                let _ = tokio::task::spawn_blocking(move || h.rescan()).await;
+            }
+        })
+    }
+
+    /// Feeds committed changes to reactors until the change stream closes.
+    /// Changes re-applied while the node replays its log at startup were
+    /// delivered before the restart and are skipped.
+    pub fn dispatch_changes(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let mut rx = self.reader.subscribe();
+        let host = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let event = rx.recv().await;
+                let Some(h) = host.upgrade() else { return };
+                match event {
+                    Ok(change) if change.replayed => {}
+                    Ok(change) => h.deliver(change),
+                    Err(RecvError::Lagged(n)) => {
+                        tracing::warn!(dropped = n, "on-change dispatch lagged; events dropped");
+                        for p in h.snapshot() {
+                            if p.has_hook(types::Hook::OnChange) {
+                                p.stats.dropped(n);
+                            }
+                        }
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        })
+    }
+
+    fn deliver(&self, change: Arc<Change>) {
+        let Ok(set) = self.set.read() else { return };
+        for a in set.active.values() {
+            let Some(tx) = &a.reactor else { continue };
+            if !a.plugin.matches(&change.key) {
+                continue;
+            }
+            match tx.try_send(change.clone()) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => {
+                    a.plugin.stats.dropped(1);
+                    tracing::warn!(plugin = %a.plugin.name(), revision = change.revision, "on-change queue full; event dropped");
+                }
+                Err(TrySendError::Disconnected(_)) => {}
+            }
+        }
+    }
+
+    /// Whether any validator cares about `key` (so the caller can skip
+    /// building the write record).
+    pub fn validates(&self, key: &str) -> bool {
+        self.snapshot()
+            .iter()
+            .any(|p| p.has_hook(types::Hook::ValidateWrite) && p.matches(key))
+    }
+
+    /// Runs every matching validator, in name order. The first rejection wins;
+    /// a trap or a timeout rejects too (fail closed).
+    pub fn validate(&self, write: &types::Write) -> Result<(), Rejection> {
+        for p in self.snapshot() {
+            if !p.has_hook(types::Hook::ValidateWrite) || !p.matches(&write.key) {
+                continue;
+            }
+            let message = match p.validate(write) {
+                Ok(Ok(())) => continue,
+                Ok(Err(reason)) => reason,
+                Err(CallError::Timeout(d)) => {
+                    format!("validator timed out after {d:?}; write rejected")
+                }
+                Err(e) => format!("validator failed ({e}); write rejected"),
+            };
+            p.stats.rejected();
+            return Err(Rejection {
+                plugin: p.name().to_owned(),
+                message,
+            });
+        }
+        Ok(())
+    }
+
+    /// Evaluates `flag_key` with the evaluators that care about it (a prefix
+    /// matching `flags/<key>` or `feature_flags`), in name order; the first
+    /// answer other than FLAG_NOT_FOUND wins.
+    pub fn evaluate(&self, flag_key: &str, context: &types::EvalContext) -> EvalResult {
+        let rich = format!("flags/{flag_key}");
+        let mut last = types::EvaluationError {
+            code: types::ErrorCode::FlagNotFound,
+            message: format!("no evaluator knows flag {flag_key:?}"),
+        };
+        for p in self.snapshot() {
+            if !p.has_hook(types::Hook::Evaluate)
+                || !(p.matches(&rich) || p.matches("feature_flags"))
+            {
+                continue;
+            }
+            match p.evaluate(flag_key, context) {
+                Ok(Ok(e)) => return Ok((p.name().to_owned(), e)),
+                Ok(Err(e)) if e.code == types::ErrorCode::FlagNotFound => last = e,
+                Ok(Err(e)) => return Err(e),
+                Err(e) => {
+                    return Err(types::EvaluationError {
+                        code: types::ErrorCode::General,
+                        message: format!("evaluator {} failed: {e}", p.name()),
+                    });
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Status of every plugin, loaded and broken.
+    pub fn status(&self) -> Vec<PluginStatus> {
+        let Ok(set) = self.set.read() else {
+            return Vec::new();
+        };
+        let mut out: Vec<PluginStatus> = set
+            .active
+            .values()
+            .map(|a| PluginStatus {
+                name: a.plugin.name().to_owned(),
+                version: a.plugin.info.version.clone(),
+                file: a.file.display().to_string(),
+                hooks: a.plugin.info.hooks.iter().map(hook_name).collect(),
+                prefixes: a.plugin.info.key_prefixes.clone(),
+                state: if a.plugin.stats.unhealthy() {
+                    "unhealthy"
+                } else {
+                    "ok"
+                },
+                error: None,
+                counters: Some(a.plugin.stats.view()),
+            })
+            .collect();
+        out.extend(set.broken.iter().map(|(file, (_, err))| {
+            PluginStatus {
+                name: file
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                version: String::new(),
+                file: file.display().to_string(),
+                hooks: vec![],
+                prefixes: vec![],
+                state: "broken",
+                error: Some(err.clone()),
+                counters: None,
+            }
+        }));
+        out
+    }
+}

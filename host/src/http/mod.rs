@@ -42,6 +42,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/cluster/members", post(cluster::add_member))
         .route("/v1/cluster/members/{id}", delete(cluster::remove_member))
         .route("/v1/plugins", get(plugins::list))
+        .route("/v1/plugins/logs", get(plugins::logs))
         .route("/v1/flags/{key}/evaluate", post(plugins::evaluate))
         .route("/healthz", get(cluster::healthz))
         .route("/readyz", get(cluster::readyz))

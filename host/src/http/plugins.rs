@@ -22,6 +22,12 @@ pub async fn list(State(node): State<Arc<Node>>) -> Response {
     Json(json!({ "plugins": plugins })).into_response()
 }
 
+/// `GET /v1/plugins/logs`: the most recent lines plugins logged.
+pub async fn logs(State(node): State<Arc<Node>>) -> Response {
+    let lines = node.plugins().map(|h| h.recent_logs()).unwrap_or_default();
+    Json(json!({ "logs": lines })).into_response()
+}
+
 /// Body of an evaluation request: `{"context":{"targetingKey":…, …}}`.
 #[derive(Debug, Deserialize, Default)]
 pub struct EvalRequest {

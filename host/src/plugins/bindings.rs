@@ -4,6 +4,7 @@
 wasmtime::component::bindgen!({
     world: "plugin",
     path: "../wit",
+    additional_derives: [PartialEq],
 });
 
 pub use exports::flagstone::plugin::{evaluator, manifest, reactor, validator};

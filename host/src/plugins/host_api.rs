@@ -16,9 +16,27 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::bindings::{self, log, store, types};
 use crate::raft::KvReader;
 
+/// How many plugin log lines a node keeps for `GET /v1/plugins/logs`.
+pub const LOG_RING: usize = 512;
+
+/// One line a plugin logged.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LogLine {
+    /// The plugin's name.
+    pub plugin: String,
+    /// `trace` … `error`.
+    pub level: &'static str,
+    /// What it said.
+    pub message: String,
+}
+
+/// The most recent plugin log lines, shared by every instance.
+pub type LogRing = Arc<std::sync::Mutex<std::collections::VecDeque<LogLine>>>;
+
 /// Per-instance host state.
 pub struct HostState {
     reader: KvReader,
+    logs: LogRing,
     plugin: Arc<str>,
     wasi: WasiCtx,
     table: ResourceTable,
@@ -28,9 +46,10 @@ pub struct HostState {
 impl HostState {
     /// State for an instance of `plugin` reading from `reader`, with its
     /// linear memory capped at `memory_bytes`.
-    pub fn new(reader: KvReader, plugin: Arc<str>, memory_bytes: usize) -> Self {
+    pub fn new(reader: KvReader, logs: LogRing, plugin: Arc<str>, memory_bytes: usize) -> Self {
         HostState {
             reader,
+            logs,
             plugin,
             wasi: WasiCtx::builder().build(),
             table: ResourceTable::new(),
@@ -78,12 +97,37 @@ impl store::Host for HostState {
 impl log::Host for HostState {
     fn log(&mut self, level: log::Level, message: String) {
         let plugin = &*self.plugin;
-        match level {
-            log::Level::Trace => tracing::trace!(plugin, "{message}"),
-            log::Level::Debug => tracing::debug!(plugin, "{message}"),
-            log::Level::Info => tracing::info!(plugin, "{message}"),
-            log::Level::Warn => tracing::warn!(plugin, "{message}"),
-            log::Level::Error => tracing::error!(plugin, "{message}"),
+        let level = match level {
+            log::Level::Trace => {
+                tracing::trace!(plugin, "{message}");
+                "trace"
+            }
+            log::Level::Debug => {
+                tracing::debug!(plugin, "{message}");
+                "debug"
+            }
+            log::Level::Info => {
+                tracing::info!(plugin, "{message}");
+                "info"
+            }
+            log::Level::Warn => {
+                tracing::warn!(plugin, "{message}");
+                "warn"
+            }
+            log::Level::Error => {
+                tracing::error!(plugin, "{message}");
+                "error"
+            }
+        };
+        if let Ok(mut ring) = self.logs.lock() {
+            if ring.len() == LOG_RING {
+                ring.pop_front();
+            }
+            ring.push_back(LogLine {
+                plugin: plugin.to_owned(),
+                level,
+                message,
+            });
         }
     }
 }

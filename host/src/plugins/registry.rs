@@ -14,6 +14,7 @@ use tokio::sync::broadcast::error::RecvError;
 use wasmtime::Engine;
 
 use super::bindings::types;
+use super::host_api::{LogLine, LogRing};
 use super::limits::{EpochTicker, Limits};
 use super::runtime::{CallError, LoadError, LoadedPlugin, StatsView, engine};
 use crate::raft::{Change, KvReader};
@@ -83,6 +84,7 @@ pub struct PluginHost {
     _ticker: EpochTicker,
     limits: Limits,
     reader: KvReader,
+    logs: LogRing,
     dir: PathBuf,
     set: RwLock<PluginSet>,
 }
@@ -104,6 +106,7 @@ impl PluginHost {
             _ticker: ticker,
             limits,
             reader,
+            logs: LogRing::default(),
             dir: dir.to_owned(),
             set: RwLock::new(PluginSet::default()),
         });
@@ -216,6 +219,7 @@ impl PluginHost {
             &self.engine,
             &wasm,
             self.reader.clone(),
+            self.logs.clone(),
             self.limits.clone(),
         )
     }
@@ -362,6 +366,14 @@ impl PluginHost {
             }
         }
         Err(last)
+    }
+
+    /// The most recent lines plugins logged, oldest first.
+    pub fn recent_logs(&self) -> Vec<LogLine> {
+        self.logs
+            .lock()
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Status of every plugin, loaded and broken.

@@ -15,7 +15,7 @@ use wasmtime::component::Component;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
 use super::bindings::{self, types};
-use super::host_api::{HostState, linker};
+use super::host_api::{HostState, LogRing, linker};
 use super::limits::{Limits, ticks};
 use crate::raft::KvReader;
 
@@ -141,6 +141,7 @@ pub struct LoadedPlugin {
     engine: Engine,
     pre: bindings::PluginPre<HostState>,
     reader: KvReader,
+    logs: LogRing,
     limits: Limits,
     name: Arc<str>,
     idle: Mutex<Vec<Warm>>,
@@ -153,6 +154,7 @@ impl LoadedPlugin {
         engine: &Engine,
         wasm: &[u8],
         reader: KvReader,
+        logs: LogRing,
         limits: Limits,
     ) -> Result<Self, LoadError> {
         let component = Component::new(engine, wasm)
@@ -174,6 +176,7 @@ impl LoadedPlugin {
             engine: engine.clone(),
             pre,
             reader,
+            logs,
             limits: limits.clone(),
             name: Arc::from("(loading)"),
             idle: Mutex::new(Vec::new()),
@@ -217,6 +220,7 @@ impl LoadedPlugin {
         }
         let state = HostState::new(
             self.reader.clone(),
+            self.logs.clone(),
             self.name.clone(),
             self.limits.memory_bytes,
         );

@@ -217,3 +217,78 @@ pub async fn wait_proc_converged(c: &reqwest::Client, procs: &[&Proc], voters: u
     )
     .await
 }
+
+/// Builds the guest plugins (flag-schema, rollout, audit and the test
+/// plugins) for wasm32-wasip2 once per test process, in their own target
+/// dir, and returns the directory holding the `.wasm` files.
+pub fn plugin_wasm_dir() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .unwrap()
+                .to_owned();
+            let target = root.join("target/plugins");
+            let status = Command::new(env!("CARGO"))
+                .current_dir(&root)
+                .args([
+                    "build",
+                    "--target",
+                    "wasm32-wasip2",
+                    "--profile",
+                    "plugin",
+                    "--target-dir",
+                ])
+                .arg(&target)
+                .args(["-p", "flag-schema", "-p", "rollout", "-p", "audit"])
+                .args([
+                    "-p", "looper", "-p", "membomb", "-p", "trapper", "-p", "escaper",
+                ])
+                .status()
+                .expect("run cargo to build the plugins");
+            assert!(status.success(), "building the plugins failed");
+            target.join("wasm32-wasip2/plugin")
+        })
+        .clone()
+}
+
+/// A fresh plugins directory holding copies of the named plugins
+/// (file names without `.wasm`, e.g. `flag_schema`).
+pub fn plugins_dir(under: &Path, names: &[&str]) -> PathBuf {
+    let built = plugin_wasm_dir();
+    let dir = under.join("plugins");
+    std::fs::create_dir_all(&dir).unwrap();
+    for n in names {
+        std::fs::copy(
+            built.join(format!("{n}.wasm")),
+            dir.join(format!("{n}.wasm")),
+        )
+        .unwrap();
+    }
+    dir
+}
+
+/// Compiled plugins are cached here, shared by every test node.
+pub fn shared_plugin_cache() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins/compile-cache")
+}
+
+/// Starts an in-process node that loads plugins from `plugins`.
+pub async fn start_plugin_node(
+    id: u64,
+    dir: &Path,
+    join: Option<&str>,
+    plugins: &Path,
+    limits: flagstone::plugins::Limits,
+) -> Arc<Node> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut config = NodeConfig::new(id, dir.join(format!("node-{id}")));
+    config.join = join.map(str::to_owned);
+    config.raft = fast_tuning();
+    config.plugins_dir = Some(plugins.to_owned());
+    config.plugin_limits = limits;
+    config.plugin_reload_every = Duration::from_millis(100);
+    config.plugin_cache_dir = Some(shared_plugin_cache());
+    Node::start(config, listener).await.unwrap()
+}

@@ -1,0 +1,430 @@
+//! Real wasmtime running real components built from `plugins/` and
+//! `host/tests/plugins/`: limits obeyed and violated, capabilities absent by
+//! construction, hot reload, and on a 3-node cluster validation on every
+//! entry node, on-change on every node in commit order, and evaluation that
+//! agrees everywhere with the expected rollout distribution.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use flagstone::Node;
+use flagstone::plugins::Limits;
+use flagstone::plugins::types::{EvalContext, FlagValue, Reason};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+async fn single_with(names: &[&str]) -> (tempfile::TempDir, Arc<Node>) {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = plugins_dir(dir.path(), names);
+    let node = start_plugin_node(1, dir.path(), None, &plugins, Limits::default()).await;
+    wait_converged(std::slice::from_ref(&node), 1).await;
+    (dir, node)
+}
+
+async fn status_of(c: &reqwest::Client, node: &Node, name: &str) -> Value {
+    let j: Value = c
+        .get(url(node, "/v1/plugins"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    j["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+async fn revision(c: &reqwest::Client, node: &Node) -> u64 {
+    let j: Value = c
+        .get(url(node, "/v1/kv"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    j["revision"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runaway_plugins_are_stopped_and_the_node_keeps_serving() {
+    let (_dir, node) = single_with(&["looper", "membomb", "trapper", "flag_schema"]).await;
+    let c = client();
+    let before = revision(&c, &node).await;
+
+    // Infinite loop: interrupted at the 50 ms deadline, the write is rejected.
+    let t = Instant::now();
+    let r = c
+        .put(url(&node, "/v1/kv/loop/a"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "rejected_by_plugin");
+    assert_eq!(e["error"]["plugin"], "looper");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("timed out"),
+        "{e}"
+    );
+    println!("looping validator rejected after {:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(5));
+
+    // Memory bomb: capped at 32 MiB, the allocation fails inside the plugin.
+    let r = c
+        .put(url(&node, "/v1/kv/bomb/a"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["plugin"], "membomb", "{e}");
+
+    // Trap (panic): rejected, fail closed. Deletes are validated too.
+    let r = c
+        .put(url(&node, "/v1/kv/trap/a"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let r = c.delete(url(&node, "/v1/kv/trap/a")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+
+    // Nothing was proposed.
+    assert_eq!(revision(&c, &node).await, before);
+    // Keys no plugin cares about, and a valid flag write, still work.
+    let r = c
+        .put(url(&node, "/v1/kv/plain"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c
+        .put(url(&node, "/v1/kv/feature_flags"))
+        .body(r#"{"a":true}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let looper = status_of(&c, &node, "looper").await;
+    assert_eq!(looper["counters"]["timeouts"], 1, "{looper}");
+    assert_eq!(looper["counters"]["rejections"], 1);
+    let bomb = status_of(&c, &node, "membomb").await;
+    assert_eq!(bomb["counters"]["traps"], 1, "{bomb}");
+    let trapper = status_of(&c, &node, "trapper").await;
+    assert_eq!(trapper["counters"]["traps"], 2, "{trapper}");
+    // Repeated failures mark a plugin unhealthy, never take the node down.
+    for _ in 0..2 {
+        c.put(url(&node, "/v1/kv/trap/b"))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+    }
+    assert_eq!(status_of(&c, &node, "trapper").await["state"], "unhealthy");
+    assert_eq!(status_of(&c, &node, "flag-schema").await["state"], "ok");
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_cap_is_obeyed_and_violated_as_configured() {
+    // With a 2 GiB cap the memory bomb's 1 GiB fits and its write passes.
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = plugins_dir(dir.path(), &["membomb"]);
+    let limits = Limits {
+        memory_bytes: 2048 * 1024 * 1024,
+        validate: Duration::from_secs(20),
+        ..Limits::default()
+    };
+    let node = start_plugin_node(1, dir.path(), None, &plugins, limits).await;
+    wait_converged(std::slice::from_ref(&node), 1).await;
+    let c = client();
+    let r = c
+        .put(url(&node, "/v1/kv/bomb/fits"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_sockets_clocks_are_absent_by_construction() {
+    let (_dir, node) = single_with(&["escaper", "flag_schema"]).await;
+    let c = client();
+    let s = status_of(&c, &node, "escaper").await;
+    assert_eq!(s["state"], "broken", "{s}");
+    let err = s["error"].as_str().unwrap();
+    // The component needs WASI interfaces the host never links.
+    assert!(
+        err.contains("imports something flagstone does not grant"),
+        "{err}"
+    );
+    assert!(err.contains("wasi:"), "{err}");
+    // The broken file is reported, not fatal: the other plugin works.
+    let r = c
+        .put(url(&node, "/v1/kv/escape/x"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(status_of(&c, &node, "flag-schema").await["state"], "ok");
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_are_hot_reloaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = plugins_dir(dir.path(), &[]);
+    let node = start_plugin_node(1, dir.path(), None, &plugins, Limits::default()).await;
+    wait_converged(std::slice::from_ref(&node), 1).await;
+    let c = client();
+    let bad = r#"{"new_ui":"yes"}"#;
+    let r = c
+        .put(url(&node, "/v1/kv/feature_flags"))
+        .body(bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "no validator yet");
+
+    std::fs::copy(
+        plugin_wasm_dir().join("flag_schema.wasm"),
+        plugins.join("flag_schema.wasm"),
+    )
+    .unwrap();
+    std::fs::write(plugins.join("garbage.wasm"), b"not a component").unwrap();
+    wait_for("flag-schema to load", Duration::from_secs(20), || async {
+        (status_of(&c, &node, "flag-schema").await["state"] == "ok").then_some(())
+    })
+    .await;
+    assert_eq!(status_of(&c, &node, "garbage").await["state"], "broken");
+    let r = c
+        .put(url(&node, "/v1/kv/feature_flags"))
+        .body(bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(
+        e["error"]["message"],
+        "feature_flags.new_ui: expected boolean, got string \"yes\""
+    );
+
+    std::fs::remove_file(plugins.join("flag_schema.wasm")).unwrap();
+    wait_for("flag-schema to unload", Duration::from_secs(20), || async {
+        status_of(&c, &node, "flag-schema")
+            .await
+            .is_null()
+            .then_some(())
+    })
+    .await;
+    let r = c
+        .put(url(&node, "/v1/kv/feature_flags"))
+        .body(bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    node.shutdown().await;
+}
+
+async fn plugin_cluster(dir: &std::path::Path) -> Vec<Arc<Node>> {
+    let mut nodes = Vec::new();
+    for id in 1..=3u64 {
+        let plugins = plugins_dir(
+            &dir.join(format!("p{id}")),
+            &["flag_schema", "rollout", "audit"],
+        );
+        let join = nodes.first().map(|n: &Arc<Node>| n.advertise().to_owned());
+        nodes.push(start_plugin_node(id, dir, join.as_deref(), &plugins, Limits::default()).await);
+    }
+    wait_converged(&nodes, 3).await;
+    nodes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_validates_on_every_entry_node_and_reacts_everywhere_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = plugin_cluster(dir.path()).await;
+    let c = client();
+    let before = revision(&c, &nodes[0]).await;
+    for n in &nodes {
+        let r = c
+            .put(url(n, "/v1/kv/feature_flags"))
+            .body(r#"{"new_ui":1}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "via node {}",
+            n.id()
+        );
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["code"], "rejected_by_plugin");
+        assert_eq!(e["error"]["plugin"], "flag-schema");
+        assert_eq!(
+            e["error"]["message"],
+            "feature_flags.new_ui: expected boolean, got number 1"
+        );
+        let r = c
+            .put(url(n, "/v1/kv/flags/bad"))
+            .body("{not json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    }
+    for n in &nodes {
+        assert_eq!(
+            revision(&c, n).await,
+            before,
+            "a rejected write was committed"
+        );
+    }
+
+    // Valid writes from every node; the audit reactor sees them on all three
+    // nodes, in commit order.
+    let mut revs = Vec::new();
+    for (i, v) in [false, true, false, true].iter().enumerate() {
+        let n = &nodes[i % 3];
+        let body = format!(r#"{{"new_ui":{v},"dark_mode":true}}"#);
+        let r = c
+            .put(url(n, "/v1/kv/feature_flags"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        revs.push(
+            r.json::<Value>().await.unwrap()["revision"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    for n in &nodes {
+        let lines = wait_for("audit lines", Duration::from_secs(10), || async {
+            let logs: Vec<String> = n
+                .plugins()
+                .unwrap()
+                .recent_logs()
+                .into_iter()
+                .filter(|l| l.plugin == "audit" && l.message.starts_with("new_ui"))
+                .map(|l| l.message)
+                .collect();
+            (logs.len() >= 4).then_some(logs)
+        })
+        .await;
+        let expected: Vec<String> = vec![
+            format!("new_ui: added (false), revision {}", revs[0]),
+            format!("new_ui: false → true, revision {}", revs[1]),
+            format!("new_ui: true → false, revision {}", revs[2]),
+            format!("new_ui: false → true, revision {}", revs[3]),
+        ];
+        assert_eq!(lines, expected, "node {}", n.id());
+    }
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_agrees_on_every_node_with_the_expected_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = plugin_cluster(dir.path()).await;
+    let def = r#"{"state":"ENABLED","variants":{"on":true,"off":false},"defaultVariant":"off",
+        "targeting":[{"if":[{"attribute":"email","op":"ends_with","value":"@acme.com"}],"variant":"on"}],
+        "rollout":[{"variant":"on","weight":30},{"variant":"off","weight":70}]}"#;
+    nodes[1]
+        .set_custom_data("flags/checkout", def)
+        .await
+        .unwrap();
+    for n in &nodes {
+        n.get("flags/checkout", true).await.unwrap().unwrap();
+    }
+    let ctx = |key: String| EvalContext {
+        targeting_key: Some(key),
+        attributes: "{}".into(),
+    };
+    let mut on = 0;
+    const USERS: usize = 10_000;
+    for i in 0..USERS {
+        let (_, e) = nodes[0]
+            .plugins()
+            .unwrap()
+            .evaluate("checkout", &ctx(format!("user-{i}")))
+            .unwrap();
+        assert_eq!(e.reason, Reason::Split);
+        if e.value == FlagValue::Boolean(true) {
+            on += 1;
+        }
+        if i % 10 == 0 {
+            for n in &nodes[1..] {
+                let (_, other) = n
+                    .plugins()
+                    .unwrap()
+                    .evaluate("checkout", &ctx(format!("user-{i}")))
+                    .unwrap();
+                assert_eq!(other, e, "node {} disagrees for user-{i}", n.id());
+            }
+        }
+    }
+    let share = on as f64 / USERS as f64;
+    println!(
+        "30% rollout: {on} of {USERS} users on ({:.2}%)",
+        share * 100.0
+    );
+    assert!((0.28..=0.32).contains(&share), "{share}");
+
+    // Targeting beats the split; HTTP gives the same answer on every node.
+    for n in &nodes {
+        let r = c_eval(
+            n,
+            "checkout",
+            r#"{"context":{"targetingKey":"user-1","email":"a@acme.com"}}"#,
+        )
+        .await;
+        assert_eq!(r["value"], true);
+        assert_eq!(r["reason"], "TARGETING_MATCH");
+        let r = c_eval(n, "checkout", r#"{"context":{}}"#).await;
+        assert_eq!(r["errorCode"], "TARGETING_KEY_MISSING");
+        let r = c_eval(n, "missing", r#"{"context":{"targetingKey":"u"}}"#).await;
+        assert_eq!(r["errorCode"], "FLAG_NOT_FOUND");
+    }
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+async fn c_eval(n: &Node, flag: &str, body: &str) -> Value {
+    client()
+        .post(url(n, &format!("/v1/flags/{flag}/evaluate")))
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}

@@ -20,6 +20,10 @@ if ((${#missing[@]})); then
   apt-get install -y -qq "${missing[@]}"
 fi
 
+step "plugins (wasm32-wasip2, built from source)"
+cargo build --locked --target wasm32-wasip2 --profile plugin --target-dir target/plugins \
+  -p flag-schema -p rollout -p audit -p looper -p membomb -p trapper -p escaper
+
 step "format"
 cargo fmt --all --check
 

@@ -38,11 +38,19 @@ if [[ -z "$BIN" ]]; then
   BIN="$ROOT/target/debug/flagstone"
 fi
 
+# The three example plugins, built from source for wasm32-wasip2.
+rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+(cd "$ROOT" && cargo build -q --target wasm32-wasip2 --profile plugin --target-dir target/plugins \
+  -p flag-schema -p rollout -p audit)
+mkdir -p "$WORK/plugins"
+cp "$ROOT"/target/plugins/wasm32-wasip2/plugin/{flag_schema,rollout,audit}.wasm "$WORK/plugins/"
+
 # Starts node N in the background (port 0: the OS picks a free port) and
 # records its PID; not run in a subshell, so the cleanup trap sees every PID.
 start_node() {
   local id=$1; shift
-  "$BIN" serve --id "$id" --listen 127.0.0.1:0 --data-dir "$WORK/node-$id" "$@" \
+  "$BIN" serve --id "$id" --listen 127.0.0.1:0 --data-dir "$WORK/node-$id" \
+    --plugins-dir "$WORK/plugins" "$@" \
     >"$WORK/node-$id.out" 2>"$WORK/node-$id.log" &
   PIDS+=($!)
 }
@@ -121,6 +129,29 @@ for key in feature_flags app_config global_counter; do
   done
 done
 echo "All three nodes returned identical values."
+
+# The flag-schema validator plugin refuses a malformed write before it is
+# proposed, whichever node receives it; nothing changes anywhere.
+echo
+echo "node-2 tries to store feature_flags with \"new_ui\":\"yes\" (not a boolean):"
+code=$(curl -s -o "$WORK/rejected" -w '%{http_code}' -X PUT "$URL2/v1/kv/feature_flags" \
+  -H 'content-type: application/json' --data-raw '{"new_ui":"yes","beta_feature":false,"dark_mode":true}')
+[[ "$code" == "422" ]] || fail "malformed feature_flags was not rejected (HTTP $code)"
+echo "  HTTP $code: $(json '"rejected by %s: %s" % (d["error"]["plugin"], d["error"]["message"])' < "$WORK/rejected")"
+for i in 1 2 3; do
+  got=$(curl -sf "${URLS[$((i-1))]}/v1/kv/feature_flags?consistency=linearizable")
+  [[ "$got" == "$FEATURE_FLAGS" ]] || fail "node-$i changed after a rejected write: $got"
+done
+echo "  feature_flags is unchanged on all three nodes."
+
+# Every node evaluates the flags through the rollout plugin (OpenFeature shape).
+echo
+for i in 1 2 3; do
+  ev=$(curl -sf -X POST "${URLS[$((i-1))]}/v1/flags/dark_mode/evaluate" -H 'content-type: application/json' \
+    --data-raw '{"context":{"targetingKey":"user-42"}}' | json '"%s %s (%s)" % (d["key"], json.dumps(d["value"]), d["reason"])')
+  echo "node-$i evaluates $ev"
+  [[ "$ev" == "dark_mode true (STATIC)" ]] || fail "node-$i evaluated dark_mode as $ev"
+done
 
 # Increment the global counter from all three nodes at once, each with
 # compare-and-set (If-Match: <revision>), retrying on 412 conflicts.

@@ -428,3 +428,66 @@ async fn c_eval(n: &Node, flag: &str, body: &str) -> Value {
         .await
         .unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_does_not_redeliver_old_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = plugins_dir(dir.path(), &["audit"]);
+    let node = start_plugin_node(1, dir.path(), None, &plugins, Limits::default()).await;
+    wait_converged(std::slice::from_ref(&node), 1).await;
+    for v in [true, false, true] {
+        node.set_custom_data("feature_flags", format!(r#"{{"new_ui":{v}}}"#))
+            .await
+            .unwrap();
+    }
+    let audit_lines = |n: &Node| {
+        n.plugins()
+            .unwrap()
+            .recent_logs()
+            .into_iter()
+            .filter(|l| l.plugin == "audit")
+            .count()
+    };
+    wait_for("3 audit lines", Duration::from_secs(10), || async {
+        (audit_lines(&node) == 3).then_some(())
+    })
+    .await;
+    node.shutdown().await;
+    drop(node);
+
+    let node = start_plugin_node(1, dir.path(), None, &plugins, Limits::default()).await;
+    wait_converged(std::slice::from_ref(&node), 1).await;
+    let rev = node
+        .set_custom_data("feature_flags", r#"{"new_ui":false}"#)
+        .await
+        .unwrap();
+    let logs = wait_for("the new change", Duration::from_secs(10), || async {
+        let l: Vec<_> = node
+            .plugins()
+            .unwrap()
+            .recent_logs()
+            .into_iter()
+            .filter(|l| l.plugin == "audit")
+            .collect();
+        (!l.is_empty()).then_some(l)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let logs_after: Vec<_> = node
+        .plugins()
+        .unwrap()
+        .recent_logs()
+        .into_iter()
+        .filter(|l| l.plugin == "audit")
+        .collect();
+    assert_eq!(
+        logs_after.len(),
+        1,
+        "old changes were delivered again: {logs_after:?}"
+    );
+    assert_eq!(
+        logs[0].message,
+        format!("new_ui: true → false, revision {rev}")
+    );
+    node.shutdown().await;
+}

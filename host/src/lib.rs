@@ -11,9 +11,12 @@
 //! - [`node`]: wires storage, Raft and HTTP together; the library API
 //!   ([`Node::set_custom_data`] and friends) and `run(listener, shutdown)`.
 //! - [`keys`]: key and value limits.
+//! - [`flags`]: flag evaluation from local state (plugins + plain booleans).
+//! - [`plugins`]: the WebAssembly plugin runtime.
 //! - `main.rs`: the `flagstone` binary (argument parsing and logging only).
 
 pub mod error;
+pub mod flags;
 pub mod http;
 pub mod keys;
 pub mod node;

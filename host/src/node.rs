@@ -83,6 +83,8 @@ pub struct NodeConfig {
     pub plugin_limits: Limits,
     /// How often the plugins directory is checked for changes.
     pub plugin_reload_every: Duration,
+    /// Applied changes kept in memory for watchers resuming with `since`.
+    pub watch_history: usize,
     /// Where compiled plugins are cached (default `<data_dir>/plugin-cache`);
     /// safe to share between nodes.
     pub plugin_cache_dir: Option<PathBuf>,
@@ -101,6 +103,7 @@ impl NodeConfig {
             plugin_limits: Limits::default(),
             plugin_reload_every: Duration::from_secs(1),
             plugin_cache_dir: None,
+            watch_history: crate::raft::history::DEFAULT_HISTORY,
         }
     }
 }
@@ -172,7 +175,8 @@ impl Node {
             .unwrap_or_else(|| format!("http://{local_addr}"))
             .trim_end_matches('/')
             .to_owned();
-        let (mut log_store, state_machine) = open_storage(&config.data_dir)?;
+        let (mut log_store, mut state_machine) = open_storage(&config.data_dir)?;
+        state_machine.set_history_capacity(config.watch_history);
         let fresh = {
             use openraft::storage::RaftLogStorage;
             let state = log_store

@@ -4,15 +4,19 @@
 //! |---|---|
 //! | `kv.rs` | `/v1/kv`, `/v1/kv/{key}` |
 //! | `cluster.rs` | `/v1/cluster`, `/v1/cluster/members`, `/healthz`, `/readyz` |
-//! | `plugins.rs` | `/v1/plugins`, `/v1/flags/{key}/evaluate` |
+//! | `plugins.rs` | `/v1/plugins`, `/v1/plugins/logs` |
+//! | `flags.rs` | `/ofrep/v1/*` (OpenFeature remote evaluation), `/v1/flags/{key}/evaluate` |
+//! | `watch.rs` | `/v1/watch` (Server-Sent Events) |
 //! | `raft_rpc.rs` | `/raft/*` (node to node) |
 //! | `error.rs` | the JSON error body; 404 and 405 fallbacks |
 
 pub mod cluster;
 pub mod error;
+pub mod flags;
 pub mod kv;
 pub mod plugins;
 pub mod raft_rpc;
+pub mod watch;
 
 use std::sync::Arc;
 
@@ -43,7 +47,12 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/cluster/members/{id}", delete(cluster::remove_member))
         .route("/v1/plugins", get(plugins::list))
         .route("/v1/plugins/logs", get(plugins::logs))
-        .route("/v1/flags/{key}/evaluate", post(plugins::evaluate))
+        .route("/v1/flags/{key}/evaluate", post(flags::evaluate_one))
+        .route("/ofrep/v1/evaluate/flags/{key}", post(flags::evaluate_one))
+        .route("/ofrep/v1/evaluate/flags", post(flags::evaluate_bulk))
+        .route("/ofrep/v1/configuration", get(flags::configuration))
+        .route("/ofrep/v1/events", get(flags::events))
+        .route("/v1/watch", get(watch::watch))
         .route("/healthz", get(cluster::healthz))
         .route("/readyz", get(cluster::readyz))
         .nest("/raft", raft)

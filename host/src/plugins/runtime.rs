@@ -144,6 +144,7 @@ pub struct LoadedPlugin {
     logs: LogRing,
     limits: Limits,
     name: Arc<str>,
+    code_hash: u64,
     idle: Mutex<Vec<Warm>>,
 }
 
@@ -179,6 +180,12 @@ impl LoadedPlugin {
             logs,
             limits: limits.clone(),
             name: Arc::from("(loading)"),
+            code_hash: {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                wasm.hash(&mut h);
+                h.finish()
+            },
             idle: Mutex::new(Vec::new()),
         };
         let info = plugin
@@ -194,6 +201,11 @@ impl LoadedPlugin {
         plugin.idle.lock().map(|mut v| v.clear()).ok();
         plugin.info = info;
         Ok(plugin)
+    }
+
+    /// A hash of the component's bytes: equal on every node running the same file.
+    pub fn code_hash(&self) -> u64 {
+        self.code_hash
     }
 
     /// The plugin's name.

@@ -19,6 +19,8 @@ use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, StorageIOError};
 use tokio::sync::broadcast;
 
+use super::history::{Compacted, DEFAULT_HISTORY, History};
+
 use super::types::{
     Command, CommandResult, Entry, LogId, Precondition, SnapshotMeta, StorageError,
     StoredMembership, TypeConfig, ValueRecord,
@@ -73,7 +75,7 @@ fn snap_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageErro
 pub struct KvReader {
     kv: Keyspace,
     applied: Arc<AtomicU64>,
-    changes: broadcast::Sender<Arc<Change>>,
+    history: History,
 }
 
 /// A read failed (I/O or a corrupt record).
@@ -119,7 +121,16 @@ impl KvReader {
 
     /// Subscribes to committed changes, in commit order, from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
-        self.changes.subscribe()
+        self.history.subscribe()
+    }
+
+    /// Applied changes after `since` plus a receiver for all later ones, or
+    /// [`Compacted`] if some of them are no longer kept.
+    pub fn watch_from(
+        &self,
+        since: u64,
+    ) -> Result<(Vec<Arc<Change>>, broadcast::Receiver<Arc<Change>>), Compacted> {
+        self.history.watch_from(since)
     }
 }
 
@@ -132,12 +143,17 @@ pub struct StateMachineStore {
     last_applied: Option<LogId>,
     membership: StoredMembership,
     applied: Arc<AtomicU64>,
-    changes: broadcast::Sender<Arc<Change>>,
+    history: History,
     snapshot_seq: u64,
     replay_until: u64,
 }
 
 impl StateMachineStore {
+    /// How many applied changes are kept for resuming watchers.
+    pub fn set_history_capacity(&mut self, capacity: usize) {
+        self.history.set_capacity(capacity);
+    }
+
     /// Marks changes up to `index` (the commit index stored before a restart)
     /// as replayed rather than new.
     pub fn set_replay_until(&mut self, index: u64) {
@@ -167,7 +183,11 @@ impl StateMachineStore {
             Some(b) => rmp_serde::from_slice(&b).map_err(|e| sm_err(ErrorVerb::Read, e))?,
             None => StoredMembership::default(),
         };
-        let (changes, _) = broadcast::channel(CHANGE_CHANNEL_CAPACITY);
+        let history = History::new(
+            last_applied.map_or(0, |l| l.index),
+            DEFAULT_HISTORY,
+            CHANGE_CHANNEL_CAPACITY,
+        );
         Ok(StateMachineStore {
             db: db.clone(),
             kv,
@@ -176,7 +196,7 @@ impl StateMachineStore {
             applied: Arc::new(AtomicU64::new(last_applied.map_or(0, |l| l.index))),
             last_applied,
             membership,
-            changes,
+            history,
             snapshot_seq: 0,
             replay_until: 0,
         })
@@ -187,7 +207,7 @@ impl StateMachineStore {
         KvReader {
             kv: self.kv.clone(),
             applied: self.applied.clone(),
-            changes: self.changes.clone(),
+            history: self.history.clone(),
         }
     }
 
@@ -430,10 +450,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         if let Some(l) = self.last_applied {
             self.applied.store(l.index, Ordering::Release);
         }
-        for change in changes {
-            // No receivers is fine: nobody is watching.
-            let _ = self.changes.send(Arc::new(change));
-        }
+        self.history.publish(changes);
         Ok(results)
     }
 
@@ -481,8 +498,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         batch.insert(&self.meta, LAST_APPLIED, encode_meta(&self.last_applied)?);
         batch.insert(&self.meta, MEMBERSHIP, encode_meta(&self.membership)?);
         batch.commit().map_err(|e| sm_err(ErrorVerb::Write, e))?;
-        self.applied
-            .store(meta.last_log_id.map_or(0, |l| l.index), Ordering::Release);
+        let index = meta.last_log_id.map_or(0, |l| l.index);
+        self.applied.store(index, Ordering::Release);
+        self.history.reset(index);
         tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "installed snapshot");
         Ok(())
     }

@@ -1,0 +1,165 @@
+//! `GET /v1/watch?prefix=P&since=REV`: Server-Sent Events, one per committed
+//! change under `P`, in commit order, from any node.
+//!
+//! Each event: `id: <revision>`, `event: put|delete`, `data:` JSON
+//! `{"key","revision","op","content_type","size","value"}` where `value` is
+//! the new value as a string when it is UTF-8, otherwise `value_base64`
+//! carries it (deletes have neither). `since` (or the `Last-Event-ID` header
+//! an EventSource sends when it reconnects) resumes after that revision with
+//! no gap and no duplicate. If changes after it are no longer kept, a single
+//! `event: error` with code `compacted` tells the client to re-list
+//! (`GET /v1/kv?prefix=P` gives keys and the revision to watch from). A client
+//! too slow to keep up gets `event: error` with code `slow_consumer` and the
+//! revision to resume from, then the stream ends: memory never grows with a
+//! slow reader. A `: keep-alive` comment is sent every 15 s.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::broadcast::{self, error::RecvError};
+
+use super::error::ApiError;
+use crate::node::Node;
+use crate::raft::Change;
+
+/// Keep-alive comment interval.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// Query of a watch.
+#[derive(Debug, Deserialize)]
+pub struct WatchParams {
+    #[serde(default)]
+    prefix: String,
+    since: Option<u64>,
+}
+
+/// One change as an SSE event.
+pub fn change_event(c: &Change) -> Event {
+    let mut data = json!({ "key": c.key, "revision": c.revision });
+    let op = match &c.new {
+        Some(record) => {
+            data["op"] = json!("put");
+            data["size"] = json!(record.value.len());
+            data["content_type"] = json!(record.content_type);
+            match std::str::from_utf8(&record.value) {
+                Ok(text) => data["value"] = json!(text),
+                Err(_) => {
+                    data["value_base64"] =
+                        json!(base64::engine::general_purpose::STANDARD.encode(&record.value))
+                }
+            }
+            "put"
+        }
+        None => {
+            data["op"] = json!("delete");
+            "delete"
+        }
+    };
+    Event::default()
+        .id(c.revision.to_string())
+        .event(op)
+        .data(data.to_string())
+}
+
+fn error_event(code: &str, message: String, resume: Option<u64>) -> Event {
+    let mut data = json!({ "code": code, "message": message });
+    if let Some(r) = resume {
+        data["resume_since"] = json!(r);
+    }
+    Event::default().event("error").data(data.to_string())
+}
+
+struct Watch {
+    backlog: VecDeque<Arc<Change>>,
+    rx: Option<broadcast::Receiver<Arc<Change>>>,
+    last: u64,
+    prefix: String,
+}
+
+impl Watch {
+    async fn next(mut self) -> Option<(Result<Event, Infallible>, Self)> {
+        while let Some(c) = self.backlog.pop_front() {
+            if c.revision > self.last {
+                self.last = c.revision;
+                if c.key.starts_with(&self.prefix) {
+                    return Some((Ok(change_event(&c)), self));
+                }
+            }
+        }
+        let rx = self.rx.as_mut()?;
+        loop {
+            match rx.recv().await {
+                Ok(c) if c.revision <= self.last => continue,
+                Ok(c) => {
+                    self.last = c.revision;
+                    if c.key.starts_with(&self.prefix) {
+                        return Some((Ok(change_event(&c)), self));
+                    }
+                }
+                Err(RecvError::Lagged(n)) => {
+                    self.rx = None;
+                    let msg = format!(
+                        "consumer too slow: {n} changes could not be delivered; reconnect with since={}",
+                        self.last
+                    );
+                    let resume = Some(self.last);
+                    return Some((Ok(error_event("slow_consumer", msg, resume)), self));
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+/// `GET /v1/watch`
+pub async fn watch(
+    State(node): State<Arc<Node>>,
+    query: Result<Query<WatchParams>, QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Query(params) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let last_event_id = match headers.get("last-event-id") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    ApiError::bad_request("invalid_query", "Last-Event-ID must be a revision")
+                })?,
+        ),
+    };
+    let since = params.since.or(last_event_id);
+    let reader = node.reader();
+    let start = since.unwrap_or_else(|| reader.applied_index());
+    let state = match reader.watch_from(start) {
+        Ok((backlog, rx)) => Watch {
+            backlog: backlog.into(),
+            rx: Some(rx),
+            last: start,
+            prefix: params.prefix,
+        },
+        Err(compacted) => {
+            let msg = format!(
+                "{compacted}; list the keys again (GET /v1/kv?prefix=...) and watch since the revision it returns"
+            );
+            let event = error_event("compacted", msg, None);
+            let stream = futures::stream::iter([Ok::<_, Infallible>(event)]);
+            return Ok(Sse::new(stream).into_response());
+        }
+    };
+    let stream = futures::stream::unfold(state, Watch::next);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response())
+}

@@ -1,0 +1,165 @@
+//! The recent history of applied changes, for watchers that resume from a
+//! revision. Changes are appended and published under one lock, so a new
+//! watcher gets the backlog and the live stream with no gap and no overlap.
+//!
+//! History is kept in memory, bounded by a number of changes: after a
+//! restart or a snapshot install, only changes after that point are
+//! available, and an older `since` is answered with [`Compacted`].
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::broadcast;
+
+use super::state_machine::Change;
+
+/// Changes kept for resuming watchers, by default.
+pub const DEFAULT_HISTORY: usize = 10_000;
+
+/// The requested revision is older than the history kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("revision {requested} is compacted; changes are available after revision {horizon}")]
+pub struct Compacted {
+    /// What the watcher asked to resume after.
+    pub requested: u64,
+    /// Every change after this revision is available.
+    pub horizon: u64,
+}
+
+struct Inner {
+    changes: VecDeque<Arc<Change>>,
+    capacity: usize,
+    /// Every change with a revision above this is in `changes` (or live).
+    horizon: u64,
+}
+
+/// Shared history + publisher of applied changes.
+#[derive(Clone)]
+pub struct History {
+    inner: Arc<Mutex<Inner>>,
+    live: broadcast::Sender<Arc<Change>>,
+}
+
+impl History {
+    /// A history that knows nothing at or before `applied` and keeps up to
+    /// `capacity` changes; live subscribers may lag by `channel` events.
+    pub fn new(applied: u64, capacity: usize, channel: usize) -> Self {
+        let (live, _) = broadcast::channel(channel.max(1));
+        History {
+            inner: Arc::new(Mutex::new(Inner {
+                changes: VecDeque::new(),
+                capacity: capacity.max(1),
+                horizon: applied,
+            })),
+            live,
+        }
+    }
+
+    /// Changes the number of changes kept.
+    pub fn set_capacity(&self, capacity: usize) {
+        if let Ok(mut h) = self.inner.lock() {
+            h.capacity = capacity.max(1);
+            trim(&mut h);
+        }
+    }
+
+    /// Records and publishes newly applied changes, in order.
+    pub fn publish(&self, changes: Vec<Change>) {
+        let Ok(mut h) = self.inner.lock() else { return };
+        for change in changes {
+            let change = Arc::new(change);
+            h.changes.push_back(change.clone());
+            // No receivers is fine: nobody is watching.
+            let _ = self.live.send(change);
+        }
+        trim(&mut h);
+    }
+
+    /// After a snapshot install at `index`: nothing at or before it is known.
+    pub fn reset(&self, index: u64) {
+        if let Ok(mut h) = self.inner.lock() {
+            h.changes.retain(|c| c.revision > index);
+            h.horizon = h.horizon.max(index);
+        }
+    }
+
+    /// Subscribes from now on (no backlog).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
+        self.live.subscribe()
+    }
+
+    /// The changes after `since` that are already applied, and a receiver
+    /// for every later one. `Err` if changes after `since` were dropped.
+    pub fn watch_from(
+        &self,
+        since: u64,
+    ) -> Result<(Vec<Arc<Change>>, broadcast::Receiver<Arc<Change>>), Compacted> {
+        let h = self.inner.lock().map_err(|_| Compacted {
+            requested: since,
+            horizon: u64::MAX,
+        })?;
+        if since < h.horizon {
+            return Err(Compacted {
+                requested: since,
+                horizon: h.horizon,
+            });
+        }
+        let backlog = h
+            .changes
+            .iter()
+            .filter(|c| c.revision > since)
+            .cloned()
+            .collect();
+        Ok((backlog, self.live.subscribe()))
+    }
+}
+
+fn trim(h: &mut Inner) {
+    while h.changes.len() > h.capacity {
+        if let Some(old) = h.changes.pop_front() {
+            h.horizon = h.horizon.max(old.revision);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(revision: u64) -> Change {
+        Change {
+            revision,
+            key: format!("k{revision}"),
+            old: None,
+            new: None,
+            replayed: false,
+        }
+    }
+
+    #[test]
+    fn resumes_without_gaps_and_reports_compaction() {
+        let h = History::new(10, 3, 16);
+        assert_eq!(h.watch_from(9).unwrap_err().horizon, 10);
+        let (backlog, _rx) = h.watch_from(10).unwrap();
+        assert!(backlog.is_empty());
+        h.publish(vec![change(11), change(12), change(14)]);
+        let (backlog, mut rx) = h.watch_from(11).unwrap();
+        assert_eq!(
+            backlog.iter().map(|c| c.revision).collect::<Vec<_>>(),
+            vec![12, 14]
+        );
+        h.publish(vec![change(15)]);
+        assert_eq!(rx.try_recv().unwrap().revision, 15);
+        // Capacity 3: 11 and 12 are gone, so resuming after 11 is refused.
+        assert_eq!(
+            h.watch_from(11).unwrap_err(),
+            Compacted {
+                requested: 11,
+                horizon: 12
+            }
+        );
+        assert!(h.watch_from(12).is_ok());
+        h.reset(20);
+        assert_eq!(h.watch_from(15).unwrap_err().horizon, 20);
+    }
+}

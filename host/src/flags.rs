@@ -80,9 +80,10 @@ fn builtin(reader: &KvReader, key: &str) -> Result<Evaluation, EvaluationError> 
             reason: Reason::Static,
             metadata: vec![],
         }),
+        // Plain flags are booleans by definition: anything else is a type mismatch.
         Some(other) => Err(error(
-            ErrorCode::ParseError,
-            format!("feature_flags.{key} is not a boolean: {other}"),
+            ErrorCode::TypeMismatch,
+            format!("feature_flags.{key}: expected boolean, got {other}"),
         )),
     }
 }

@@ -92,7 +92,8 @@ pub fn evaluate_plain(flags: &Map<String, Value>, flag_key: &str) -> Result<Eval
         Some(Value::Bool(b)) => {
             Ok(Evaluation::new(*b, Reason::Static).with_variant(if *b { "true" } else { "false" }))
         }
-        Some(other) => Err(EvalError::parse_error(format!(
+        // Plain flags are booleans by definition: anything else is a type mismatch.
+        Some(other) => Err(EvalError::type_mismatch(format!(
             "{FEATURE_FLAGS}.{flag_key}: expected boolean, got {}",
             describe_value(other)
         ))),
@@ -179,7 +180,7 @@ mod tests {
         let e = evaluate("missing", &ctx(None)).unwrap_err();
         assert_eq!(e.code, ErrorCode::FlagNotFound);
         let e = evaluate("odd", &ctx(None)).unwrap_err();
-        assert_eq!(e.code, ErrorCode::ParseError);
+        assert_eq!(e.code, ErrorCode::TypeMismatch);
         assert_eq!(
             e.message,
             r#"feature_flags.odd: expected boolean, got string "yes""#
@@ -235,6 +236,11 @@ mod tests {
         assert_eq!(
             evaluate("x", &ctx(None)).unwrap_err().code,
             ErrorCode::ParseError
+        );
+        testing::put("feature_flags", r#"{"x":"yes"}"#);
+        assert_eq!(
+            evaluate("x", &ctx(None)).unwrap_err().code,
+            ErrorCode::TypeMismatch
         );
 
         testing::put(

@@ -1,0 +1,326 @@
+//! OFREP contract tests against a real node with the rollout evaluator:
+//! every status and error code, single and bulk, ETag/304, typed values the
+//! way an OpenFeature OFREP provider reads them, and the built-in answer for
+//! plain `feature_flags` on a node without plugins.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use flagstone::Node;
+use flagstone::plugins::Limits;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const FLAGS: &[(&str, &str)] = &[
+    (
+        "flags/bool-flag",
+        r#"{"state":"ENABLED","variants":{"on":true,"off":false},"defaultVariant":"on","metadata":{"team":"web","ticket":42}}"#,
+    ),
+    (
+        "flags/str-flag",
+        r#"{"state":"ENABLED","variants":{"a":"red","b":"blue"},"defaultVariant":"a"}"#,
+    ),
+    (
+        "flags/int-flag",
+        r#"{"state":"ENABLED","variants":{"one":1,"two":2},"defaultVariant":"two"}"#,
+    ),
+    (
+        "flags/float-flag",
+        r#"{"state":"ENABLED","variants":{"pi":3.14,"e":2.71},"defaultVariant":"pi"}"#,
+    ),
+    (
+        "flags/obj-flag",
+        r#"{"state":"ENABLED","variants":{"cfg":{"color":"red","size":3}},"defaultVariant":"cfg"}"#,
+    ),
+    (
+        "flags/split-flag",
+        r#"{"state":"ENABLED","variants":{"on":true,"off":false},"defaultVariant":"off","rollout":[{"variant":"on","weight":50},{"variant":"off","weight":50}]}"#,
+    ),
+    (
+        "flags/off-flag",
+        r#"{"state":"DISABLED","variants":{"on":true,"off":false},"defaultVariant":"off"}"#,
+    ),
+    ("flags/broken-flag", r#"{"state":"ENABLED","variants":{}}"#),
+    (
+        "feature_flags",
+        r#"{"new_ui":true,"beta":false,"odd":"yes"}"#,
+    ),
+];
+
+async fn node_with_flags(plugins: bool) -> (tempfile::TempDir, Arc<Node>) {
+    let dir = tempfile::tempdir().unwrap();
+    let node = if plugins {
+        let p = plugins_dir(dir.path(), &["rollout"]);
+        start_plugin_node(1, dir.path(), None, &p, Limits::default()).await
+    } else {
+        start_node(1, dir.path(), None, fast_tuning()).await
+    };
+    wait_converged(std::slice::from_ref(&node), 1).await;
+    for (k, v) in FLAGS {
+        node.set_custom_data(k, *v).await.unwrap();
+    }
+    (dir, node)
+}
+
+async fn post(node: &Node, path: &str, body: &str) -> (StatusCode, Value) {
+    let r = client()
+        .post(url(node, path))
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn single(node: &Node, key: &str, body: &str) -> (StatusCode, Value) {
+    post(node, &format!("/ofrep/v1/evaluate/flags/{key}"), body).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_flag_statuses_and_error_codes() {
+    let (_dir, node) = node_with_flags(true).await;
+    let ctx = r#"{"context":{"targetingKey":"user-1"}}"#;
+
+    let (s, b) = single(&node, "bool-flag", ctx).await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        b,
+        json!({"key":"bool-flag","value":true,"variant":"on","reason":"STATIC","metadata":{"team":"web","ticket":42.0}})
+    );
+    let (s, b) = single(&node, "off-flag", ctx).await;
+    assert_eq!(
+        (s, &b["reason"], &b["value"]),
+        (StatusCode::OK, &json!("DISABLED"), &json!(false))
+    );
+    let (s, b) = single(&node, "split-flag", ctx).await;
+    assert_eq!((s, &b["reason"]), (StatusCode::OK, &json!("SPLIT")));
+    let (s, b) = single(&node, "new_ui", r#"{}"#).await;
+    assert_eq!(
+        (s, &b["value"], &b["reason"]),
+        (StatusCode::OK, &json!(true), &json!("STATIC"))
+    );
+    // No body at all is an empty context.
+    let (s, _) = single(&node, "bool-flag", "").await;
+    assert_eq!(s, 200);
+
+    let cases: &[(&str, &str, u16, &str)] = &[
+        ("no-such-flag", ctx, 404, "FLAG_NOT_FOUND"),
+        ("broken-flag", ctx, 400, "PARSE_ERROR"),
+        ("bool-flag", "{not json", 400, "PARSE_ERROR"),
+        ("bool-flag", "[1,2]", 400, "PARSE_ERROR"),
+        (
+            "split-flag",
+            r#"{"context":{}}"#,
+            400,
+            "TARGETING_KEY_MISSING",
+        ),
+        ("bool-flag", r#"{"context":"me"}"#, 400, "INVALID_CONTEXT"),
+        (
+            "bool-flag",
+            r#"{"context":{"targetingKey":7}}"#,
+            400,
+            "INVALID_CONTEXT",
+        ),
+        ("odd", ctx, 400, "TYPE_MISMATCH"),
+    ];
+    for (key, body, status, code) in cases {
+        let (s, b) = single(&node, key, body).await;
+        assert_eq!(s.as_u16(), *status, "{key} {body}: {b}");
+        assert_eq!(b["errorCode"], *code, "{key} {body}: {b}");
+        assert_eq!(b["key"], *key);
+        assert!(
+            b["errorDetails"].as_str().is_some_and(|d| !d.is_empty()),
+            "{b}"
+        );
+    }
+    // The legacy path is the same endpoint.
+    let (s, b) = post(&node, "/v1/flags/str-flag/evaluate", ctx).await;
+    assert_eq!((s, &b["value"]), (StatusCode::OK, &json!("red")));
+    // Linearizable evaluation is accepted; a bad consistency value is not.
+    let (s, _) = single(&node, "bool-flag?consistency=linearizable", ctx).await;
+    assert_eq!(s, 200);
+    let (s, b) = single(&node, "bool-flag?consistency=sometimes", ctx).await;
+    assert_eq!(
+        (s, &b["errorCode"]),
+        (StatusCode::BAD_REQUEST, &json!("GENERAL"))
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_flow_bulk_with_etag_then_typed_single_evaluations() {
+    let (_dir, node) = node_with_flags(true).await;
+    let c = client();
+    let bulk = url(&node, "/ofrep/v1/evaluate/flags");
+    let ctx = r#"{"context":{"targetingKey":"user-7","plan":"pro"}}"#;
+
+    // 1. Configuration, then the initial bulk fetch.
+    let conf: Value = c
+        .get(url(&node, "/ofrep/v1/configuration"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(conf["name"], "flagstone");
+    let r = c.post(&bulk).body(ctx).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let etag = r.headers()["etag"].to_str().unwrap().to_owned();
+    let b: Value = r.json().await.unwrap();
+    let flags = b["flags"].as_array().unwrap();
+    let by_key = |k: &str| flags.iter().find(|f| f["key"] == k).cloned().unwrap();
+    let keys: Vec<&str> = flags.iter().map(|f| f["key"].as_str().unwrap()).collect();
+    assert_eq!(
+        keys,
+        [
+            "beta",
+            "bool-flag",
+            "broken-flag",
+            "float-flag",
+            "int-flag",
+            "new_ui",
+            "obj-flag",
+            "odd",
+            "off-flag",
+            "split-flag",
+            "str-flag"
+        ]
+    );
+    assert!(by_key("bool-flag")["value"].is_boolean());
+    assert_eq!(by_key("broken-flag")["errorCode"], "PARSE_ERROR");
+    assert_eq!(by_key("odd")["errorCode"], "TYPE_MISMATCH");
+    assert!(
+        b["eventStreams"][0]["url"]
+            .as_str()
+            .unwrap()
+            .ends_with("/ofrep/v1/events")
+    );
+
+    // 2. Polling with If-None-Match: 304 while nothing changed.
+    let r = c
+        .post(&bulk)
+        .header("if-none-match", &etag)
+        .body(ctx)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+    assert_eq!(r.headers()["etag"].to_str().unwrap(), etag);
+    // An unrelated key does not invalidate the flags; another context does.
+    node.set_custom_data("app_config", "{}").await.unwrap();
+    let r = c
+        .post(&bulk)
+        .header("if-none-match", &etag)
+        .body(ctx)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+    let r = c
+        .post(&bulk)
+        .header("if-none-match", &etag)
+        .body(r#"{"context":{"targetingKey":"other"}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // A flag change does.
+    node.set_custom_data(
+        "flags/str-flag",
+        r#"{"state":"ENABLED","variants":{"a":"red","b":"blue"},"defaultVariant":"b"}"#,
+    )
+    .await
+    .unwrap();
+    let r = c
+        .post(&bulk)
+        .header("if-none-match", &etag)
+        .body(ctx)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_ne!(r.headers()["etag"].to_str().unwrap(), etag);
+    // Bad request bodies fail the whole bulk request.
+    let r = c
+        .post(&bulk)
+        .body(r#"{"context":[]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["errorCode"],
+        "INVALID_CONTEXT"
+    );
+    let r = c.post(&bulk).body("nope").send().await.unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["errorCode"], "PARSE_ERROR");
+
+    // 3. Single evaluations, typed as an SDK reads them.
+    let (_, b) = single(&node, "bool-flag", ctx).await;
+    assert_eq!(b["value"].as_bool(), Some(true));
+    let (_, b) = single(&node, "str-flag", ctx).await;
+    assert_eq!(b["value"].as_str(), Some("blue"));
+    let (_, b) = single(&node, "int-flag", ctx).await;
+    assert_eq!(b["value"].as_i64(), Some(2));
+    assert!(
+        b["value"].is_i64(),
+        "integers must not be sent as floats: {b}"
+    );
+    let (_, b) = single(&node, "float-flag", ctx).await;
+    assert_eq!(b["value"].as_f64(), Some(3.14));
+    let (_, b) = single(&node, "obj-flag", ctx).await;
+    assert_eq!(b["value"], json!({"color":"red","size":3}));
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_feature_flags_evaluate_without_plugins_and_changes_are_announced() {
+    let (_dir, node) = node_with_flags(false).await;
+    let (s, b) = single(&node, "new_ui", "{}").await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        b,
+        json!({"key":"new_ui","value":true,"variant":"true","reason":"STATIC","metadata":{}})
+    );
+    let (s, b) = single(&node, "bool-flag", "{}").await;
+    assert_eq!(
+        (s.as_u16(), &b["errorCode"]),
+        (404, &json!("FLAG_NOT_FOUND")),
+        "rich flags need an evaluator"
+    );
+    let (s, b) = single(&node, "odd", "{}").await;
+    assert_eq!(
+        (s.as_u16(), &b["errorCode"]),
+        (400, &json!("TYPE_MISMATCH"))
+    );
+
+    // The OFREP event stream says "refetch" when a flag changes, not for other keys.
+    let mut events = client()
+        .get(url(&node, "/ofrep/v1/events"))
+        .send()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    node.set_custom_data("app_config", "{}").await.unwrap();
+    let rev = node
+        .set_custom_data("feature_flags", r#"{"new_ui":false}"#)
+        .await
+        .unwrap();
+    let chunk = tokio::time::timeout(Duration::from_secs(5), events.chunk())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&chunk);
+    assert!(text.contains("event: refetchEvaluation"), "{text}");
+    assert!(text.contains(&format!("\"revision\":{rev}")), "{text}");
+    let (_, b) = single(&node, "new_ui", "{}").await;
+    assert_eq!(b["value"], false);
+    node.shutdown().await;
+}

@@ -39,8 +39,10 @@ pub enum WriteError {
         /// The leader this node knows of, if any.
         leader: Option<NodeId>,
     },
-    /// Forwarding to the leader failed or the node is shutting down.
-    #[error("leader unavailable: {0}")]
+    /// Forwarding to the leader failed or the node is shutting down. If the
+    /// leader went away mid-request the write may or may not have been
+    /// applied: check, or retry with `If-Match` / `If-None-Match`.
+    #[error("leader unavailable (the write may or may not have been applied): {0}")]
     Unavailable(String),
 }
 

@@ -85,6 +85,9 @@ pub struct NodeConfig {
     pub plugin_reload_every: Duration,
     /// Applied changes kept in memory for watchers resuming with `since`.
     pub watch_history: usize,
+    /// How far a watcher (or the plugin dispatcher) may fall behind the
+    /// applied changes before it is cut off (`slow_consumer`).
+    pub watch_buffer: usize,
     /// Where compiled plugins are cached (default `<data_dir>/plugin-cache`);
     /// safe to share between nodes.
     pub plugin_cache_dir: Option<PathBuf>,
@@ -104,6 +107,7 @@ impl NodeConfig {
             plugin_reload_every: Duration::from_secs(1),
             plugin_cache_dir: None,
             watch_history: crate::raft::history::DEFAULT_HISTORY,
+            watch_buffer: crate::raft::state_machine::CHANGE_CHANNEL_CAPACITY,
         }
     }
 }
@@ -177,6 +181,7 @@ impl Node {
             .to_owned();
         let (mut log_store, mut state_machine) = open_storage(&config.data_dir)?;
         state_machine.set_history_capacity(config.watch_history);
+        state_machine.set_watch_buffer(config.watch_buffer);
         let fresh = {
             use openraft::storage::RaftLogStorage;
             let state = log_store

@@ -63,6 +63,13 @@ impl History {
         }
     }
 
+    /// Replaces the live channel with one of `capacity` (existing
+    /// subscribers keep the old one, which no longer receives anything).
+    pub fn set_channel_capacity(&mut self, capacity: usize) {
+        let (live, _) = broadcast::channel(capacity.max(1));
+        self.live = live;
+    }
+
     /// Records and publishes newly applied changes, in order.
     pub fn publish(&self, changes: Vec<Change>) {
         let Ok(mut h) = self.inner.lock() else { return };

@@ -154,6 +154,12 @@ impl StateMachineStore {
         self.history.set_capacity(capacity);
     }
 
+    /// How many published changes a subscriber may lag behind. Call before
+    /// any reader subscribes.
+    pub fn set_watch_buffer(&mut self, capacity: usize) {
+        self.history.set_channel_capacity(capacity);
+    }
+
     /// Marks changes up to `index` (the commit index stored before a restart)
     /// as replayed rather than new.
     pub fn set_replay_until(&mut self, index: u64) {

@@ -8,7 +8,9 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Body;
+use std::time::Duration;
+
+use axum::body::{Body, BodyDataStream};
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -95,9 +97,29 @@ fn precondition(headers: &HeaderMap, allow_create_only: bool) -> Result<Precondi
     }
 }
 
+/// After deciding on 413, the rest of the body is read and thrown away (never
+/// kept) for at most this long and this many bytes, so a client that is still
+/// sending sees the answer instead of a broken pipe; then the answer goes out
+/// regardless.
+const DRAIN_FOR: Duration = Duration::from_millis(500);
+const DRAIN_BYTES: usize = 8 * MAX_VALUE_BYTES;
+
+async fn drain(mut stream: BodyDataStream) {
+    let mut seen = 0usize;
+    let _ = tokio::time::timeout(DRAIN_FOR, async {
+        while let Some(Ok(chunk)) = stream.next().await {
+            seen += chunk.len();
+            if seen > DRAIN_BYTES {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 /// Reads the body, refusing (413) anything over the limit: a too-large
-/// Content-Length is refused before reading, a chunked body as soon as it
-/// crosses the limit.
+/// Content-Length is refused before any of the body is read, a chunked body
+/// as soon as it crosses the limit. Nothing beyond the limit is kept.
 async fn read_value(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError> {
     let too_large = |n: String| {
         ApiError::new(
@@ -110,19 +132,20 @@ async fn read_value(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let mut stream = body.into_data_stream();
     if let Some(len) = declared
         && len > MAX_VALUE_BYTES as u64
     {
+        drain(stream).await;
         return Err(too_large(len.to_string()));
     }
     let mut buf = Vec::with_capacity(declared.map_or(0, |l| l as usize));
-    let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))?;
         if buf.len() + chunk.len() > MAX_VALUE_BYTES {
-            return Err(too_large(
-                "more than".to_owned() + &format!(" {MAX_VALUE_BYTES}"),
-            ));
+            drop(buf);
+            drain(stream).await;
+            return Err(too_large(format!("more than {MAX_VALUE_BYTES}")));
         }
         buf.extend_from_slice(&chunk);
     }

@@ -29,7 +29,7 @@ const FLAGS: &[(&str, &str)] = &[
     ),
     (
         "flags/float-flag",
-        r#"{"state":"ENABLED","variants":{"pi":3.14,"e":2.71},"defaultVariant":"pi"}"#,
+        r#"{"state":"ENABLED","variants":{"low":1.25,"high":2.5},"defaultVariant":"low"}"#,
     ),
     (
         "flags/obj-flag",
@@ -273,7 +273,7 @@ async fn provider_flow_bulk_with_etag_then_typed_single_evaluations() {
         "integers must not be sent as floats: {b}"
     );
     let (_, b) = single(&node, "float-flag", ctx).await;
-    assert_eq!(b["value"].as_f64(), Some(3.14));
+    assert_eq!(b["value"].as_f64(), Some(1.25));
     let (_, b) = single(&node, "obj-flag", ctx).await;
     assert_eq!(b["value"], json!({"color":"red","size":3}));
     node.shutdown().await;

@@ -13,6 +13,9 @@ use tokio::sync::broadcast;
 
 use super::state_machine::Change;
 
+/// Already-applied changes to replay, then the live stream of later ones.
+pub type Resume = (Vec<Arc<Change>>, broadcast::Receiver<Arc<Change>>);
+
 /// Changes kept for resuming watchers, by default.
 pub const DEFAULT_HISTORY: usize = 10_000;
 
@@ -97,10 +100,7 @@ impl History {
 
     /// The changes after `since` that are already applied, and a receiver
     /// for every later one. `Err` if changes after `since` were dropped.
-    pub fn watch_from(
-        &self,
-        since: u64,
-    ) -> Result<(Vec<Arc<Change>>, broadcast::Receiver<Arc<Change>>), Compacted> {
+    pub fn watch_from(&self, since: u64) -> Result<Resume, Compacted> {
         let h = self.inner.lock().map_err(|_| Compacted {
             requested: since,
             horizon: u64::MAX,

@@ -19,7 +19,7 @@ use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, StorageIOError};
 use tokio::sync::broadcast;
 
-use super::history::{Compacted, DEFAULT_HISTORY, History};
+use super::history::{Compacted, DEFAULT_HISTORY, History, Resume};
 
 use super::types::{
     Command, CommandResult, Entry, LogId, Precondition, SnapshotMeta, StorageError,
@@ -126,10 +126,7 @@ impl KvReader {
 
     /// Applied changes after `since` plus a receiver for all later ones, or
     /// [`Compacted`] if some of them are no longer kept.
-    pub fn watch_from(
-        &self,
-        since: u64,
-    ) -> Result<(Vec<Arc<Change>>, broadcast::Receiver<Arc<Change>>), Compacted> {
+    pub fn watch_from(&self, since: u64) -> Result<Resume, Compacted> {
         self.history.watch_from(since)
     }
 }

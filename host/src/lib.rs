@@ -23,5 +23,6 @@ pub mod node;
 pub mod peer;
 pub mod plugins;
 pub mod raft;
+pub mod read_index;
 
 pub use node::{Node, NodeConfig, NodeError, WriteError, run};

@@ -34,6 +34,7 @@ use crate::raft::network::Network;
 use crate::raft::{
     Command, CommandResult, KvReader, NodeId, Precondition, Raft, ValueRecord, open_storage,
 };
+use crate::read_index::ReadIndexBatcher;
 
 /// How long a request waits for an election before answering "no leader".
 const LEADER_WAIT: Duration = Duration::from_secs(3);
@@ -160,6 +161,8 @@ pub struct Node {
     peers: PeerClient,
     membership_lock: Mutex<()>,
     plugins: Option<Arc<PluginHost>>,
+    read_index: ReadIndexBatcher,
+    leader_read_index: ReadIndexBatcher,
     shutdown_tx: watch::Sender<bool>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
     background: std::sync::Mutex<Vec<JoinHandle<()>>>,
@@ -251,6 +254,8 @@ impl Node {
             peers,
             membership_lock: Mutex::new(()),
             plugins,
+            read_index: ReadIndexBatcher::default(),
+            leader_read_index: ReadIndexBatcher::default(),
             shutdown_tx,
             tasks: std::sync::Mutex::new(Vec::new()),
             background: std::sync::Mutex::new(Vec::new()),
@@ -611,8 +616,34 @@ impl Node {
         }
     }
 
-    /// Waits until this node has applied everything committed before the call.
+    /// On the leader, for followers' read-index requests: concurrent requests
+    /// share one leadership confirmation.
+    pub async fn read_index_for_peer(&self) -> Result<u64, ReadError> {
+        self.leader_read_index
+            .read_index(|| self.read_index_local())
+            .await
+    }
+
+    /// Waits until this node has applied everything committed before the
+    /// call. Concurrent callers share read-index requests.
     pub async fn read_barrier(&self) -> Result<(), ReadError> {
+        let index = self
+            .read_index
+            .read_index(|| self.fetch_read_index())
+            .await?;
+        if self.reader.applied_index() >= index {
+            return Ok(());
+        }
+        self.raft
+            .wait(Some(LEADER_WAIT))
+            .applied_index_at_least(Some(index), "linearizable read")
+            .await
+            .map(|_| ())
+            .map_err(|e| ReadError::Unavailable(e.to_string()))
+    }
+
+    /// One read-index request: from this node if it leads, else from the leader.
+    async fn fetch_read_index(&self) -> Result<u64, ReadError> {
         let mut last = ReadError::NoLeader;
         for attempt in 0..WRITE_ATTEMPTS {
             if attempt > 0 {
@@ -627,23 +658,11 @@ impl Node {
                 self.peers.read_index(&addr, LEADER_WAIT).await
             };
             match index {
-                Ok(index) => {
-                    if self.reader.applied_index() >= index {
-                        return Ok(());
-                    }
-                    return self
-                        .raft
-                        .wait(Some(LEADER_WAIT))
-                        .applied_index_at_least(Some(index), "linearizable read")
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| ReadError::Unavailable(e.to_string()));
-                }
                 Err(e @ ReadError::NoLeader) => {
                     last = e;
                     self.wait_for_leader_change(leader).await;
                 }
-                Err(e) => return Err(e),
+                other => return other,
             }
         }
         Err(last)

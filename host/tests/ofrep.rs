@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use common::*;
 use flagstone::Node;
-use flagstone::plugins::Limits;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -54,7 +53,7 @@ async fn node_with_flags(plugins: bool) -> (tempfile::TempDir, Arc<Node>) {
     let dir = tempfile::tempdir().unwrap();
     let node = if plugins {
         let p = plugins_dir(dir.path(), &["rollout"]);
-        start_plugin_node(1, dir.path(), None, &p, Limits::default()).await
+        start_plugin_node(1, dir.path(), None, &p, generous_limits()).await
     } else {
         start_node(1, dir.path(), None, fast_tuning()).await
     };

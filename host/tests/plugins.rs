@@ -193,7 +193,7 @@ async fn files_sockets_clocks_are_absent_by_construction() {
 async fn plugins_are_hot_reloaded() {
     let dir = tempfile::tempdir().unwrap();
     let plugins = plugins_dir(dir.path(), &[]);
-    let node = start_plugin_node(1, dir.path(), None, &plugins, Limits::default()).await;
+    let node = start_plugin_node(1, dir.path(), None, &plugins, generous_limits()).await;
     wait_converged(std::slice::from_ref(&node), 1).await;
     let c = client();
     let bad = r#"{"new_ui":"yes"}"#;
@@ -255,7 +255,7 @@ async fn plugin_cluster(dir: &std::path::Path) -> Vec<Arc<Node>> {
             &["flag_schema", "rollout", "audit"],
         );
         let join = nodes.first().map(|n: &Arc<Node>| n.advertise().to_owned());
-        nodes.push(start_plugin_node(id, dir, join.as_deref(), &plugins, Limits::default()).await);
+        nodes.push(start_plugin_node(id, dir, join.as_deref(), &plugins, generous_limits()).await);
     }
     wait_converged(&nodes, 3).await;
     nodes
@@ -433,7 +433,7 @@ async fn c_eval(n: &Node, flag: &str, body: &str) -> Value {
 async fn restart_does_not_redeliver_old_changes() {
     let dir = tempfile::tempdir().unwrap();
     let plugins = plugins_dir(dir.path(), &["audit"]);
-    let node = start_plugin_node(1, dir.path(), None, &plugins, Limits::default()).await;
+    let node = start_plugin_node(1, dir.path(), None, &plugins, generous_limits()).await;
     wait_converged(std::slice::from_ref(&node), 1).await;
     for v in [true, false, true] {
         node.set_custom_data("feature_flags", format!(r#"{{"new_ui":{v}}}"#))
@@ -455,7 +455,7 @@ async fn restart_does_not_redeliver_old_changes() {
     node.shutdown().await;
     drop(node);
 
-    let node = start_plugin_node(1, dir.path(), None, &plugins, Limits::default()).await;
+    let node = start_plugin_node(1, dir.path(), None, &plugins, generous_limits()).await;
     wait_converged(std::slice::from_ref(&node), 1).await;
     let rev = node
         .set_custom_data("feature_flags", r#"{"new_ui":false}"#)

@@ -68,5 +68,5 @@ pub async fn forward(State(node): State<Arc<Node>>, body: Bytes) -> Result<Respo
 /// `POST /raft/read-index`: confirm leadership and return the read index.
 pub async fn read_index(State(node): State<Arc<Node>>, body: Bytes) -> Result<Response, ApiError> {
     let () = decode(&body)?;
-    Ok(reply(&node.read_index_local().await))
+    Ok(reply(&node.read_index_for_peer().await))
 }

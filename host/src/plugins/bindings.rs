@@ -7,5 +7,5 @@ wasmtime::component::bindgen!({
     additional_derives: [PartialEq],
 });
 
-pub use exports::flagstone::plugin::{evaluator, manifest, reactor, validator};
-pub use flagstone::plugin::{log, store, types};
+pub use self::exports::flagstone::plugin::{evaluator, manifest, reactor, validator};
+pub use self::flagstone::plugin::{log, store, types};

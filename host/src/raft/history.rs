@@ -157,15 +157,18 @@ mod tests {
         );
         h.publish(vec![change(15)]);
         assert_eq!(rx.try_recv().unwrap().revision, 15);
-        // Capacity 3: 11 and 12 are gone, so resuming after 11 is refused.
+        // Capacity 3: 11 is gone, so resuming after 10 is refused, after 11 is fine.
+        let compacted = h.watch_from(10).unwrap_err();
         assert_eq!(
-            h.watch_from(11).unwrap_err(),
+            compacted,
             Compacted {
-                requested: 11,
-                horizon: 12
+                requested: 10,
+                horizon: 11
             }
         );
-        assert!(h.watch_from(12).is_ok());
+        let (backlog, _rx) = h.watch_from(11).unwrap();
+        let revs: Vec<u64> = backlog.iter().map(|c| c.revision).collect();
+        assert_eq!(revs, vec![12, 14, 15]);
         h.reset(20);
         assert_eq!(h.watch_from(15).unwrap_err().horizon, 20);
     }

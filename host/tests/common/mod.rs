@@ -292,3 +292,15 @@ pub async fn start_plugin_node(
     config.plugin_cache_dir = Some(shared_plugin_cache());
     Node::start(config, listener).await.unwrap()
 }
+
+/// Limits for tests that check answers, not deadlines: on a loaded 2-core
+/// machine running debug builds, a 10 ms wall-clock deadline can expire
+/// while the thread is merely descheduled. Deadline tests use the defaults.
+pub fn generous_limits() -> flagstone::plugins::Limits {
+    flagstone::plugins::Limits {
+        validate: Duration::from_secs(2),
+        evaluate: Duration::from_secs(2),
+        on_change: Duration::from_secs(2),
+        ..flagstone::plugins::Limits::default()
+    }
+}

@@ -1,0 +1,288 @@
+//! Starting the two systems side by side on 127.0.0.1: three `flagstone
+//! serve` processes (with the example plugins) and three `etcd` members, both
+//! with their default durability (fsync). Only processes started here are
+//! stopped, by their handles.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+/// A process this tool started; killed when dropped.
+pub struct Proc {
+    /// Client address.
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl Proc {
+    /// Resident set size (VmRSS) in MiB.
+    pub fn rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Blocking JSON request with a short timeout (set-up only, not measured).
+pub fn http_json(method: &str, url: &str, body: Option<&str>) -> Result<Value> {
+    let out = Command::new("curl")
+        .args(["-sS", "-m", "5", "-X", method, url])
+        .args(
+            body.map(|b| {
+                vec![
+                    "-H".to_owned(),
+                    "content-type: application/json".to_owned(),
+                    "-d".to_owned(),
+                    b.to_owned(),
+                ]
+            })
+            .unwrap_or_default(),
+        )
+        .output()
+        .context("running curl")?;
+    if !out.status.success() {
+        bail!("{method} {url}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
+}
+
+fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("timed out waiting for {what}")
+}
+
+/// Three flagstone nodes; returns them with the leader's index.
+pub fn flagstone(bin: &Path, dir: &Path, plugins: &Path) -> Result<(Vec<Proc>, usize)> {
+    let mut procs: Vec<Proc> = Vec::new();
+    for id in 1..=3u64 {
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "serve",
+            "--id",
+            &id.to_string(),
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir.join(format!("flagstone-{id}")))
+        .arg("--plugins-dir")
+        .arg(plugins)
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+        if let Some(seed) = procs.first() {
+            cmd.args(["--join", &format!("http://{}", seed.addr)]);
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        let url = line
+            .split_whitespace()
+            .last()
+            .unwrap_or_default()
+            .trim_start_matches("http://")
+            .to_owned();
+        let addr: SocketAddr = url
+            .parse()
+            .with_context(|| format!("unexpected first line {line:?}"))?;
+        procs.push(Proc { addr, child });
+    }
+    let mut leader = None;
+    wait_until(
+        "flagstone to form a 3-voter cluster",
+        Duration::from_secs(30),
+        || {
+            let views: Vec<Value> = procs
+                .iter()
+                .filter_map(|p| {
+                    http_json("GET", &format!("http://{}/v1/cluster", p.addr), None).ok()
+                })
+                .collect();
+            let ok = views.len() == 3
+                && views.iter().all(|v| {
+                    v["leader_id"] == views[0]["leader_id"]
+                        && !v["leader_id"].is_null()
+                        && v["members"]
+                            .as_array()
+                            .is_some_and(|m| m.iter().filter(|x| x["voter"] == true).count() == 3)
+                });
+            if ok {
+                leader = views[0]["leader_id"].as_u64();
+            }
+            ok
+        },
+    )?;
+    let leader = leader.context("no leader")? as usize - 1;
+    Ok((procs, leader))
+}
+
+/// Three etcd members (`etcd` from Debian's `etcd-server`); returns them with
+/// the leader's index.
+pub fn etcd(dir: &Path) -> Result<(Vec<Proc>, usize)> {
+    let ports: Vec<(u16, u16)> = (0..3)
+        .map(|_| Ok((free_port()?, free_port()?)))
+        .collect::<Result<_>>()?;
+    let initial: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}"))
+        .collect();
+    let mut procs = Vec::new();
+    for (i, (client, peer)) in ports.iter().enumerate() {
+        let child = Command::new("etcd")
+            .args(["--name", &format!("e{i}"), "--data-dir"])
+            .arg(dir.join(format!("etcd-{i}")))
+            .args([
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{client}"),
+            ])
+            .args([
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{client}"),
+            ])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+            ])
+            .args(["--initial-cluster", &initial.join(",")])
+            .args([
+                "--initial-cluster-state",
+                "new",
+                "--log-level",
+                "error",
+                "--logger",
+                "zap",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting etcd (apt-get install etcd-server)")?;
+        procs.push(Proc {
+            addr: format!("127.0.0.1:{client}").parse()?,
+            child,
+        });
+    }
+    let mut leader_id = String::new();
+    wait_until(
+        "etcd to elect a leader",
+        Duration::from_secs(30),
+        || match http_json(
+            "POST",
+            &format!("http://{}/v3/maintenance/status", procs[0].addr),
+            Some("{}"),
+        ) {
+            Ok(v) if v["leader"].is_string() && v["leader"] != "0" => {
+                leader_id = v["leader"].as_str().unwrap_or_default().to_owned();
+                true
+            }
+            _ => false,
+        },
+    )?;
+    for (i, p) in procs.iter().enumerate() {
+        let v = http_json(
+            "POST",
+            &format!("http://{}/v3/maintenance/status", p.addr),
+            Some("{}"),
+        )?;
+        if v["header"]["member_id"].as_str() == Some(leader_id.as_str()) {
+            return Ok((procs, i));
+        }
+    }
+    bail!("could not find the etcd leader {leader_id}")
+}
+
+/// Makes sure `etcd` is installed (Debian's `etcd-server`).
+pub fn ensure_etcd() -> Result<()> {
+    if Command::new("etcd")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(());
+    }
+    eprintln!("installing etcd-server (apt-get)…");
+    let ok = Command::new("apt-get")
+        .args(["update", "-qq"])
+        .status()?
+        .success()
+        && Command::new("apt-get")
+            .args(["install", "-y", "-qq", "etcd-server"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()?
+            .success();
+    if !ok {
+        bail!("could not install etcd-server");
+    }
+    Ok(())
+}
+
+/// Builds the flagstone binary and the example plugins (release); returns
+/// the binary and a plugins directory with flag-schema and rollout.
+pub fn build(root: &Path, work: &Path) -> Result<(PathBuf, PathBuf)> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let ok = Command::new(&cargo)
+        .current_dir(root)
+        .args(["build", "--release", "-p", "flagstone"])
+        .status()?
+        .success()
+        && Command::new(&cargo)
+            .current_dir(root)
+            .args([
+                "build",
+                "--target",
+                "wasm32-wasip2",
+                "--profile",
+                "plugin",
+                "--target-dir",
+                "target/plugins",
+            ])
+            .args(["-p", "flag-schema", "-p", "rollout"])
+            .status()?
+            .success();
+    if !ok {
+        bail!("build failed");
+    }
+    let plugins = work.join("plugins");
+    std::fs::create_dir_all(&plugins)?;
+    for p in ["flag_schema", "rollout"] {
+        std::fs::copy(
+            root.join(format!("target/plugins/wasm32-wasip2/plugin/{p}.wasm")),
+            plugins.join(format!("{p}.wasm")),
+        )?;
+    }
+    Ok((root.join("target/release/flagstone"), plugins))
+}

@@ -1,0 +1,140 @@
+//! The load generator: `clients` closed-loop clients, each on its own
+//! keep-alive HTTP/1.1 connection, for a fixed time; latencies in an HDR
+//! histogram (microseconds).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+
+/// Builds request `seq` of client `client`.
+pub type MakeRequest = Arc<dyn Fn(usize, u64) -> Request<Full<Bytes>> + Send + Sync>;
+
+/// What one run measured.
+#[derive(Debug, Clone)]
+pub struct Stats {
+    /// Successful requests per second.
+    pub ops_per_sec: f64,
+    /// Median latency, µs.
+    pub p50_us: u64,
+    /// 99th percentile latency, µs.
+    pub p99_us: u64,
+    /// Requests that failed (non-2xx or transport error).
+    pub errors: u64,
+}
+
+async fn client_loop(
+    addr: SocketAddr,
+    client: usize,
+    make: MakeRequest,
+    warmup_until: Instant,
+    until: Instant,
+) -> Result<(Histogram<u64>, u64, u64)> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connect {addr}"))?;
+    stream.set_nodelay(true)?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let (mut ok, mut errors) = (0u64, 0u64);
+    let mut seq = 0u64;
+    loop {
+        let now = Instant::now();
+        if now >= until {
+            break;
+        }
+        let req = make(client, seq);
+        seq += 1;
+        let started = Instant::now();
+        let resp = sender.send_request(req).await;
+        let good = match resp {
+            Ok(r) => {
+                let status = r.status();
+                let body = r.into_body().collect().await;
+                status.is_success() && body.is_ok()
+            }
+            Err(_) => false,
+        };
+        if started < warmup_until {
+            continue;
+        }
+        if good {
+            ok += 1;
+            hist.record(started.elapsed().as_micros().max(1) as u64)?;
+        } else {
+            errors += 1;
+            if sender.ready().await.is_err() {
+                bail!("connection to {addr} closed");
+            }
+        }
+    }
+    Ok((hist, ok, errors))
+}
+
+/// Runs `clients` clients against `addr` for `warmup` + `measure`.
+pub async fn run(
+    addr: SocketAddr,
+    clients: usize,
+    warmup: Duration,
+    measure: Duration,
+    make: MakeRequest,
+) -> Result<Stats> {
+    let start = Instant::now();
+    let warmup_until = start + warmup;
+    let until = warmup_until + measure;
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        tasks.push(tokio::spawn(client_loop(
+            addr,
+            c,
+            make.clone(),
+            warmup_until,
+            until,
+        )));
+    }
+    let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let (mut ok, mut errors) = (0, 0);
+    for t in tasks {
+        let (h, o, e) = t.await??;
+        total.add(&h)?;
+        ok += o;
+        errors += e;
+    }
+    Ok(Stats {
+        ops_per_sec: ok as f64 / measure.as_secs_f64(),
+        p50_us: total.value_at_quantile(0.50),
+        p99_us: total.value_at_quantile(0.99),
+        errors,
+    })
+}
+
+/// Sends requests `0..n` one after another on one connection (set-up).
+pub async fn sequential(addr: SocketAddr, n: u64, make: MakeRequest) -> Result<()> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    for seq in 0..n {
+        let r = sender.send_request(make(0, seq)).await?;
+        let status = r.status();
+        let body = r.into_body().collect().await?.to_bytes();
+        if !status.is_success() {
+            bail!(
+                "set-up request {seq} failed: {status} {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,362 @@
+//! `cargo run --release -p flagstone-bench`: flagstone and etcd side by side
+//! on this machine (3 nodes each, 127.0.0.1, default fsync durability),
+//! driven by the same load generator with the same connections, key and
+//! value sizes. Prints throughput and p50/p99 per scenario and the ratio,
+//! then flagstone-only scenarios and resident memory per node.
+
+mod cluster;
+mod load;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use base64::Engine as _;
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::Full;
+use hyper::Request;
+use load::{MakeRequest, Stats};
+
+#[derive(Parser)]
+#[command(about = "Benchmark flagstone against etcd on this machine")]
+struct Args {
+    /// Seconds measured per scenario (after one second of warm-up).
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Concurrent clients of the "many clients" scenarios.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Skip etcd (flagstone scenarios only).
+    #[arg(long)]
+    no_etcd: bool,
+}
+
+const VALUE_LEN: usize = 256;
+const READ_KEYS: u64 = 1000;
+
+/// A 12-byte key.
+fn key(n: u64) -> String {
+    format!("k{n:011}")
+}
+
+fn unique(client: usize, seq: u64) -> u64 {
+    client as u64 * 100_000_000 + seq
+}
+
+fn spread(client: usize, seq: u64) -> u64 {
+    // A cheap deterministic scramble over the populated keys.
+    (seq.wrapping_mul(2_654_435_761)
+        .wrapping_add(client as u64 * 97))
+        % READ_KEYS
+}
+
+fn request(method: &str, addr: SocketAddr, path: &str, body: Bytes) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string())
+        .header("content-type", "application/json")
+        .body(Full::new(body))
+        .expect("valid request")
+}
+
+struct Flagstone(SocketAddr);
+struct Etcd(SocketAddr);
+
+fn b64(b: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+impl Flagstone {
+    fn put(&self, prefix: &'static str, value: Bytes, keyf: fn(usize, u64) -> u64) -> MakeRequest {
+        let a = self.0;
+        Arc::new(move |c, s| {
+            request(
+                "PUT",
+                a,
+                &format!("/v1/kv/{prefix}{}", key(keyf(c, s))),
+                value.clone(),
+            )
+        })
+    }
+    fn get(&self, linearizable: bool) -> MakeRequest {
+        let a = self.0;
+        let q = if linearizable {
+            "?consistency=linearizable"
+        } else {
+            ""
+        };
+        Arc::new(move |c, s| {
+            request(
+                "GET",
+                a,
+                &format!("/v1/kv/{}{q}", key(spread(c, s))),
+                Bytes::new(),
+            )
+        })
+    }
+    fn ofrep(&self) -> MakeRequest {
+        let a = self.0;
+        Arc::new(move |c, s| {
+            let body = format!(
+                r#"{{"context":{{"targetingKey":"user-{}"}}}}"#,
+                spread(c, s)
+            );
+            request(
+                "POST",
+                a,
+                "/ofrep/v1/evaluate/flags/bench-flag",
+                Bytes::from(body),
+            )
+        })
+    }
+}
+
+impl Etcd {
+    fn put(&self, keyf: fn(usize, u64) -> u64) -> MakeRequest {
+        let a = self.0;
+        let value = b64(&[b'v'; VALUE_LEN]);
+        Arc::new(move |c, s| {
+            let body = format!(
+                r#"{{"key":"{}","value":"{value}"}}"#,
+                b64(key(keyf(c, s)).as_bytes())
+            );
+            request("POST", a, "/v3/kv/put", Bytes::from(body))
+        })
+    }
+    fn get(&self, linearizable: bool) -> MakeRequest {
+        let a = self.0;
+        Arc::new(move |c, s| {
+            let k = b64(key(spread(c, s)).as_bytes());
+            let body = if linearizable {
+                format!(r#"{{"key":"{k}"}}"#)
+            } else {
+                format!(r#"{{"key":"{k}","serializable":true}}"#)
+            };
+            request("POST", a, "/v3/kv/range", Bytes::from(body))
+        })
+    }
+}
+
+struct Bench {
+    warmup: Duration,
+    measure: Duration,
+}
+
+impl Bench {
+    async fn run(&self, addr: SocketAddr, clients: usize, make: MakeRequest) -> Result<Stats> {
+        load::run(addr, clients, self.warmup, self.measure, make).await
+    }
+}
+
+fn fmt(s: &Stats) -> String {
+    let err = if s.errors > 0 {
+        format!(" ({} errors)", s.errors)
+    } else {
+        String::new()
+    };
+    format!(
+        "{:>9.0}/s  p50 {:>6} µs  p99 {:>7} µs{err}",
+        s.ops_per_sec, s.p50_us, s.p99_us
+    )
+}
+
+fn row(name: &str, f: &Stats, e: Option<&Stats>) {
+    match e {
+        Some(e) => println!(
+            "| {name:<38} | {} | {} | {:>5.1}× |",
+            fmt(f),
+            fmt(e),
+            f.ops_per_sec / e.ops_per_sec.max(1.0)
+        ),
+        None => println!("| {name:<38} | {} |", fmt(f)),
+    }
+}
+
+/// In-process evaluations per second of a rollout flag on one thread.
+fn in_process_evaluations(plugins: &std::path::Path, seconds: u64) -> Result<f64> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let dir = tempfile::tempdir()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let mut config = flagstone::NodeConfig::new(1, dir.path().join("node"));
+        config.plugins_dir = Some(plugins.to_owned());
+        let node = flagstone::Node::start(config, listener).await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while node.cluster_info().leader_id.is_none() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        node.set_custom_data("flags/bench-flag", FLAG_DEF).await?;
+        let host = node.plugins().context("plugins")?.clone();
+        let mut n = 0u64;
+        let start = Instant::now();
+        let until = start + Duration::from_secs(seconds);
+        while Instant::now() < until {
+            for _ in 0..1000 {
+                let ctx = flagstone::plugins::types::EvalContext {
+                    targeting_key: Some(format!("user-{}", n % 10_000)),
+                    attributes: r#"{"plan":"pro","app_version":"2.3.1"}"#.into(),
+                };
+                host.evaluate("bench-flag", &ctx)
+                    .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+                n += 1;
+            }
+        }
+        let rate = n as f64 / start.elapsed().as_secs_f64();
+        node.shutdown().await;
+        Ok(rate)
+    })
+}
+
+/// A rollout flag with targeting rules and a 30 % split.
+const FLAG_DEF: &str = r#"{"state":"ENABLED","variants":{"on":true,"off":false},"defaultVariant":"off",
+"targeting":[{"if":[{"attribute":"email","op":"ends_with","value":"@acme.com"}],"variant":"on"},
+{"if":[{"attribute":"app_version","op":"semver_ge","value":"3.0.0"}],"variant":"on"}],
+"rollout":[{"variant":"on","weight":30},{"variant":"off","weight":70}]}"#;
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()?;
+    let work = tempfile::tempdir()?;
+    let (bin, plugins) = cluster::build(&root, work.path())?;
+    if !args.no_etcd {
+        cluster::ensure_etcd()?;
+    }
+    let bench = Bench {
+        warmup: Duration::from_secs(1),
+        measure: Duration::from_secs(args.seconds),
+    };
+    let n = args.clients;
+
+    // In-process evaluation first, while the machine is otherwise idle.
+    let evals = in_process_evaluations(&plugins, args.seconds)?;
+
+    let (fs, fs_leader) = cluster::flagstone(&bin, work.path(), &plugins)?;
+    let etcd = if args.no_etcd {
+        None
+    } else {
+        Some(cluster::etcd(work.path())?)
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let idle_rss: Vec<f64> = fs.iter().map(|p| p.rss_mib()).collect();
+    let etcd_idle_rss: Vec<f64> = etcd
+        .iter()
+        .flat_map(|(p, _)| p.iter().map(|x| x.rss_mib()))
+        .collect();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let fl = Flagstone(fs[fs_leader].addr);
+        let ff = Flagstone(fs[(fs_leader + 1) % 3].addr);
+        let value = Bytes::from(vec![b'v'; VALUE_LEN]);
+        load::sequential(fl.0, READ_KEYS, fl.put("", value.clone(), |_, s| s)).await?;
+        cluster::http_json("PUT", &format!("http://{}/v1/kv/flags/bench-flag", fl.0), Some(FLAG_DEF))?;
+        let (el, ef) = match &etcd {
+            Some((p, l)) => {
+                let el = Etcd(p[*l].addr);
+                load::sequential(el.0, READ_KEYS, el.put(|_, s| s)).await?;
+                (Some(el), Some(Etcd(p[(*l + 1) % 3].addr)))
+            }
+            None => (None, None),
+        };
+        println!();
+        println!("flagstone vs etcd 3.4 — 3 nodes each on 127.0.0.1, 12-byte keys, {VALUE_LEN}-byte values, {n} clients where noted, {}s per scenario", args.seconds);
+        println!();
+        println!("| scenario | flagstone | etcd | ratio |");
+        println!("|---|---|---|---|");
+        macro_rules! both {
+            ($name:expr, $clients:expr, $f:expr, $e:expr) => {{
+                let f = bench.run($f.0, $clients, $f.1).await?;
+                let e = match $e {
+                    Some((addr, make)) => Some(bench.run(addr, $clients, make).await?),
+                    None => None,
+                };
+                row($name, &f, e.as_ref());
+                (f, e)
+            }};
+        }
+        let etcd_put = |e: &Option<Etcd>| e.as_ref().map(|e| (e.0, e.put(unique)));
+        both!("writes, 1 client (leader)", 1, (fl.0, fl.put("", value.clone(), unique)), etcd_put(&el));
+        both!(&format!("writes, {n} clients (follower)"), n, (ff.0, ff.put("", value.clone(), unique)), etcd_put(&ef));
+        let (plain, _) =
+            both!(&format!("writes, {n} clients (leader)"), n, (fl.0, fl.put("", value.clone(), unique)), etcd_put(&el));
+        let (get1, _) = both!(
+            "serializable reads, 1 client (follower)",
+            1,
+            (ff.0, ff.get(false)),
+            ef.as_ref().map(|e| (e.0, e.get(false)))
+        );
+        let (get, _) = both!(
+            &format!("serializable reads, {n} clients (follower)"),
+            n,
+            (ff.0, ff.get(false)),
+            ef.as_ref().map(|e| (e.0, e.get(false)))
+        );
+        both!(
+            &format!("linearizable reads, {n} clients (follower)"),
+            n,
+            (ff.0, ff.get(true)),
+            ef.as_ref().map(|e| (e.0, e.get(true)))
+        );
+        let _ = get1;
+
+        println!();
+        println!("| flagstone only | result | vs baseline |");
+        println!("|---|---|---|");
+        let def = format!(
+            r#"{{"state":"ENABLED","variants":{{"on":true,"off":false}},"defaultVariant":"off","metadata":{{"pad":"{}"}}}}"#,
+            "p".repeat(VALUE_LEN - 98)
+        );
+        let def = Bytes::from(def);
+        let unvalidated = bench.run(fl.0, n, fl.put("plain/", def.clone(), unique)).await?;
+        let validated = bench.run(fl.0, n, fl.put("flags/", def.clone(), unique)).await?;
+        println!("| writes, {n} clients, no validator          | {} | |", fmt(&unvalidated));
+        println!(
+            "| writes, {n} clients, flag-schema validating | {} | {:>5.1} % |",
+            fmt(&validated),
+            100.0 * validated.ops_per_sec / unvalidated.ops_per_sec.max(1.0)
+        );
+        let ofrep = bench.run(ff.0, n, ff.ofrep()).await?;
+        println!("| local GET, {n} clients (follower)          | {} | |", fmt(&get));
+        println!(
+            "| OFREP single-flag evaluation, {n} clients   | {} | {:>5.1} % of GET |",
+            fmt(&ofrep),
+            100.0 * ofrep.ops_per_sec / get.ops_per_sec.max(1.0)
+        );
+        println!("| in-process rollout evaluation, 1 thread    | {evals:>9.0}/s | |");
+        let _ = plain;
+        anyhow::Ok(())
+    })?;
+
+    println!();
+    let show = |v: &[f64]| {
+        v.iter()
+            .map(|m| format!("{m:.1}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    println!("resident memory per node (MiB), idle → after the run:");
+    println!(
+        "  flagstone (with flag-schema + rollout): {} → {}",
+        show(&idle_rss),
+        show(&fs.iter().map(|p| p.rss_mib()).collect::<Vec<_>>())
+    );
+    if let Some((p, _)) = &etcd {
+        println!(
+            "  etcd:                                   {} → {}",
+            show(&etcd_idle_rss),
+            show(&p.iter().map(|x| x.rss_mib()).collect::<Vec<_>>())
+        );
+    }
+    Ok(())
+}

@@ -15,6 +15,7 @@
 //! - [`plugins`]: the WebAssembly plugin runtime.
 //! - `main.rs`: the `flagstone` binary (argument parsing and logging only).
 
+pub mod batcher;
 pub mod error;
 pub mod flags;
 pub mod http;

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, SnapshotPolicy};
 use serde::Serialize;
@@ -26,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 
+use crate::batcher::WriteBatcher;
 pub use crate::error::{ClusterError, NodeError, ReadError, WriteError};
 use crate::keys::{MAX_VALUE_BYTES, validate_key};
 use crate::peer::PeerClient;
@@ -162,6 +164,7 @@ pub struct Node {
     membership_lock: Mutex<()>,
     plugins: Option<Arc<PluginHost>>,
     read_index: ReadIndexBatcher,
+    batcher: WriteBatcher,
     leader_read_index: ReadIndexBatcher,
     shutdown_tx: watch::Sender<bool>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
@@ -255,6 +258,7 @@ impl Node {
             membership_lock: Mutex::new(()),
             plugins,
             read_index: ReadIndexBatcher::default(),
+            batcher: WriteBatcher::new(crate::batcher::DEFAULT_INFLIGHT),
             leader_read_index: ReadIndexBatcher::default(),
             shutdown_tx,
             tasks: std::sync::Mutex::new(Vec::new()),
@@ -271,6 +275,13 @@ impl Node {
             let stop = async move {
                 let _ = rx.wait_for(|stop| *stop).await;
             };
+            // Small request/response messages (Raft RPCs, reads) must not wait
+            // for Nagle's algorithm: send every write at once.
+            let listener = listener.tap_io(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "TCP_NODELAY");
+                }
+            });
             if let Err(e) = axum::serve(listener, app)
                 .with_graceful_shutdown(stop)
                 .await
@@ -501,7 +512,7 @@ impl Node {
         if linearizable {
             self.read_barrier().await?;
         }
-        let revision = self.reader.applied_index();
+        let revision = self.reader.revision_now();
         Ok((self.reader.list(prefix)?, revision))
     }
 
@@ -539,15 +550,28 @@ impl Node {
     }
 
     /// Proposes a command on this node, which must be the leader. Validator
-    /// plugins hook in here, between the checks and `client_write`.
+    /// plugins run here, between the checks and the proposal; concurrent
+    /// writes are then proposed together (see `batcher.rs`).
     pub async fn write_local(&self, cmd: Command) -> Result<CommandResult, WriteError> {
-        validate_key(cmd.key())?;
+        let key = match &cmd {
+            Command::Put { key, .. } | Command::Delete { key, .. } => key,
+            Command::Batch(_) => {
+                return Err(WriteError::InvalidKey(
+                    "batches are formed by the leader only".into(),
+                ));
+            }
+        };
+        validate_key(key)?;
         if let Command::Put { value, .. } = &cmd
             && value.len() > MAX_VALUE_BYTES
         {
             return Err(WriteError::ValueTooLarge(value.len()));
         }
         self.run_validators(&cmd).await?;
+        self.batcher.submit(cmd, |c| self.propose(c)).await
+    }
+
+    async fn propose(&self, cmd: Command) -> Result<CommandResult, WriteError> {
         match self.raft.client_write(cmd).await {
             Ok(resp) => Ok(resp.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
@@ -565,12 +589,16 @@ impl Node {
         let Some(host) = &self.plugins else {
             return Ok(());
         };
-        if !host.validates(cmd.key()) {
+        let key = match cmd {
+            Command::Put { key, .. } | Command::Delete { key, .. } => key,
+            Command::Batch(_) => return Ok(()),
+        };
+        if !host.validates(key) {
             return Ok(());
         }
         let current = self
             .reader
-            .get(cmd.key())
+            .get(key)
             .map_err(|e| WriteError::Unavailable(e.to_string()))?
             .map(|r| wit::Entry {
                 value: r.value,
@@ -595,6 +623,7 @@ impl Node {
                 content_type: None,
                 current,
             },
+            Command::Batch(_) => return Ok(()),
         };
         let host = host.clone();
         tokio::task::spawn_blocking(move || host.validate(&write))

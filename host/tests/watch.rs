@@ -206,7 +206,7 @@ async fn a_compacted_revision_tells_the_client_to_relist() {
 async fn a_slow_consumer_is_cut_off_with_a_reason() {
     let (_dir, node) = single(|c| c.watch_buffer = 16).await;
     let c = client();
-    let start = node.reader().applied_index();
+    let start = node.reader().revision_now();
     // Connect, then do not read while many large changes are applied.
     let mut w = SseReader::open(&c, url(&node, &format!("/v1/watch?since={start}")), None).await;
     let value = vec![b'v'; 64 * 1024];
@@ -279,7 +279,7 @@ async fn ordered_delivery_across_a_leader_change() {
         .cloned()
         .collect();
     let leader = nodes.iter().find(|n| n.id() == leader_id).unwrap().clone();
-    let since = survivors[0].reader().applied_index();
+    let since = survivors[0].reader().revision_now();
     let mut w = SseReader::open(
         &c,
         url(
@@ -320,7 +320,7 @@ async fn ordered_delivery_across_a_leader_change() {
 async fn a_hundred_concurrent_watchers_each_see_every_change_in_order() {
     let (_dir, node) = single(|_| {}).await;
     let c = client();
-    let since = node.reader().applied_index();
+    let since = node.reader().revision_now();
     let mut watchers = Vec::new();
     for _ in 0..100 {
         watchers.push(

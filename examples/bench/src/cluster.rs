@@ -20,6 +20,11 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Resident set size (VmRSS) in MiB.
     pub fn rss_mib(&self) -> f64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
@@ -96,10 +101,18 @@ pub fn flagstone(bin: &Path, dir: &Path, plugins: &Path) -> Result<(Vec<Proc>, u
         .arg(dir.join(format!("flagstone-{id}")))
         .arg("--plugins-dir")
         .arg(plugins)
-        .env("RUST_LOG", "error")
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_NODE_LOG").unwrap_or_else(|_| "error".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        .stderr(match std::env::var_os("BENCH_NODE_LOG_DIR") {
+            Some(d) => Stdio::from(std::fs::File::create(
+                PathBuf::from(d).join(format!("node-{id}.log")),
+            )?),
+            None => Stdio::null(),
+        });
         if let Some(seed) = procs.first() {
             cmd.args(["--join", &format!("http://{}", seed.addr)]);
         }

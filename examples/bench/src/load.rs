@@ -55,6 +55,9 @@ async fn client_loop(
         let req = make(client, seq);
         seq += 1;
         let started = Instant::now();
+        if sender.ready().await.is_err() {
+            bail!("connection to {addr} closed");
+        }
         let resp = sender.send_request(req).await;
         let good = match resp {
             Ok(r) => {
@@ -72,9 +75,6 @@ async fn client_loop(
             hist.record(started.elapsed().as_micros().max(1) as u64)?;
         } else {
             errors += 1;
-            if sender.ready().await.is_err() {
-                bail!("connection to {addr} closed");
-            }
         }
     }
     Ok((hist, ok, errors))
@@ -126,6 +126,7 @@ pub async fn sequential(addr: SocketAddr, n: u64, make: MakeRequest) -> Result<(
         let _ = conn.await;
     });
     for seq in 0..n {
+        sender.ready().await?;
         let r = sender.send_request(make(0, seq)).await?;
         let status = r.status();
         let body = r.into_body().collect().await?.to_bytes();

@@ -32,6 +32,14 @@ struct Args {
     /// Skip etcd (flagstone scenarios only).
     #[arg(long)]
     no_etcd: bool,
+    /// Run only the comparison scenarios whose name contains this text
+    /// (e.g. `writes`), and skip the flagstone-only ones.
+    #[arg(long)]
+    only: Option<String>,
+    /// Keep the clusters running this many seconds before the scenarios
+    /// (time to attach a profiler; their PIDs are printed).
+    #[arg(long, default_value_t = 0)]
+    pause: u64,
 }
 
 const VALUE_LEN: usize = 256;
@@ -274,41 +282,54 @@ fn main() -> Result<()> {
         println!();
         println!("| scenario | flagstone | etcd | ratio |");
         println!("|---|---|---|---|");
+        let only = args.only.clone();
+        let pids: Vec<u32> = fs.iter().map(|p| p.pid()).collect();
+        if args.pause > 0 {
+            println!("flagstone PIDs {pids:?} (leader index {fs_leader}); pausing {}s", args.pause);
+            tokio::time::sleep(Duration::from_secs(args.pause)).await;
+        }
         macro_rules! both {
             ($name:expr, $clients:expr, $f:expr, $e:expr) => {{
-                let f = bench.run($f.0, $clients, $f.1).await?;
-                let e = match $e {
-                    Some((addr, make)) => Some(bench.run(addr, $clients, make).await?),
-                    None => None,
-                };
-                row($name, &f, e.as_ref());
-                (f, e)
+                let name: String = $name.to_string();
+                if only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
+                    None
+                } else {
+                    let f = bench.run($f.0, $clients, $f.1).await?;
+                    let e = match $e {
+                        Some((addr, make)) => Some(bench.run(addr, $clients, make).await?),
+                        None => None,
+                    };
+                    row(&name, &f, e.as_ref());
+                    Some((f, e))
+                }
             }};
         }
         let etcd_put = |e: &Option<Etcd>| e.as_ref().map(|e| (e.0, e.put(unique)));
         both!("writes, 1 client (leader)", 1, (fl.0, fl.put("", value.clone(), unique)), etcd_put(&el));
-        both!(&format!("writes, {n} clients (follower)"), n, (ff.0, ff.put("", value.clone(), unique)), etcd_put(&ef));
-        let (plain, _) =
-            both!(&format!("writes, {n} clients (leader)"), n, (fl.0, fl.put("", value.clone(), unique)), etcd_put(&el));
-        let (get1, _) = both!(
+        both!(format!("writes, {n} clients (follower)"), n, (ff.0, ff.put("", value.clone(), unique)), etcd_put(&ef));
+        both!(format!("writes, {n} clients (leader)"), n, (fl.0, fl.put("", value.clone(), unique)), etcd_put(&el));
+        both!(
             "serializable reads, 1 client (follower)",
             1,
             (ff.0, ff.get(false)),
             ef.as_ref().map(|e| (e.0, e.get(false)))
         );
-        let (get, _) = both!(
-            &format!("serializable reads, {n} clients (follower)"),
+        let get = both!(
+            format!("serializable reads, {n} clients (follower)"),
             n,
             (ff.0, ff.get(false)),
             ef.as_ref().map(|e| (e.0, e.get(false)))
         );
         both!(
-            &format!("linearizable reads, {n} clients (follower)"),
+            format!("linearizable reads, {n} clients (follower)"),
             n,
             (ff.0, ff.get(true)),
             ef.as_ref().map(|e| (e.0, e.get(true)))
         );
-        let _ = get1;
+        if only.is_some() {
+            return anyhow::Ok(());
+        }
+        let get = get.map(|(f, _)| f).context("the read scenario ran")?;
 
         println!();
         println!("| flagstone only | result | vs baseline |");
@@ -334,7 +355,6 @@ fn main() -> Result<()> {
             100.0 * ofrep.ops_per_sec / get.ops_per_sec.max(1.0)
         );
         println!("| in-process rollout evaluation, 1 thread    | {evals:>9.0}/s | |");
-        let _ = plain;
         anyhow::Ok(())
     })?;
 

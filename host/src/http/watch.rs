@@ -141,7 +141,7 @@ pub async fn watch(
     };
     let since = params.since.or(last_event_id);
     let reader = node.reader();
-    let start = since.unwrap_or_else(|| reader.applied_index());
+    let start = since.unwrap_or_else(|| reader.revision_now());
     let state = match reader.watch_from(start) {
         Ok((backlog, rx)) => Watch {
             backlog: backlog.into(),

@@ -5,22 +5,26 @@
 //! `raft_meta`. Both share the database journal with the state machine, so a
 //! crash always recovers a prefix of what was written.
 //!
-//! # Durability: group commit
+//! # Durability: group commit on a writer thread
 //!
-//! `append` writes the entries to the journal (visible to readers at once) and
-//! hands openraft's flush callback to a dedicated flusher thread. The flusher
-//! takes every callback that is waiting, issues **one** `fdatasync`
-//! (`PersistMode::SyncData`) covering all of them, then reports them flushed.
-//! openraft only treats entries as stored (and a leader only counts its own
-//! vote towards commit) once the callback fired, so nothing is acknowledged to
-//! a client before it is on disk, while concurrent writers share one fsync.
-//! The vote is fsynced before `save_vote` returns.
+//! fjall holds its journal lock while it fsyncs, so writing entries on the
+//! Raft task would make every append wait for the previous fsync, one entry
+//! per fsync. Instead `append` only puts the entries in an in-memory pending
+//! map (readable at once, as openraft requires) and queues them for the
+//! writer thread. The writer takes everything queued, writes it as one fjall
+//! batch, issues **one** `fdatasync` (`PersistMode::SyncData`) and only then
+//! reports those appends flushed. openraft counts an entry towards commit
+//! (the leader's own copy included) only after that report, so nothing is
+//! acknowledged before it is on disk, while concurrent writes share one fsync.
+//! Truncations, purges and the committed id go through the same queue, in
+//! order; until the writer has applied a truncation, readers do not see the
+//! truncated entries. The vote is fsynced before `save_vote` returns.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 
 use fjall::{Database, Keyspace, PersistMode};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
@@ -32,13 +36,38 @@ const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
 const PURGED: &str = "purged";
 
-/// Log storage handle; cheap to clone (clones share the flusher).
+/// What the writer thread does, in queue order.
+enum Op {
+    Append(Vec<(LogId, Vec<u8>)>, LogFlushed<TypeConfig>),
+    Truncate(u64, u64),
+    Purge(LogId),
+    Committed(Vec<u8>),
+}
+
+/// State shared between the Raft task, readers and the writer thread.
+#[derive(Default)]
+struct Shared {
+    /// Appended entries not yet known to be in fjall.
+    pending: BTreeMap<u64, Entry>,
+    /// Truncations queued but not yet applied to fjall: (ticket, from index).
+    truncating: Vec<(u64, u64)>,
+    next_ticket: u64,
+}
+
+impl Shared {
+    fn hidden_from(&self) -> Option<u64> {
+        self.truncating.iter().map(|(_, i)| *i).min()
+    }
+}
+
+/// Log storage handle; cheap to clone (clones share the writer).
 #[derive(Clone)]
 pub struct LogStore {
     db: Database,
     log: Keyspace,
     meta: Keyspace,
-    flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+    shared: Arc<Mutex<Shared>>,
+    writer: mpsc::Sender<Op>,
     committed_index: Arc<AtomicU64>,
 }
 
@@ -58,22 +87,45 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError {
     io_err(ErrorSubject::Logs, ErrorVerb::Write, e)
 }
 
+fn poisoned() -> StorageError {
+    write_err(std::io::Error::other("log store state poisoned"))
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn to_bound(b: Bound<&u64>) -> Bound<[u8; 8]> {
+    match b {
+        Bound::Included(i) => Bound::Included(index_key(*i)),
+        Bound::Excluded(i) => Bound::Excluded(index_key(*i)),
+        Bound::Unbounded => Bound::Unbounded,
+    }
+}
+
 impl LogStore {
-    /// Opens (or creates) the log keyspaces in `db` and starts the flusher thread.
+    /// Opens (or creates) the log keyspaces in `db` and starts the writer thread.
     pub fn open(db: &Database) -> Result<Self, fjall::Error> {
         let log = db.keyspace("raft_log", fjall::KeyspaceCreateOptions::default)?;
         let meta = db.keyspace("raft_meta", fjall::KeyspaceCreateOptions::default)?;
-        let (tx, rx) = mpsc::channel::<LogFlushed<TypeConfig>>();
-        let flush_db = db.clone();
+        let (tx, rx) = mpsc::channel::<Op>();
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let writer = Writer {
+            db: db.clone(),
+            log: log.clone(),
+            meta: meta.clone(),
+            shared: shared.clone(),
+        };
         std::thread::Builder::new()
-            .name("raft-log-flush".into())
-            .spawn(move || flusher(flush_db, rx))
+            .name("raft-log-writer".into())
+            .spawn(move || writer.run(rx))
             .map_err(fjall::Error::from)?;
         let store = LogStore {
             db: db.clone(),
             log,
             meta,
-            flusher: tx,
+            shared,
+            writer: tx,
             committed_index: Arc::new(AtomicU64::new(0)),
         };
         if let Ok(Some(Some(c))) = store.read_meta::<Option<LogId>>(COMMITTED) {
@@ -97,48 +149,116 @@ impl LogStore {
         rmp_serde::from_slice(&bytes).map(Some).map_err(read_err)
     }
 
-    fn write_meta<T: serde::Serialize>(&self, key: &str, value: &T) -> Result<(), StorageError> {
-        let bytes = rmp_serde::to_vec(value).map_err(write_err)?;
-        self.meta.insert(key, bytes).map_err(write_err)
+    fn send(&self, op: Op) -> Result<(), StorageError> {
+        self.writer
+            .send(op)
+            .map_err(|_| write_err(std::io::Error::other("log writer thread has stopped")))
     }
 
-    fn last_entry_log_id(&self) -> Result<Option<LogId>, StorageError> {
-        match self.log.last_key_value() {
+    /// The last entry in fjall below `before` (exclusive), if any.
+    fn last_stored(&self, before: Option<u64>) -> Result<Option<LogId>, StorageError> {
+        let upper = before.map_or(Bound::Unbounded, |i| Bound::Excluded(index_key(i)));
+        match self
+            .log
+            .range::<[u8; 8], _>((Bound::Unbounded, upper))
+            .next_back()
+        {
             None => Ok(None),
             Some(guard) => {
-                let value = guard.value().map_err(read_err)?;
-                let entry: Entry = rmp_serde::from_slice(&value).map_err(read_err)?;
-                Ok(Some(entry.log_id))
+                let (_, value) = guard.into_inner().map_err(read_err)?;
+                Ok(Some(
+                    rmp_serde::from_slice::<Entry>(&value)
+                        .map_err(read_err)?
+                        .log_id,
+                ))
             }
         }
     }
 }
 
-/// Drains flush requests, one `fdatasync` per group of waiting appends.
-fn flusher(db: Database, rx: mpsc::Receiver<LogFlushed<TypeConfig>>) {
-    while let Ok(first) = rx.recv() {
-        let mut group = vec![first];
-        group.extend(rx.try_iter());
-        let result = db.persist(PersistMode::SyncData);
-        for cb in group {
-            let r = match &result {
-                Ok(()) => Ok(()),
-                Err(e) => Err(std::io::Error::other(e.to_string())),
-            };
-            cb.log_io_completed(r);
+/// The writer thread: one fjall batch and one fsync per group of queued ops.
+struct Writer {
+    db: Database,
+    log: Keyspace,
+    meta: Keyspace,
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl Writer {
+    fn run(self, rx: mpsc::Receiver<Op>) {
+        while let Ok(first) = rx.recv() {
+            let mut ops = vec![first];
+            ops.extend(rx.try_iter());
+            let mut callbacks = Vec::new();
+            let mut written: Vec<LogId> = Vec::new();
+            let n = ops.len();
+            let t = std::time::Instant::now();
+            let result = self.apply(ops, &mut callbacks, &mut written);
+            tracing::warn!(
+                n,
+                entries = written.len(),
+                us = t.elapsed().as_micros() as u64,
+                "TEMP group"
+            );
+            if result.is_ok()
+                && let Ok(mut s) = self.shared.lock()
+            {
+                for id in &written {
+                    if s.pending.get(&id.index).is_some_and(|e| e.log_id == *id) {
+                        s.pending.remove(&id.index);
+                    }
+                }
+            }
+            for cb in callbacks {
+                let r = match &result {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(std::io::Error::other(e.to_string())),
+                };
+                cb.log_io_completed(r);
+            }
         }
     }
-}
 
-fn index_key(index: u64) -> [u8; 8] {
-    index.to_be_bytes()
-}
-
-fn to_bound(b: Bound<&u64>) -> Bound<[u8; 8]> {
-    match b {
-        Bound::Included(i) => Bound::Included(index_key(*i)),
-        Bound::Excluded(i) => Bound::Excluded(index_key(*i)),
-        Bound::Unbounded => Bound::Unbounded,
+    fn apply(
+        &self,
+        ops: Vec<Op>,
+        callbacks: &mut Vec<LogFlushed<TypeConfig>>,
+        written: &mut Vec<LogId>,
+    ) -> Result<(), fjall::Error> {
+        let mut batch = self.db.batch();
+        for op in ops {
+            match op {
+                Op::Append(entries, cb) => {
+                    for (id, bytes) in entries {
+                        batch.insert(&self.log, index_key(id.index), bytes);
+                        written.push(id);
+                    }
+                    callbacks.push(cb);
+                }
+                Op::Committed(bytes) => batch.insert(&self.meta, COMMITTED, bytes),
+                Op::Truncate(ticket, from) => {
+                    std::mem::replace(&mut batch, self.db.batch()).commit()?;
+                    for item in self.log.range(index_key(from)..) {
+                        batch.remove(&self.log, item.key()?);
+                    }
+                    std::mem::replace(&mut batch, self.db.batch()).commit()?;
+                    if let Ok(mut s) = self.shared.lock() {
+                        s.truncating.retain(|(t, _)| *t != ticket);
+                    }
+                }
+                Op::Purge(upto) => {
+                    std::mem::replace(&mut batch, self.db.batch()).commit()?;
+                    for item in self.log.range(..=index_key(upto.index)) {
+                        batch.remove(&self.log, item.key()?);
+                    }
+                }
+            }
+        }
+        batch.commit()?;
+        if !callbacks.is_empty() {
+            self.db.persist(PersistMode::SyncData)?;
+        }
+        Ok(())
     }
 }
 
@@ -147,13 +267,27 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
+        // Hold the lock while reading fjall so the writer cannot move an entry
+        // from `pending` to fjall (or finish a truncation) half-way through.
+        let s = self.shared.lock().map_err(|_| poisoned())?;
+        let hidden_from = s.hidden_from();
+        let mut out: BTreeMap<u64, Entry> = BTreeMap::new();
         let bounds = (to_bound(range.start_bound()), to_bound(range.end_bound()));
-        let mut out = Vec::new();
         for item in self.log.range(bounds) {
             let (_, value) = item.into_inner().map_err(read_err)?;
-            out.push(rmp_serde::from_slice::<Entry>(&value).map_err(read_err)?);
+            let entry: Entry = rmp_serde::from_slice(&value).map_err(read_err)?;
+            if hidden_from.is_some_and(|h| entry.log_id.index >= h) {
+                break;
+            }
+            out.insert(entry.log_id.index, entry);
         }
-        Ok(out)
+        for (i, e) in s
+            .pending
+            .range((range.start_bound().cloned(), range.end_bound().cloned()))
+        {
+            out.insert(*i, e.clone());
+        }
+        Ok(out.into_values().collect())
     }
 }
 
@@ -162,7 +296,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged_log_id = self.read_meta::<LogId>(PURGED)?;
-        let last_log_id = self.last_entry_log_id()?.or(last_purged_log_id);
+        let (pending_last, hidden_from) = {
+            let s = self.shared.lock().map_err(|_| poisoned())?;
+            (
+                s.pending.last_key_value().map(|(_, e)| e.log_id),
+                s.hidden_from(),
+            )
+        };
+        let last_log_id = pending_last
+            .or(self.last_stored(hidden_from)?)
+            .or(last_purged_log_id);
         Ok(LogState {
             last_purged_log_id,
             last_log_id,
@@ -190,7 +333,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         if let Some(c) = committed {
             self.committed_index.fetch_max(c.index, Ordering::Relaxed);
         }
-        self.write_meta(COMMITTED, &committed)
+        self.send(Op::Committed(
+            rmp_serde::to_vec(&committed).map_err(write_err)?,
+        ))
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
@@ -206,40 +351,41 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let mut batch = self.db.batch();
-        for entry in entries {
-            let bytes = rmp_serde::to_vec(&entry).map_err(write_err)?;
-            batch.insert(&self.log, index_key(entry.log_id.index), bytes);
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let mut encoded = Vec::with_capacity(entries.len());
+        for e in &entries {
+            encoded.push((e.log_id, rmp_serde::to_vec(e).map_err(write_err)?));
         }
-        batch.commit().map_err(write_err)?;
-        self.flusher
-            .send(callback)
-            .map_err(|_| write_err(std::io::Error::other("log flusher thread has stopped")))?;
-        Ok(())
+        {
+            let mut s = self.shared.lock().map_err(|_| poisoned())?;
+            for e in entries {
+                s.pending.insert(e.log_id.index, e);
+            }
+        }
+        self.send(Op::Append(encoded, callback))
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         // Removing a suffix needs no fsync of its own: if it is lost in a crash the
         // log is as it was before, which was valid; the next append's fsync covers it.
-        let mut batch = self.db.batch();
-        for item in self.log.range(index_key(log_id.index)..) {
-            let key = item.key().map_err(read_err)?;
-            batch.remove(&self.log, key);
-        }
-        batch.commit().map_err(write_err)
+        let ticket = {
+            let mut s = self.shared.lock().map_err(|_| poisoned())?;
+            s.pending.split_off(&log_id.index);
+            s.next_ticket += 1;
+            let t = s.next_ticket;
+            s.truncating.push((t, log_id.index));
+            t
+        };
+        self.send(Op::Truncate(ticket, log_id.index))
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let mut batch = self.db.batch();
-        batch.insert(
-            &self.meta,
-            PURGED,
-            rmp_serde::to_vec(&log_id).map_err(write_err)?,
-        );
-        for item in self.log.range(..=index_key(log_id.index)) {
-            let key = item.key().map_err(read_err)?;
-            batch.remove(&self.log, key);
+        self.meta
+            .insert(PURGED, rmp_serde::to_vec(&log_id).map_err(write_err)?)
+            .map_err(write_err)?;
+        if let Ok(mut s) = self.shared.lock() {
+            s.pending.retain(|i, _| *i > log_id.index);
         }
-        batch.commit().map_err(write_err)
+        self.send(Op::Purge(log_id))
     }
 }

@@ -27,6 +27,7 @@ use super::types::{
 };
 
 const LAST_APPLIED: &str = "last_applied";
+const REVISION: &str = "revision";
 const MEMBERSHIP: &str = "membership";
 /// How many applied changes a slow subscriber may lag behind before it is told
 /// it lost events (`broadcast::error::RecvError::Lagged`).
@@ -35,7 +36,7 @@ pub const CHANGE_CHANNEL_CAPACITY: usize = 4096;
 /// One committed change to the key space, published after it was applied.
 #[derive(Debug, Clone)]
 pub struct Change {
-    /// Revision (log index) of the change.
+    /// Revision of the change.
     pub revision: u64,
     /// The key written.
     pub key: String,
@@ -75,6 +76,7 @@ fn snap_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageErro
 pub struct KvReader {
     kv: Keyspace,
     applied: Arc<AtomicU64>,
+    revision: Arc<AtomicU64>,
     history: History,
 }
 
@@ -114,9 +116,14 @@ impl KvReader {
         Ok(keys)
     }
 
-    /// The last applied log index: the store's current revision.
+    /// The last applied Raft log index (what linearizable reads wait for).
     pub fn applied_index(&self) -> u64 {
         self.applied.load(Ordering::Acquire)
+    }
+
+    /// The store's current revision: the last one given to a change.
+    pub fn revision_now(&self) -> u64 {
+        self.revision.load(Ordering::Acquire)
     }
 
     /// Subscribes to committed changes, in commit order, from now on.
@@ -140,6 +147,9 @@ pub struct StateMachineStore {
     last_applied: Option<LogId>,
     membership: StoredMembership,
     applied: Arc<AtomicU64>,
+    /// Last revision given out (persisted with every apply).
+    rev: u64,
+    revision: Arc<AtomicU64>,
     history: History,
     snapshot_seq: u64,
     replay_until: u64,
@@ -186,11 +196,11 @@ impl StateMachineStore {
             Some(b) => rmp_serde::from_slice(&b).map_err(|e| sm_err(ErrorVerb::Read, e))?,
             None => StoredMembership::default(),
         };
-        let history = History::new(
-            last_applied.map_or(0, |l| l.index),
-            DEFAULT_HISTORY,
-            CHANGE_CHANNEL_CAPACITY,
-        );
+        let rev: u64 = match read(REVISION)? {
+            Some(b) => rmp_serde::from_slice(&b).map_err(|e| sm_err(ErrorVerb::Read, e))?,
+            None => 0,
+        };
+        let history = History::new(rev, DEFAULT_HISTORY, CHANGE_CHANNEL_CAPACITY);
         Ok(StateMachineStore {
             db: db.clone(),
             kv,
@@ -199,6 +209,8 @@ impl StateMachineStore {
             applied: Arc::new(AtomicU64::new(last_applied.map_or(0, |l| l.index))),
             last_applied,
             membership,
+            rev,
+            revision: Arc::new(AtomicU64::new(rev)),
             history,
             snapshot_seq: 0,
             replay_until: 0,
@@ -210,6 +222,7 @@ impl StateMachineStore {
         KvReader {
             kv: self.kv.clone(),
             applied: self.applied.clone(),
+            revision: self.revision.clone(),
             history: self.history.clone(),
         }
     }
@@ -236,7 +249,7 @@ impl StateMachineStore {
     }
 
     fn apply_command(
-        &self,
+        &mut self,
         cmd: Command,
         index: u64,
         batch: &mut fjall::OwnedWriteBatch,
@@ -244,6 +257,13 @@ impl StateMachineStore {
         changes: &mut Vec<Change>,
     ) -> Result<CommandResult, StorageError> {
         let (key, precondition) = match &cmd {
+            Command::Batch(cmds) => {
+                let mut results = Vec::with_capacity(cmds.len());
+                for c in cmds.clone() {
+                    results.push(self.apply_command(c, index, batch, overlay, changes)?);
+                }
+                return Ok(CommandResult::Batch(results));
+            }
             Command::Put {
                 key, precondition, ..
             }
@@ -261,15 +281,18 @@ impl StateMachineStore {
                 current: current_rev,
             });
         }
+        let replayed = index <= self.replay_until;
         match cmd {
             Command::Put {
                 value,
                 content_type,
                 ..
             } => {
+                self.rev += 1;
+                let revision = self.rev;
                 let record = Arc::new(ValueRecord {
-                    revision: index,
-                    create_revision: old.as_ref().map_or(index, |o| o.create_revision),
+                    revision,
+                    create_revision: old.as_ref().map_or(revision, |o| o.create_revision),
                     version: old.as_ref().map_or(1, |o| o.version + 1),
                     content_type,
                     value,
@@ -277,32 +300,34 @@ impl StateMachineStore {
                 batch.insert(&self.kv, key.as_bytes(), record.encode());
                 overlay.insert(key.clone(), Some(record.clone()));
                 changes.push(Change {
-                    revision: index,
+                    revision,
                     key,
                     old,
                     new: Some(record),
-                    replayed: index <= self.replay_until,
+                    replayed,
                 });
-                Ok(CommandResult::Put { revision: index })
+                Ok(CommandResult::Put { revision })
             }
             Command::Delete { .. } => {
                 let deleted = old.is_some();
                 if deleted {
+                    self.rev += 1;
                     batch.remove(&self.kv, key.as_bytes());
                     overlay.insert(key.clone(), None);
                     changes.push(Change {
-                        revision: index,
+                        revision: self.rev,
                         key,
                         old,
                         new: None,
-                        replayed: index <= self.replay_until,
+                        replayed,
                     });
                 }
                 Ok(CommandResult::Delete {
                     deleted,
-                    revision: index,
+                    revision: self.rev,
                 })
             }
+            Command::Batch(_) => Ok(CommandResult::Noop),
         }
     }
 
@@ -340,7 +365,8 @@ impl StateMachineStore {
     }
 }
 
-/// Snapshot data: a sequence of `[u32 key len][key][u32 record len][record]`.
+/// Snapshot data: `[u64 revision]` then a sequence of
+/// `[u32 key len][key][u32 record len][record]`.
 fn encode_pair(out: &mut Vec<u8>, key: &[u8], record: &[u8]) {
     out.extend_from_slice(&(key.len() as u32).to_be_bytes());
     out.extend_from_slice(key);
@@ -348,8 +374,17 @@ fn encode_pair(out: &mut Vec<u8>, key: &[u8], record: &[u8]) {
     out.extend_from_slice(record);
 }
 
-/// Splits snapshot data into `(key, record)` pairs; `None` if it is malformed.
-fn decode_pairs(mut data: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+/// Splits snapshot data into its revision and `(key, record)` pairs; `None`
+/// if it is malformed.
+fn decode_snapshot(data: &[u8]) -> Option<(u64, Pairs<'_>)> {
+    let rev = u64::from_be_bytes(data.get(..8)?.try_into().ok()?);
+    Some((rev, decode_pairs(&data[8..])?))
+}
+
+/// `(key, encoded record)` pairs borrowed from snapshot data.
+type Pairs<'a> = Vec<(&'a [u8], &'a [u8])>;
+
+fn decode_pairs(mut data: &[u8]) -> Option<Pairs<'_>> {
     fn take<'a>(data: &mut &'a [u8]) -> Option<&'a [u8]> {
         let len = u32::from_be_bytes(data.get(..4)?.try_into().ok()?) as usize;
         let item = data.get(4..4 + len)?;
@@ -373,6 +408,7 @@ pub struct SnapshotBuilder {
     dir: PathBuf,
     last_applied: Option<LogId>,
     membership: StoredMembership,
+    rev: u64,
     seq: u64,
 }
 
@@ -388,11 +424,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             snapshot_id,
         };
         let view = self.view.clone();
+        let rev = self.rev;
         let kv = self.kv.clone();
         let dir = self.dir.clone();
         let file_meta = meta.clone();
         let data = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, StorageError> {
-            let mut data = Vec::new();
+            let mut data = rev.to_be_bytes().to_vec();
             for item in view.iter(&kv) {
                 let (k, v) = item
                     .into_inner()
@@ -449,7 +486,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
         batch.insert(&self.meta, LAST_APPLIED, encode_meta(&self.last_applied)?);
         batch.insert(&self.meta, MEMBERSHIP, encode_meta(&self.membership)?);
+        batch.insert(&self.meta, REVISION, encode_meta(&self.rev)?);
         batch.commit().map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        self.revision.store(self.rev, Ordering::Release);
         if let Some(l) = self.last_applied {
             self.applied.store(l.index, Ordering::Release);
         }
@@ -465,6 +504,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             dir: self.snapshot_dir.clone(),
             last_applied: self.last_applied,
             membership: self.membership.clone(),
+            rev: self.rev,
             seq: self.snapshot_seq,
         }
     }
@@ -485,7 +525,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed snapshot data"),
             )
         };
-        let pairs = decode_pairs(&data).ok_or_else(invalid)?;
+        let (rev, pairs) = decode_snapshot(&data).ok_or_else(invalid)?;
         StateMachineStore::write_snapshot_file(&self.snapshot_dir, meta, &data)
             .map_err(|e| snap_err(ErrorVerb::Write, e))?;
         let mut batch = self.db.batch();
@@ -500,10 +540,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.membership = meta.last_membership.clone();
         batch.insert(&self.meta, LAST_APPLIED, encode_meta(&self.last_applied)?);
         batch.insert(&self.meta, MEMBERSHIP, encode_meta(&self.membership)?);
+        self.rev = rev;
+        batch.insert(&self.meta, REVISION, encode_meta(&self.rev)?);
         batch.commit().map_err(|e| sm_err(ErrorVerb::Write, e))?;
         let index = meta.last_log_id.map_or(0, |l| l.index);
         self.applied.store(index, Ordering::Release);
-        self.history.reset(index);
+        self.revision.store(rev, Ordering::Release);
+        self.history.reset(rev);
         tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "installed snapshot");
         Ok(())
     }
@@ -539,10 +582,14 @@ mod tests {
         let mut data = Vec::new();
         encode_pair(&mut data, b"a", &rec);
         encode_pair(&mut data, b"b/c", &rec);
-        let pairs = decode_pairs(&data).unwrap();
+        let mut snapshot = 7u64.to_be_bytes().to_vec();
+        snapshot.extend_from_slice(&data);
+        let (rev, pairs) = decode_snapshot(&snapshot).unwrap();
+        assert_eq!(rev, 7);
         assert_eq!(pairs.len(), 2);
         assert_eq!(pairs[1].0, b"b/c");
-        assert!(decode_pairs(&data[..data.len() - 1]).is_none());
+        assert!(decode_snapshot(&snapshot[..snapshot.len() - 1]).is_none());
+        assert!(decode_snapshot(&[0, 0, 0]).is_none());
         assert!(decode_pairs(&[0, 0, 0, 9, 1]).is_none());
     }
 }

@@ -2,9 +2,12 @@
 //! carries ([`Command`]), what applying it returns ([`CommandResult`]) and how a
 //! stored value is laid out on disk ([`ValueRecord`]).
 //!
-//! Revisions are Raft log indexes: the revision of a key is the index of the
-//! entry that last wrote it, and the store's revision is the last applied index.
-//! Both are therefore strictly increasing and identical on every node.
+//! Revisions count changes: every applied put, and every delete of an
+//! existing key, takes the next revision (a counter kept by the state
+//! machine, like etcd's). A key's revision is the one of its last write, the
+//! store's revision is the last one given out. Applying is deterministic, so
+//! revisions are identical on every node; they are unique per change even
+//! when many client writes travel in one Raft entry ([`Command::Batch`]).
 
 use std::io::Cursor;
 
@@ -70,15 +73,10 @@ pub enum Command {
         /// Compare-and-set condition.
         precondition: Precondition,
     },
-}
-
-impl Command {
-    /// The key this command writes.
-    pub fn key(&self) -> &str {
-        match self {
-            Command::Put { key, .. } | Command::Delete { key, .. } => key,
-        }
-    }
+    /// Independent writes from concurrent clients proposed as one entry
+    /// (one fsync and one replication round for all of them), applied in
+    /// order, each with its own result and revision.
+    Batch(Vec<Command>),
 }
 
 /// What applying one log entry did (the `R` of the Raft log).
@@ -104,6 +102,8 @@ pub enum CommandResult {
         /// Revision the key had when the entry was applied (`None`: absent).
         current: Option<u64>,
     },
+    /// The results of a [`Command::Batch`], in order.
+    Batch(Vec<CommandResult>),
 }
 
 /// A stored value with its metadata, as kept in the state machine keyspace.

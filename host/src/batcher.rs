@@ -17,7 +17,7 @@ use crate::raft::{Command, CommandResult};
 type Reply = oneshot::Sender<Result<CommandResult, WriteError>>;
 
 /// Default number of proposals in flight at once.
-pub const DEFAULT_INFLIGHT: usize = 2;
+pub const DEFAULT_INFLIGHT: usize = 1;
 /// Most value bytes carried by one batch entry.
 pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Most writes carried by one batch entry.

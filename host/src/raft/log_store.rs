@@ -191,15 +191,7 @@ impl Writer {
             ops.extend(rx.try_iter());
             let mut callbacks = Vec::new();
             let mut written: Vec<LogId> = Vec::new();
-            let n = ops.len();
-            let t = std::time::Instant::now();
             let result = self.apply(ops, &mut callbacks, &mut written);
-            tracing::warn!(
-                n,
-                entries = written.len(),
-                us = t.elapsed().as_micros() as u64,
-                "TEMP group"
-            );
             if result.is_ok()
                 && let Ok(mut s) = self.shared.lock()
             {

@@ -26,18 +26,6 @@ async fn error_code(resp: reqwest::Response, status: StatusCode) -> Value {
     body["error"].clone()
 }
 
-async fn revision(c: &reqwest::Client, base: &str) -> u64 {
-    let j: Value = c
-        .get(format!("{base}/v1/kv"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    j["revision"].as_u64().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_get_delete_list_round_trip() {
     let (_dir, node) = single().await;
@@ -249,7 +237,7 @@ async fn value_size_limit() {
         .unwrap();
     assert_eq!(got.len(), MAX_VALUE_BYTES);
 
-    let before = revision(&c, base).await;
+    let before = list_revision(&c, base).await;
     let r = c
         .put(format!("{base}/v1/kv/big"))
         .body(vec![b'y'; MAX_VALUE_BYTES + 1])
@@ -260,7 +248,7 @@ async fn value_size_limit() {
         error_code(r, StatusCode::PAYLOAD_TOO_LARGE).await["code"],
         "value_too_large"
     );
-    assert_eq!(revision(&c, base).await, before);
+    assert_eq!(list_revision(&c, base).await, before);
     let got = c
         .get(format!("{base}/v1/kv/big"))
         .send()
@@ -312,7 +300,7 @@ async fn value_size_limit() {
         .unwrap();
     let text = String::from_utf8_lossy(&buf[..n]);
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
-    assert_eq!(revision(&c, base).await, before);
+    assert_eq!(list_revision(&c, base).await, before);
     node.shutdown().await;
 }
 
@@ -326,7 +314,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
         .send()
         .await
         .unwrap();
-    let before = revision(&c, base).await;
+    let before = list_revision(&c, base).await;
 
     let long = "k".repeat(MAX_KEY_BYTES + 1);
     for path in [
@@ -359,7 +347,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let before = before.max(revision(&c, base).await);
+    let before = before.max(list_revision(&c, base).await);
 
     let r = c
         .put(format!("{base}/v1/kv/k"))
@@ -469,7 +457,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
     error_code(r, StatusCode::NOT_FOUND).await;
 
     assert_eq!(
-        revision(&c, base).await,
+        list_revision(&c, base).await,
         before,
         "bad input must change nothing"
     );

@@ -42,23 +42,11 @@ async fn status_of(c: &reqwest::Client, node: &Node, name: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
-async fn revision(c: &reqwest::Client, node: &Node) -> u64 {
-    let j: Value = c
-        .get(url(node, "/v1/kv"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    j["revision"].as_u64().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runaway_plugins_are_stopped_and_the_node_keeps_serving() {
     let (_dir, node) = single_with(&["looper", "membomb", "trapper", "flag_schema"]).await;
     let c = client();
-    let before = revision(&c, &node).await;
+    let before = list_revision(&c, node.advertise()).await;
 
     // Infinite loop: interrupted at the 50 ms deadline, the write is rejected.
     let t = Instant::now();
@@ -104,7 +92,7 @@ async fn runaway_plugins_are_stopped_and_the_node_keeps_serving() {
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
 
     // Nothing was proposed.
-    assert_eq!(revision(&c, &node).await, before);
+    assert_eq!(list_revision(&c, node.advertise()).await, before);
     // Keys no plugin cares about, and a valid flag write, still work.
     let r = c
         .put(url(&node, "/v1/kv/plain"))
@@ -266,7 +254,7 @@ async fn cluster_validates_on_every_entry_node_and_reacts_everywhere_in_order() 
     let dir = tempfile::tempdir().unwrap();
     let nodes = plugin_cluster(dir.path()).await;
     let c = client();
-    let before = revision(&c, &nodes[0]).await;
+    let before = list_revision(&c, nodes[0].advertise()).await;
     for n in &nodes {
         let r = c
             .put(url(n, "/v1/kv/feature_flags"))
@@ -297,7 +285,7 @@ async fn cluster_validates_on_every_entry_node_and_reacts_everywhere_in_order() 
     }
     for n in &nodes {
         assert_eq!(
-            revision(&c, n).await,
+            list_revision(&c, n.advertise()).await,
             before,
             "a rejected write was committed"
         );

@@ -256,14 +256,18 @@ impl StateMachineStore {
         overlay: &mut HashMap<String, Option<Arc<ValueRecord>>>,
         changes: &mut Vec<Change>,
     ) -> Result<CommandResult, StorageError> {
-        let (key, precondition) = match &cmd {
+        let cmd = match cmd {
             Command::Batch(cmds) => {
                 let mut results = Vec::with_capacity(cmds.len());
-                for c in cmds.clone() {
+                for c in cmds {
                     results.push(self.apply_command(c, index, batch, overlay, changes)?);
                 }
                 return Ok(CommandResult::Batch(results));
             }
+            single => single,
+        };
+        let (key, precondition) = match &cmd {
+            Command::Batch(_) => return Ok(CommandResult::Noop),
             Command::Put {
                 key, precondition, ..
             }

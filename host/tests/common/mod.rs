@@ -304,3 +304,16 @@ pub fn generous_limits() -> flagstone::plugins::Limits {
         ..flagstone::plugins::Limits::default()
     }
 }
+
+/// The store's revision as `GET /v1/kv` reports it on `base`.
+pub async fn list_revision(c: &reqwest::Client, base: &str) -> u64 {
+    let j: serde_json::Value = c
+        .get(format!("{base}/v1/kv"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    j["revision"].as_u64().unwrap()
+}

@@ -516,50 +516,77 @@ impl Node {
         Ok((self.reader.list(prefix)?, revision))
     }
 
-    /// Routes a command to the leader (forwarding from followers) and turns a
-    /// failed precondition into an error.
-    pub async fn write(&self, cmd: Command) -> Result<CommandResult, WriteError> {
-        let mut last = WriteError::NoLeader;
+    /// Runs `local` if this node leads, else `remote` with the leader's URL.
+    /// When the answer says leadership moved (`moved`), waits (bounded) for the
+    /// next leader and tries again, a few times.
+    async fn with_leader<T, E, L, LF, R, RF>(
+        &self,
+        no_leader: fn() -> E,
+        moved: fn(&E) -> bool,
+        local: L,
+        remote: R,
+    ) -> Result<T, E>
+    where
+        L: Fn() -> LF,
+        LF: std::future::Future<Output = Result<T, E>>,
+        R: Fn(String) -> RF,
+        RF: std::future::Future<Output = Result<T, E>>,
+    {
+        let mut last = None;
         for attempt in 0..WRITE_ATTEMPTS {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(50 * attempt as u64)).await;
             }
             let Some((leader, addr)) = self.wait_for_leader().await else {
-                return Err(WriteError::NoLeader);
+                return Err(no_leader());
             };
             let result = if leader == self.id {
-                self.write_local(cmd.clone()).await
+                local().await
             } else {
-                self.peers.forward_write(&addr, &cmd).await
+                remote(addr).await
             };
             match result {
-                Err(e @ (WriteError::NotLeader { .. } | WriteError::NoLeader)) => {
-                    last = e;
+                Err(e) if moved(&e) => {
+                    last = Some(e);
                     self.wait_for_leader_change(leader).await;
-                }
-                Ok(CommandResult::PreconditionFailed { current }) => {
-                    return Err(WriteError::PreconditionFailed { current });
                 }
                 other => return other,
             }
         }
-        Err(match last {
-            WriteError::NotLeader { .. } => WriteError::NoLeader,
-            e => e,
-        })
+        Err(last.unwrap_or_else(no_leader))
+    }
+
+    /// Routes a command to the leader (forwarding from followers) and turns a
+    /// failed precondition into an error.
+    pub async fn write(&self, cmd: Command) -> Result<CommandResult, WriteError> {
+        let result = self
+            .with_leader(
+                || WriteError::NoLeader,
+                |e| matches!(e, WriteError::NotLeader { .. } | WriteError::NoLeader),
+                || self.write_local(cmd.clone()),
+                |addr| {
+                    let cmd = &cmd;
+                    async move { self.peers.forward_write(&addr, cmd).await }
+                },
+            )
+            .await;
+        match result {
+            Ok(CommandResult::PreconditionFailed { current }) => {
+                Err(WriteError::PreconditionFailed { current })
+            }
+            Err(WriteError::NotLeader { .. }) => Err(WriteError::NoLeader),
+            other => other,
+        }
     }
 
     /// Proposes a command on this node, which must be the leader. Validator
     /// plugins run here, between the checks and the proposal; concurrent
     /// writes are then proposed together (see `batcher.rs`).
     pub async fn write_local(&self, cmd: Command) -> Result<CommandResult, WriteError> {
-        let key = match &cmd {
-            Command::Put { key, .. } | Command::Delete { key, .. } => key,
-            Command::Batch(_) => {
-                return Err(WriteError::InvalidKey(
-                    "batches are formed by the leader only".into(),
-                ));
-            }
+        let Some(key) = cmd.key() else {
+            return Err(WriteError::InvalidKey(
+                "batches are formed by the leader only".into(),
+            ));
         };
         validate_key(key)?;
         if let Command::Put { value, .. } = &cmd
@@ -589,9 +616,8 @@ impl Node {
         let Some(host) = &self.plugins else {
             return Ok(());
         };
-        let key = match cmd {
-            Command::Put { key, .. } | Command::Delete { key, .. } => key,
-            Command::Batch(_) => return Ok(()),
+        let Some(key) = cmd.key() else {
+            return Ok(());
         };
         if !host.validates(key) {
             return Ok(());
@@ -605,25 +631,19 @@ impl Node {
                 content_type: r.content_type,
                 revision: r.revision,
             });
-        let write = match cmd {
+        let (value, content_type) = match cmd {
             Command::Put {
-                key,
                 value,
                 content_type,
                 ..
-            } => wit::Write {
-                key: key.clone(),
-                value: Some(value.clone()),
-                content_type: content_type.clone(),
-                current,
-            },
-            Command::Delete { key, .. } => wit::Write {
-                key: key.clone(),
-                value: None,
-                content_type: None,
-                current,
-            },
-            Command::Batch(_) => return Ok(()),
+            } => (Some(value.clone()), content_type.clone()),
+            _ => (None, None),
+        };
+        let write = wit::Write {
+            key: key.to_owned(),
+            value,
+            content_type,
+            current,
         };
         let host = host.clone();
         tokio::task::spawn_blocking(move || host.validate(&write))
@@ -673,28 +693,13 @@ impl Node {
 
     /// One read-index request: from this node if it leads, else from the leader.
     async fn fetch_read_index(&self) -> Result<u64, ReadError> {
-        let mut last = ReadError::NoLeader;
-        for attempt in 0..WRITE_ATTEMPTS {
-            if attempt > 0 {
-                tokio::time::sleep(Duration::from_millis(50 * attempt as u64)).await;
-            }
-            let Some((leader, addr)) = self.wait_for_leader().await else {
-                return Err(ReadError::NoLeader);
-            };
-            let index = if leader == self.id {
-                self.read_index_local().await
-            } else {
-                self.peers.read_index(&addr, LEADER_WAIT).await
-            };
-            match index {
-                Err(e @ ReadError::NoLeader) => {
-                    last = e;
-                    self.wait_for_leader_change(leader).await;
-                }
-                other => return other,
-            }
-        }
-        Err(last)
+        self.with_leader(
+            || ReadError::NoLeader,
+            |e| matches!(e, ReadError::NoLeader),
+            || self.read_index_local(),
+            |addr| async move { self.peers.read_index(&addr, LEADER_WAIT).await },
+        )
+        .await
     }
 
     // ---- cluster ----------------------------------------------------------

@@ -26,6 +26,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
+use super::kv::wants_linearizable;
 use crate::flags::{bulk_etag, evaluate, flag_keys, is_flag_key};
 use crate::node::Node;
 use crate::plugins::types::{ErrorCode, EvalContext, Evaluation, FlagValue, MetadataValue, Reason};
@@ -166,17 +167,17 @@ async fn barrier(
     params: Result<Query<EvalParams>, QueryRejection>,
 ) -> Result<(), Response> {
     let params = params.map(|Query(p)| p).unwrap_or_default();
-    match params.consistency.as_deref() {
-        None | Some("local") | Some("serializable") => Ok(()),
-        Some("linearizable") => node
+    match wants_linearizable(params.consistency.as_deref()) {
+        Ok(false) => Ok(()),
+        Ok(true) => node
             .read_barrier()
             .await
             .map_err(|e| server_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
-        Some(other) => Err(failure(
+        Err(msg) => Err(failure(
             StatusCode::BAD_REQUEST,
             None,
             ErrorCode::General,
-            &format!("consistency must be linearizable, serializable or local, not {other:?}"),
+            &msg,
         )),
     }
 }

@@ -34,14 +34,20 @@ pub struct ReadParams {
 
 impl ReadParams {
     fn linearizable(&self) -> Result<bool, ApiError> {
-        match self.consistency.as_deref() {
-            None | Some("local") | Some("serializable") => Ok(false),
-            Some("linearizable") => Ok(true),
-            Some(other) => Err(ApiError::bad_request(
-                "invalid_consistency",
-                format!("consistency must be linearizable, serializable or local, not {other:?}"),
-            )),
-        }
+        wants_linearizable(self.consistency.as_deref())
+            .map_err(|msg| ApiError::bad_request("invalid_consistency", msg))
+    }
+}
+
+/// Reads `?consistency=`: `linearizable` (true), `serializable` / `local` /
+/// absent (false), anything else is an error message for the caller to wrap.
+pub fn wants_linearizable(consistency: Option<&str>) -> Result<bool, String> {
+    match consistency {
+        None | Some("local") | Some("serializable") => Ok(false),
+        Some("linearizable") => Ok(true),
+        Some(other) => Err(format!(
+            "consistency must be linearizable, serializable or local, not {other:?}"
+        )),
     }
 }
 

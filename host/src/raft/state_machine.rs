@@ -256,7 +256,8 @@ impl StateMachineStore {
         overlay: &mut HashMap<String, Option<Arc<ValueRecord>>>,
         changes: &mut Vec<Change>,
     ) -> Result<CommandResult, StorageError> {
-        let cmd = match cmd {
+        // A put carries its new value and content type; a delete carries none.
+        let (key, precondition, put) = match cmd {
             Command::Batch(cmds) => {
                 let mut results = Vec::with_capacity(cmds.len());
                 for c in cmds {
@@ -264,14 +265,13 @@ impl StateMachineStore {
                 }
                 return Ok(CommandResult::Batch(results));
             }
-            single => single,
-        };
-        let (key, precondition) = match &cmd {
-            Command::Batch(_) => return Ok(CommandResult::Noop),
             Command::Put {
-                key, precondition, ..
-            }
-            | Command::Delete { key, precondition } => (key.clone(), *precondition),
+                key,
+                value,
+                content_type,
+                precondition,
+            } => (key, precondition, Some((value, content_type))),
+            Command::Delete { key, precondition } => (key, precondition, None),
         };
         let old = self.current(overlay, &key)?;
         let current_rev = old.as_ref().map(|r| r.revision);
@@ -286,12 +286,8 @@ impl StateMachineStore {
             });
         }
         let replayed = index <= self.replay_until;
-        match cmd {
-            Command::Put {
-                value,
-                content_type,
-                ..
-            } => {
+        match put {
+            Some((value, content_type)) => {
                 self.rev += 1;
                 let revision = self.rev;
                 let record = Arc::new(ValueRecord {
@@ -312,7 +308,7 @@ impl StateMachineStore {
                 });
                 Ok(CommandResult::Put { revision })
             }
-            Command::Delete { .. } => {
+            None => {
                 let deleted = old.is_some();
                 if deleted {
                     self.rev += 1;
@@ -331,7 +327,6 @@ impl StateMachineStore {
                     revision: self.rev,
                 })
             }
-            Command::Batch(_) => Ok(CommandResult::Noop),
         }
     }
 

@@ -79,6 +79,16 @@ pub enum Command {
     Batch(Vec<Command>),
 }
 
+impl Command {
+    /// The key a single write touches (`None` for a batch).
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Command::Put { key, .. } | Command::Delete { key, .. } => Some(key),
+            Command::Batch(_) => None,
+        }
+    }
+}
+
 /// What applying one log entry did (the `R` of the Raft log).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 pub enum CommandResult {

@@ -11,13 +11,6 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn single() -> (tempfile::TempDir, std::sync::Arc<flagstone::Node>) {
-    let dir = tempfile::tempdir().unwrap();
-    let node = start_node(1, dir.path(), None, fast_tuning()).await;
-    wait_converged(std::slice::from_ref(&node), 1).await;
-    (dir, node)
-}
-
 async fn error_code(resp: reqwest::Response, status: StatusCode) -> Value {
     assert_eq!(resp.status(), status);
     assert_eq!(resp.headers()["content-type"], "application/json");
@@ -28,7 +21,7 @@ async fn error_code(resp: reqwest::Response, status: StatusCode) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_get_delete_list_round_trip() {
-    let (_dir, node) = single().await;
+    let (_dir, node) = single_node(|_| {}).await;
     let c = client();
     let base = node.advertise();
     let r = c
@@ -77,26 +70,12 @@ async fn put_get_delete_list_round_trip() {
             .await
             .unwrap();
     }
-    let j: Value = c
-        .get(format!("{base}/v1/kv?prefix="))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let j: Value = get_json(&c, format!("{base}/v1/kv?prefix=")).await;
     assert_eq!(
         j["keys"],
         serde_json::json!(["a", "b", "blob", "c/d", "flags/new_ui", "flags/zeta"])
     );
-    let j: Value = c
-        .get(format!("{base}/v1/kv?prefix=flags/"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let j: Value = get_json(&c, format!("{base}/v1/kv?prefix=flags/")).await;
     assert_eq!(j["keys"], serde_json::json!(["flags/new_ui", "flags/zeta"]));
     assert!(j["revision"].as_u64().unwrap() > rev);
 
@@ -128,7 +107,7 @@ async fn put_get_delete_list_round_trip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compare_and_set_and_create_only() {
-    let (_dir, node) = single().await;
+    let (_dir, node) = single_node(|_| {}).await;
     let c = client();
     let base = node.advertise();
     let k = format!("{base}/v1/kv/counter");
@@ -216,7 +195,7 @@ async fn compare_and_set_and_create_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn value_size_limit() {
-    let (_dir, node) = single().await;
+    let (_dir, node) = single_node(|_| {}).await;
     let c = client();
     let base = node.advertise();
     let exact = vec![b'x'; MAX_VALUE_BYTES];
@@ -306,7 +285,7 @@ async fn value_size_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_and_changes_nothing() {
-    let (_dir, node) = single().await;
+    let (_dir, node) = single_node(|_| {}).await;
     let c = client();
     let base = node.advertise();
     c.put(format!("{base}/v1/kv/k"))

@@ -31,14 +31,7 @@ async fn forms_replicates_and_forwards() {
     // Every node reports the same leader, term and three voters over HTTP.
     let mut views = Vec::new();
     for n in &nodes {
-        let j: Value = c
-            .get(url(n, "/v1/cluster"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let j: Value = get_json(&c, url(n, "/v1/cluster")).await;
         assert_eq!(j["node_id"], n.id());
         assert_eq!(j["members"].as_array().unwrap().len(), 3);
         views.push((j["leader_id"].clone(), j["term"].clone()));

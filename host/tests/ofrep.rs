@@ -159,14 +159,7 @@ async fn provider_flow_bulk_with_etag_then_typed_single_evaluations() {
     let ctx = r#"{"context":{"targetingKey":"user-7","plan":"pro"}}"#;
 
     // 1. Configuration, then the initial bulk fetch.
-    let conf: Value = c
-        .get(url(&node, "/ofrep/v1/configuration"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let conf: Value = get_json(&c, url(&node, "/ofrep/v1/configuration")).await;
     assert_eq!(conf["name"], "flagstone");
     let r = c.post(&bulk).body(ctx).send().await.unwrap();
     assert_eq!(r.status(), 200);

@@ -25,14 +25,7 @@ async fn single_with(names: &[&str]) -> (tempfile::TempDir, Arc<Node>) {
 }
 
 async fn status_of(c: &reqwest::Client, node: &Node, name: &str) -> Value {
-    let j: Value = c
-        .get(url(node, "/v1/plugins"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let j: Value = get_json(c, url(node, "/v1/plugins")).await;
     j["plugins"]
         .as_array()
         .unwrap()

@@ -4,11 +4,10 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use flagstone::{Node, NodeConfig};
+use flagstone::Node;
 use serde_json::Value;
 
 /// One parsed Server-Sent Event.
@@ -82,20 +81,9 @@ impl SseReader {
     }
 }
 
-async fn single(config: impl FnOnce(&mut NodeConfig)) -> (tempfile::TempDir, Arc<Node>) {
-    let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut c = NodeConfig::new(1, dir.path().join("n1"));
-    c.raft = fast_tuning();
-    config(&mut c);
-    let node = Node::start(c, listener).await.unwrap();
-    wait_converged(std::slice::from_ref(&node), 1).await;
-    (dir, node)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resumes_from_since_and_last_event_id_without_gaps_or_duplicates() {
-    let (_dir, node) = single(|_| {}).await;
+    let (_dir, node) = single_node(|_| {}).await;
     let c = client();
     let mut revs = Vec::new();
     for i in 0..10 {
@@ -151,7 +139,7 @@ async fn resumes_from_since_and_last_event_id_without_gaps_or_duplicates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compacted_revision_tells_the_client_to_relist() {
-    let (_dir, node) = single(|c| c.watch_history = 5).await;
+    let (_dir, node) = single_node(|c| c.watch_history = 5).await;
     let c = client();
     let first = node.set_custom_data("k/0", "0").await.unwrap();
     for i in 1..20 {
@@ -176,14 +164,7 @@ async fn a_compacted_revision_tells_the_client_to_relist() {
     );
     assert!(w.next().await.is_none(), "the stream ends after the error");
     // Re-list, then watch from the listing's revision: that works.
-    let list: Value = c
-        .get(url(&node, "/v1/kv?prefix=k/"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = get_json(&c, url(&node, "/v1/kv?prefix=k/")).await;
     let rev = list["revision"].as_u64().unwrap();
     let mut w = SseReader::open(
         &c,
@@ -204,7 +185,7 @@ async fn a_compacted_revision_tells_the_client_to_relist() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_is_cut_off_with_a_reason() {
-    let (_dir, node) = single(|c| c.watch_buffer = 16).await;
+    let (_dir, node) = single_node(|c| c.watch_buffer = 16).await;
     let c = client();
     let start = node.reader().revision_now();
     // Connect, then do not read while many large changes are applied.
@@ -318,7 +299,7 @@ async fn ordered_delivery_across_a_leader_change() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_concurrent_watchers_each_see_every_change_in_order() {
-    let (_dir, node) = single(|_| {}).await;
+    let (_dir, node) = single_node(|_| {}).await;
     let c = client();
     let since = node.reader().revision_now();
     let mut watchers = Vec::new();

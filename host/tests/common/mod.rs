@@ -40,13 +40,33 @@ where
     }
 }
 
-/// Starts an in-process node on 127.0.0.1:0.
-pub async fn start_node(id: u64, dir: &Path, join: Option<&str>, tuning: RaftTuning) -> Arc<Node> {
+/// Starts an in-process node on 127.0.0.1:0 with test timings, after
+/// `configure` has adjusted its config.
+pub async fn start_with(id: u64, dir: &Path, configure: impl FnOnce(&mut NodeConfig)) -> Arc<Node> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut config = NodeConfig::new(id, dir.join(format!("node-{id}")));
-    config.join = join.map(str::to_owned);
-    config.raft = tuning;
+    config.raft = fast_tuning();
+    configure(&mut config);
     Node::start(config, listener).await.unwrap()
+}
+
+/// Starts an in-process node on 127.0.0.1:0.
+pub async fn start_node(id: u64, dir: &Path, join: Option<&str>, tuning: RaftTuning) -> Arc<Node> {
+    start_with(id, dir, |c| {
+        c.join = join.map(str::to_owned);
+        c.raft = tuning;
+    })
+    .await
+}
+
+/// A single-node cluster in a fresh temporary directory, ready for writes.
+pub async fn single_node(
+    configure: impl FnOnce(&mut NodeConfig),
+) -> (tempfile::TempDir, Arc<Node>) {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_with(1, dir.path(), configure).await;
+    wait_converged(std::slice::from_ref(&node), 1).await;
+    (dir, node)
 }
 
 /// Waits until `nodes` all agree on one leader and on `voters` voters.
@@ -282,15 +302,14 @@ pub async fn start_plugin_node(
     plugins: &Path,
     limits: flagstone::plugins::Limits,
 ) -> Arc<Node> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut config = NodeConfig::new(id, dir.join(format!("node-{id}")));
-    config.join = join.map(str::to_owned);
-    config.raft = fast_tuning();
-    config.plugins_dir = Some(plugins.to_owned());
-    config.plugin_limits = limits;
-    config.plugin_reload_every = Duration::from_millis(100);
-    config.plugin_cache_dir = Some(shared_plugin_cache());
-    Node::start(config, listener).await.unwrap()
+    start_with(id, dir, |c| {
+        c.join = join.map(str::to_owned);
+        c.plugins_dir = Some(plugins.to_owned());
+        c.plugin_limits = limits;
+        c.plugin_reload_every = Duration::from_millis(100);
+        c.plugin_cache_dir = Some(shared_plugin_cache());
+    })
+    .await
 }
 
 /// Limits for tests that check answers, not deadlines: on a loaded 2-core
@@ -305,15 +324,14 @@ pub fn generous_limits() -> flagstone::plugins::Limits {
     }
 }
 
+/// `GET url` as JSON (panics on transport errors or a non-JSON body).
+pub async fn get_json(c: &reqwest::Client, url: impl reqwest::IntoUrl) -> serde_json::Value {
+    c.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 /// The store's revision as `GET /v1/kv` reports it on `base`.
 pub async fn list_revision(c: &reqwest::Client, base: &str) -> u64 {
-    let j: serde_json::Value = c
-        .get(format!("{base}/v1/kv"))
-        .send()
-        .await
+    get_json(c, format!("{base}/v1/kv")).await["revision"]
+        .as_u64()
         .unwrap()
-        .json()
-        .await
-        .unwrap();
-    j["revision"].as_u64().unwrap()
 }

@@ -61,6 +61,10 @@ struct ServeArgs {
     /// Linear memory cap per plugin instance, in MiB.
     #[arg(long, default_value_t = 32)]
     plugin_memory_mib: usize,
+    /// Async worker threads (default: one per CPU). Fewer is faster when
+    /// several nodes share a small machine.
+    #[arg(long, env = "FLAGSTONE_THREADS")]
+    threads: Option<usize>,
 }
 
 async fn shutdown_signal() {
@@ -90,8 +94,23 @@ async fn shutdown_signal() {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let Cli {
+        command: Command::Serve(args),
+    } = Cli::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.threads {
+        anyhow::ensure!(n > 0, "--threads must be at least 1");
+        runtime.worker_threads(n);
+    }
+    runtime
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(serve(args))
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -99,9 +118,6 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let Cli {
-        command: Command::Serve(args),
-    } = Cli::parse();
     let mut config = NodeConfig::new(
         args.id,
         args.data_dir

@@ -14,7 +14,7 @@ use flagstone::Node;
 use flagstone::plugins::Limits;
 use flagstone::plugins::types::{EvalContext, FlagValue, Reason};
 use reqwest::StatusCode;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 async fn single_with(names: &[&str]) -> (tempfile::TempDir, Arc<Node>) {
     let dir = tempfile::tempdir().unwrap();
@@ -119,6 +119,24 @@ async fn runaway_plugins_are_stopped_and_the_node_keeps_serving() {
     }
     assert_eq!(status_of(&c, &node, "trapper").await["state"], "unhealthy");
     assert_eq!(status_of(&c, &node, "flag-schema").await["state"], "ok");
+
+    // A trapping evaluator (its panic message goes to stderr first) is an
+    // OFREP error answer, twice in a row; the request never dies with it.
+    for _ in 0..2 {
+        let r = c
+            .post(url(&node, "/ofrep/v1/evaluate/flags/trap-x"))
+            .json(&json!({"context": {"targetingKey": "u"}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["errorCode"], "GENERAL", "{e}");
+        assert!(
+            e["errorDetails"].as_str().unwrap().contains("trapper"),
+            "{e}"
+        );
+    }
     node.shutdown().await;
 }
 

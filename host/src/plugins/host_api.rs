@@ -14,6 +14,7 @@ use wasmtime_wasi::p2::bindings::{cli, io};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{self, log, store, types};
+use super::sync_io::{SyncIo, SyncIoData};
 use crate::raft::KvReader;
 
 /// How many plugin log lines a node keeps for `GET /v1/plugins/logs`.
@@ -148,12 +149,15 @@ pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
     let mut l = Linker::new(engine);
     bindings::Plugin::add_to_linker::<HostState, Own>(&mut l, |s| s)?;
     io::error::add_to_linker::<HostState, Io>(&mut l, |s| &mut s.table)?;
-    wasmtime_wasi::p2::bindings::sync::io::poll::add_to_linker::<HostState, Io>(&mut l, |s| {
-        &mut s.table
-    })?;
-    wasmtime_wasi::p2::bindings::sync::io::streams::add_to_linker::<HostState, Io>(&mut l, |s| {
-        &mut s.table
-    })?;
+    // Streams and polling that never block a thread (see `sync_io.rs`).
+    wasmtime_wasi::p2::bindings::sync::io::poll::add_to_linker::<HostState, SyncIoData>(
+        &mut l,
+        |s| SyncIo(&mut s.table),
+    )?;
+    wasmtime_wasi::p2::bindings::sync::io::streams::add_to_linker::<HostState, SyncIoData>(
+        &mut l,
+        |s| SyncIo(&mut s.table),
+    )?;
     use wasmtime_wasi::cli::{WasiCli, WasiCliCtxView, WasiCliView};
     fn cli_view(s: &mut HostState) -> WasiCliCtxView<'_> {
         s.cli()

@@ -14,6 +14,7 @@ pub mod host_api;
 pub mod limits;
 pub mod registry;
 pub mod runtime;
+pub mod sync_io;
 
 pub use bindings::types;
 pub use limits::Limits;

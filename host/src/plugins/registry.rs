@@ -17,6 +17,7 @@ use super::bindings::types;
 use super::host_api::{LogLine, LogRing};
 use super::limits::{EpochTicker, Limits};
 use super::runtime::{CallError, LoadError, LoadedPlugin, StatsView, engine};
+use crate::flags::{FEATURE_FLAGS, FLAGS_PREFIX};
 use crate::raft::{Change, KvReader};
 
 /// A validator's verdict that stops a write.
@@ -45,6 +46,9 @@ struct PluginSet {
     active: BTreeMap<String, Active>,
     /// Files that failed to load, with the reason.
     broken: BTreeMap<PathBuf, ((SystemTime, u64), String)>,
+    /// The active plugins in name order, shared with callers (rebuilt on
+    /// every change, so a hook call clones one `Arc`, not a list).
+    ordered: Arc<[Arc<LoadedPlugin>]>,
 }
 
 /// One entry of `GET /v1/plugins`.
@@ -114,16 +118,16 @@ impl PluginHost {
         Ok(host)
     }
 
-    fn snapshot(&self) -> Vec<Arc<LoadedPlugin>> {
+    fn snapshot(&self) -> Arc<[Arc<LoadedPlugin>]> {
         match self.set.read() {
-            Ok(set) => set.active.values().map(|a| a.plugin.clone()).collect(),
-            Err(_) => Vec::new(),
+            Ok(set) => set.ordered.clone(),
+            Err(_) => Arc::from(Vec::new()),
         }
     }
 
     /// Loaded plugins in name order.
     pub fn plugins(&self) -> Vec<Arc<LoadedPlugin>> {
-        self.snapshot()
+        self.snapshot().to_vec()
     }
 
     /// Looks at the directory and loads added or changed `.wasm` files,
@@ -209,6 +213,9 @@ impl PluginHost {
                 }
             }
         }
+        if changed {
+            set.ordered = set.active.values().map(|a| a.plugin.clone()).collect();
+        }
         changed
     }
 
@@ -276,7 +283,7 @@ impl PluginHost {
                     Ok(change) => h.deliver(change),
                     Err(RecvError::Lagged(n)) => {
                         tracing::warn!(dropped = n, "on-change dispatch lagged; events dropped");
-                        for p in h.snapshot() {
+                        for p in h.snapshot().iter() {
                             if p.has_hook(types::Hook::OnChange) {
                                 p.stats.dropped(n);
                             }
@@ -314,10 +321,20 @@ impl PluginHost {
             .any(|p| p.has_hook(types::Hook::ValidateWrite) && p.matches(key))
     }
 
+    /// Whether every validator of `key` has a clean record (never timed
+    /// out, last call fine), so validating inline on an async worker cannot
+    /// stall it for a whole deadline.
+    pub fn validators_clean(&self, key: &str) -> bool {
+        self.snapshot()
+            .iter()
+            .filter(|p| p.has_hook(types::Hook::ValidateWrite) && p.matches(key))
+            .all(|p| p.stats.clean())
+    }
+
     /// Runs every matching validator, in name order. The first rejection wins;
     /// a trap or a timeout rejects too (fail closed).
     pub fn validate(&self, write: &types::Write) -> Result<(), Rejection> {
-        for p in self.snapshot() {
+        for p in self.snapshot().iter() {
             if !p.has_hook(types::Hook::ValidateWrite) || !p.matches(&write.key) {
                 continue;
             }
@@ -342,20 +359,16 @@ impl PluginHost {
     /// matching `flags/<key>` or `feature_flags`), in name order; the first
     /// answer other than FLAG_NOT_FOUND wins.
     pub fn evaluate(&self, flag_key: &str, context: &types::EvalContext) -> EvalResult {
-        let rich = format!("flags/{flag_key}");
-        let mut last = types::EvaluationError {
-            code: types::ErrorCode::FlagNotFound,
-            message: format!("no evaluator knows flag {flag_key:?}"),
-        };
-        for p in self.snapshot() {
+        let mut last = None;
+        for p in self.snapshot().iter() {
             if !p.has_hook(types::Hook::Evaluate)
-                || !(p.matches(&rich) || p.matches("feature_flags"))
+                || !(p.matches_joined(FLAGS_PREFIX, flag_key) || p.matches(FEATURE_FLAGS))
             {
                 continue;
             }
             match p.evaluate(flag_key, context) {
                 Ok(Ok(e)) => return Ok((p.name().to_owned(), e)),
-                Ok(Err(e)) if e.code == types::ErrorCode::FlagNotFound => last = e,
+                Ok(Err(e)) if e.code == types::ErrorCode::FlagNotFound => last = Some(e),
                 Ok(Err(e)) => return Err(e),
                 Err(e) => {
                     return Err(types::EvaluationError {
@@ -365,7 +378,10 @@ impl PluginHost {
                 }
             }
         }
-        Err(last)
+        Err(last.unwrap_or_else(|| types::EvaluationError {
+            code: types::ErrorCode::FlagNotFound,
+            message: format!("no evaluator knows flag {flag_key:?}"),
+        }))
     }
 
     /// The most recent lines plugins logged, oldest first.

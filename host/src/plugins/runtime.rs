@@ -49,6 +49,11 @@ pub fn engine(limits: &Limits, cache_dir: Option<&Path>) -> Result<Engine, LoadE
     let mut config = Config::new();
     config.wasm_component_model(true);
     config.epoch_interruption(true);
+    // Profiling aid: name JIT-compiled plugin functions for `perf`
+    // (writes /tmp/perf-<pid>.map).
+    if std::env::var_os("FLAGSTONE_WASM_PERFMAP").is_some() {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(256);
     pool.total_core_instances(512);
@@ -128,9 +133,24 @@ impl Stats {
     pub fn unhealthy(&self) -> bool {
         self.consecutive_failures.load(Ordering::Relaxed) >= UNHEALTHY_AFTER
     }
+
+    /// Whether the plugin has never timed out and did not fail its last
+    /// call: its calls can be trusted to return quickly.
+    pub fn clean(&self) -> bool {
+        self.timeouts.load(Ordering::Relaxed) == 0
+            && self.consecutive_failures.load(Ordering::Relaxed) == 0
+    }
 }
 
 type Warm = (Store<HostState>, bindings::Plugin);
+
+/// Whether `prefix` is a prefix of `head` + `tail`.
+fn prefix_of_joined(prefix: &str, head: &str, tail: &str) -> bool {
+    match prefix.strip_prefix(head) {
+        Some(rest) => tail.starts_with(rest),
+        None => head.starts_with(prefix),
+    }
+}
 
 /// A loaded, described plugin with its instance pool.
 pub struct LoadedPlugin {
@@ -226,6 +246,15 @@ impl LoadedPlugin {
             .any(|p| key.starts_with(p.as_str()))
     }
 
+    /// Whether one of the plugin's prefixes matches the key `head` + `tail`
+    /// (without building it).
+    pub fn matches_joined(&self, head: &str, tail: &str) -> bool {
+        self.info
+            .key_prefixes
+            .iter()
+            .any(|p| prefix_of_joined(p, head, tail))
+    }
+
     fn instance(&self) -> Result<Warm, CallError> {
         if let Some(w) = self.idle.lock().ok().and_then(|mut v| v.pop()) {
             return Ok(w);
@@ -313,5 +342,34 @@ impl LoadedPlugin {
         self.call(self.limits.on_change, |store, p| {
             p.flagstone_plugin_reactor().call_on_change(store, change)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_of_joined;
+
+    #[test]
+    fn prefix_of_joined_agrees_with_concatenation() {
+        let prefixes = [
+            "",
+            "f",
+            "flags/",
+            "flags/a",
+            "flags/ab",
+            "flags/b",
+            "feature_flags",
+            "x",
+        ];
+        for p in prefixes {
+            for tail in ["", "a", "ab", "abc", "b"] {
+                let joined = format!("flags/{tail}");
+                assert_eq!(
+                    prefix_of_joined(p, "flags/", tail),
+                    joined.starts_with(p),
+                    "{p:?} vs {joined:?}"
+                );
+            }
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! Test plugin `trapper`: every hook panics, which traps the instance. The host must turn a
-//! trapping validator into a rejection, count the traps, and stay up.
+//! trapping validator into a rejection, a trapping evaluator into an error answer, count the
+//! traps, and stay up.
 
 use flagstone_sdk::{Change, EvalContext, EvalError, Evaluation, Hook, Plugin, PluginInfo, Write};
 
@@ -8,7 +9,7 @@ struct Trapper;
 impl Plugin for Trapper {
     fn info() -> PluginInfo {
         PluginInfo::new("trapper", env!("CARGO_PKG_VERSION"))
-            .prefixes(["trap/"])
+            .prefixes(["trap/", "flags/trap"])
             .hooks([Hook::ValidateWrite, Hook::OnChange, Hook::Evaluate])
     }
 

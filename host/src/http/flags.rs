@@ -22,7 +22,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
-use serde::Deserialize;
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
@@ -61,39 +63,77 @@ pub fn error_code_str(c: ErrorCode) -> &'static str {
     }
 }
 
-fn value_json(v: &FlagValue) -> Value {
-    match v {
-        FlagValue::Boolean(b) => json!(b),
-        FlagValue::Text(s) => json!(s),
-        FlagValue::Integer(i) => json!(i),
-        FlagValue::Float(f) => json!(f),
-        FlagValue::Object(text) => serde_json::from_str(text).unwrap_or_else(|_| json!(text)),
+/// An evaluated value in OFREP JSON (`object` values are JSON text from the
+/// plugin and are embedded as JSON; text that is not JSON stays a string).
+struct ValueOut<'a>(&'a FlagValue);
+
+impl Serialize for ValueOut<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            FlagValue::Boolean(b) => s.serialize_bool(*b),
+            FlagValue::Text(t) => s.serialize_str(t),
+            FlagValue::Integer(i) => s.serialize_i64(*i),
+            FlagValue::Float(f) => s.serialize_f64(*f),
+            FlagValue::Object(text) => match serde_json::from_str::<&RawValue>(text) {
+                Ok(raw) => raw.serialize(s),
+                Err(_) => s.serialize_str(text),
+            },
+        }
     }
 }
 
-fn success_json(key: &str, e: &Evaluation) -> Value {
-    let metadata: Map<String, Value> = e
-        .metadata
-        .iter()
-        .map(|(k, v)| {
-            let v = match v {
-                MetadataValue::Boolean(b) => json!(b),
-                MetadataValue::Text(s) => json!(s),
-                MetadataValue::Number(n) => json!(n),
-            };
-            (k.clone(), v)
-        })
-        .collect();
-    let mut body = json!({
-        "key": key,
-        "value": value_json(&e.value),
-        "reason": reason_str(e.reason),
-        "metadata": metadata,
-    });
-    if let Some(variant) = &e.variant {
-        body["variant"] = json!(variant);
+/// Flag metadata as a JSON object.
+struct MetadataOut<'a>(&'a [(String, MetadataValue)]);
+
+impl Serialize for MetadataOut<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in self.0 {
+            match v {
+                MetadataValue::Boolean(b) => map.serialize_entry(k, b)?,
+                MetadataValue::Text(t) => map.serialize_entry(k, t)?,
+                MetadataValue::Number(n) => map.serialize_entry(k, n)?,
+            }
+        }
+        map.end()
     }
-    body
+}
+
+/// A successful evaluation, as OFREP spells it.
+#[derive(Serialize)]
+struct Success<'a> {
+    key: &'a str,
+    value: ValueOut<'a>,
+    reason: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    variant: Option<&'a str>,
+    metadata: MetadataOut<'a>,
+}
+
+fn success<'a>(key: &'a str, e: &'a Evaluation) -> Success<'a> {
+    Success {
+        key,
+        value: ValueOut(&e.value),
+        reason: reason_str(e.reason),
+        variant: e.variant.as_deref(),
+        metadata: MetadataOut(&e.metadata),
+    }
+}
+
+/// A JSON response body written straight from a `Serialize` value.
+fn json_response<T: Serialize>(status: StatusCode, body: &T) -> Response {
+    match serde_json::to_vec(body) {
+        Ok(bytes) => (
+            status,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            bytes,
+        )
+            .into_response(),
+        Err(e) => server_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 fn failure_json(key: Option<&str>, code: ErrorCode, details: &str) -> Value {
@@ -115,6 +155,41 @@ fn server_error(status: StatusCode, details: String) -> Response {
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     resp
+}
+
+/// The request body, borrowed: the context stays JSON text.
+#[derive(Deserialize)]
+struct RawRequest<'a> {
+    #[serde(borrow, default)]
+    context: Option<&'a RawValue>,
+}
+
+/// The one context field flagstone reads itself.
+#[derive(Deserialize)]
+struct ContextKey {
+    #[serde(rename = "targetingKey", default)]
+    targeting_key: Option<String>,
+}
+
+/// [`parse_context`] without building the context as a tree, for single-flag
+/// evaluation: the plugin gets the request's context text as it came. Falls
+/// back to the full parse (and its error messages) for anything unusual.
+fn parse_context_text(body: &[u8]) -> Result<EvalContext, (ErrorCode, String)> {
+    let fast = serde_json::from_slice::<RawRequest>(body)
+        .ok()
+        .and_then(|r| r.context)
+        .filter(|c| c.get().starts_with('{'))
+        .and_then(|c| {
+            let key = serde_json::from_str::<ContextKey>(c.get()).ok()?;
+            Some(EvalContext {
+                targeting_key: key.targeting_key,
+                attributes: c.get().to_owned(),
+            })
+        });
+    match fast {
+        Some(ctx) => Ok(ctx),
+        None => parse_context(body).map(|(_, ctx)| ctx),
+    }
 }
 
 /// Parses `{"context":{…}}` (an empty body means an empty context).
@@ -200,7 +275,7 @@ pub async fn evaluate_one(
             );
         }
     };
-    let (_, ctx) = match parse_context(&body) {
+    let ctx = match parse_context_text(&body) {
         Ok(c) => c,
         Err((code, msg)) => return failure(StatusCode::BAD_REQUEST, Some(&key), code, &msg),
     };
@@ -208,7 +283,7 @@ pub async fn evaluate_one(
         return resp;
     }
     match evaluate(node.reader(), node.plugins().map(|p| &**p), &key, &ctx) {
-        Ok(e) => Json(success_json(&key, &e)).into_response(),
+        Ok(e) => json_response(StatusCode::OK, &success(&key, &e)),
         Err(e) => {
             let status = if e.code == ErrorCode::FlagNotFound {
                 StatusCode::NOT_FOUND
@@ -258,10 +333,14 @@ pub async fn evaluate_bulk(
         Ok(k) => k,
         Err(e) => return server_error(StatusCode::INTERNAL_SERVER_ERROR, e.message),
     };
-    let flags: Vec<Value> = keys
+    let results: Vec<_> = keys
         .iter()
-        .map(|k| match evaluate(reader, plugins, k, &ctx) {
-            Ok(e) => success_json(k, &e),
+        .map(|k| (k, evaluate(reader, plugins, k, &ctx)))
+        .collect();
+    let flags: Vec<Value> = results
+        .iter()
+        .map(|(k, r)| match r {
+            Ok(e) => serde_json::to_value(success(k, e)).unwrap_or(Value::Null),
             Err(e) => failure_json(Some(k), e.code, &e.message),
         })
         .collect();

@@ -64,7 +64,7 @@ thread_local! {
 
 /// Evaluates flag `flag_key` for `context` against the store.
 pub fn evaluate(flag_key: &str, context: &EvalContext) -> Result<Evaluation, EvalError> {
-    let rich_key = format!("{}{flag_key}", flags::PREFIX);
+    let rich_key = [flags::PREFIX, flag_key].concat();
     if let Some(parsed) = cached(&rich_key, parse_rich)
         && let Parsed::Rich(def) = &*parsed
     {

@@ -86,7 +86,13 @@ fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Re
 }
 
 /// Three flagstone nodes; returns them with the leader's index.
-pub fn flagstone(bin: &Path, dir: &Path, plugins: &Path) -> Result<(Vec<Proc>, usize)> {
+/// `threads`: worker threads per node (`--threads`), default one per CPU.
+pub fn flagstone(
+    bin: &Path,
+    dir: &Path,
+    plugins: &Path,
+    threads: Option<usize>,
+) -> Result<(Vec<Proc>, usize)> {
     let mut procs: Vec<Proc> = Vec::new();
     for id in 1..=3u64 {
         let mut cmd = Command::new(bin);
@@ -115,6 +121,9 @@ pub fn flagstone(bin: &Path, dir: &Path, plugins: &Path) -> Result<(Vec<Proc>, u
         });
         if let Some(seed) = procs.first() {
             cmd.args(["--join", &format!("http://{}", seed.addr)]);
+        }
+        if let Some(n) = threads {
+            cmd.args(["--threads", &n.to_string()]);
         }
         let mut child = cmd
             .spawn()
@@ -163,7 +172,8 @@ pub fn flagstone(bin: &Path, dir: &Path, plugins: &Path) -> Result<(Vec<Proc>, u
 
 /// Three etcd members (`etcd` from Debian's `etcd-server`); returns them with
 /// the leader's index.
-pub fn etcd(dir: &Path) -> Result<(Vec<Proc>, usize)> {
+/// `threads`: `GOMAXPROCS` per member, default one per CPU.
+pub fn etcd(dir: &Path, threads: Option<usize>) -> Result<(Vec<Proc>, usize)> {
     let ports: Vec<(u16, u16)> = (0..3)
         .map(|_| Ok((free_port()?, free_port()?)))
         .collect::<Result<_>>()?;
@@ -174,7 +184,11 @@ pub fn etcd(dir: &Path) -> Result<(Vec<Proc>, usize)> {
         .collect();
     let mut procs = Vec::new();
     for (i, (client, peer)) in ports.iter().enumerate() {
-        let child = Command::new("etcd")
+        let mut cmd = Command::new("etcd");
+        if let Some(n) = threads {
+            cmd.env("GOMAXPROCS", n.to_string());
+        }
+        let child = cmd
             .args(["--name", &format!("e{i}"), "--data-dir"])
             .arg(dir.join(format!("etcd-{i}")))
             .args([

@@ -80,6 +80,34 @@ async fn client_loop(
     Ok((hist, ok, errors))
 }
 
+/// The raw outcome of one run, mergeable with others.
+pub struct Run {
+    hist: Histogram<u64>,
+    ok: u64,
+    errors: u64,
+    measured: Duration,
+}
+
+impl Stats {
+    /// Throughput and percentiles over all `runs` together.
+    pub fn from_runs(runs: &[Run]) -> Result<Stats> {
+        let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+        let (mut ok, mut errors, mut measured) = (0, 0, Duration::ZERO);
+        for r in runs {
+            total.add(&r.hist)?;
+            ok += r.ok;
+            errors += r.errors;
+            measured += r.measured;
+        }
+        Ok(Stats {
+            ops_per_sec: ok as f64 / measured.as_secs_f64().max(1e-9),
+            p50_us: total.value_at_quantile(0.50),
+            p99_us: total.value_at_quantile(0.99),
+            errors,
+        })
+    }
+}
+
 /// Runs `clients` clients against `addr` for `warmup` + `measure`.
 pub async fn run(
     addr: SocketAddr,
@@ -87,7 +115,7 @@ pub async fn run(
     warmup: Duration,
     measure: Duration,
     make: MakeRequest,
-) -> Result<Stats> {
+) -> Result<Run> {
     let start = Instant::now();
     let warmup_until = start + warmup;
     let until = warmup_until + measure;
@@ -101,19 +129,19 @@ pub async fn run(
             until,
         )));
     }
-    let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let (mut ok, mut errors) = (0, 0);
     for t in tasks {
         let (h, o, e) = t.await??;
-        total.add(&h)?;
+        hist.add(&h)?;
         ok += o;
         errors += e;
     }
-    Ok(Stats {
-        ops_per_sec: ok as f64 / measure.as_secs_f64(),
-        p50_us: total.value_at_quantile(0.50),
-        p99_us: total.value_at_quantile(0.99),
+    Ok(Run {
+        hist,
+        ok,
         errors,
+        measured: measure,
     })
 }
 

@@ -158,9 +158,34 @@ struct Bench {
     measure: Duration,
 }
 
+/// Rounds in which two compared scenarios take turns.
+const ROUNDS: u32 = 5;
+
 impl Bench {
-    async fn run(&self, addr: SocketAddr, clients: usize, make: MakeRequest) -> Result<Stats> {
-        load::run(addr, clients, self.warmup, self.measure, make).await
+    /// Measures `a` and `b` (each `(addr, requests)`) taking turns: `ROUNDS`
+    /// rounds of a slice of each, so drift in the machine's speed (this is a
+    /// shared VM) falls on both sides of the ratio alike. `b` may be absent.
+    async fn paired(
+        &self,
+        clients: usize,
+        a: (SocketAddr, MakeRequest),
+        b: Option<(SocketAddr, MakeRequest)>,
+    ) -> Result<(Stats, Option<Stats>)> {
+        let slice = self.measure / ROUNDS;
+        let warmup = self.warmup / ROUNDS;
+        let (mut ra, mut rb) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            ra.push(load::run(a.0, clients, warmup, slice, a.1.clone()).await?);
+            if let Some((addr, make)) = &b {
+                rb.push(load::run(*addr, clients, warmup, slice, make.clone()).await?);
+            }
+        }
+        let b = if b.is_some() {
+            Some(Stats::from_runs(&rb)?)
+        } else {
+            None
+        };
+        Ok((Stats::from_runs(&ra)?, b))
     }
 }
 
@@ -303,16 +328,9 @@ fn main() -> Result<()> {
         macro_rules! both {
             ($name:expr, $clients:expr, $f:expr, $e:expr) => {{
                 let name: String = $name.to_string();
-                if only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
-                    None
-                } else {
-                    let f = bench.run($f.0, $clients, $f.1).await?;
-                    let e = match $e {
-                        Some((addr, make)) => Some(bench.run(addr, $clients, make).await?),
-                        None => None,
-                    };
+                if !only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
+                    let (f, e) = bench.paired($clients, $f, $e).await?;
                     row(&name, &f, e.as_ref());
-                    Some((f, e))
                 }
             }};
         }
@@ -326,7 +344,7 @@ fn main() -> Result<()> {
             (ff.0, ff.get(false)),
             ef.as_ref().map(|e| (e.0, e.get(false)))
         );
-        let get = both!(
+        both!(
             format!("serializable reads, {n} clients (follower)"),
             n,
             (ff.0, ff.get(false)),
@@ -341,7 +359,6 @@ fn main() -> Result<()> {
         if only.is_some() {
             return anyhow::Ok(());
         }
-        let get = get.map(|(f, _)| f).context("the read scenario ran")?;
 
         println!();
         println!("| flagstone only | result | vs baseline |");
@@ -351,15 +368,25 @@ fn main() -> Result<()> {
             "p".repeat(VALUE_LEN - 98)
         );
         let def = Bytes::from(def);
-        let unvalidated = bench.run(fl.0, n, fl.put("plain/", def.clone(), unique)).await?;
-        let validated = bench.run(fl.0, n, fl.put("flags/", def.clone(), unique)).await?;
+        let (unvalidated, validated) = bench
+            .paired(
+                n,
+                (fl.0, fl.put("plain/", def.clone(), unique)),
+                Some((fl.0, fl.put("flags/", def.clone(), unique))),
+            )
+            .await?;
+        let validated = validated.context("paired run")?;
         println!("| writes, {n} clients, no validator          | {} | |", fmt(&unvalidated));
         println!(
             "| writes, {n} clients, flag-schema validating | {} | {:>5.1} % |",
             fmt(&validated),
             100.0 * validated.ops_per_sec / unvalidated.ops_per_sec.max(1.0)
         );
-        let ofrep = bench.run(ff.0, n, ff.ofrep()).await?;
+        // GET again, taking turns with OFREP, for a drift-free ratio.
+        let (get, ofrep) = bench
+            .paired(n, (ff.0, ff.get(false)), Some((ff.0, ff.ofrep())))
+            .await?;
+        let ofrep = ofrep.context("paired run")?;
         println!("| local GET, {n} clients (follower)          | {} | |", fmt(&get));
         println!(
             "| OFREP single-flag evaluation, {n} clients   | {} | {:>5.1} % of GET |",

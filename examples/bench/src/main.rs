@@ -32,8 +32,8 @@ struct Args {
     /// Skip etcd (flagstone scenarios only).
     #[arg(long)]
     no_etcd: bool,
-    /// Run only the comparison scenarios whose name contains this text
-    /// (e.g. `writes`), and skip the flagstone-only ones.
+    /// Run only the scenarios whose name contains this text (e.g. `writes`,
+    /// `linearizable`, `validator`, `OFREP`).
     #[arg(long)]
     only: Option<String>,
     /// Keep the clusters running this many seconds before the scenarios
@@ -356,9 +356,7 @@ fn main() -> Result<()> {
             (ff.0, ff.get(true)),
             ef.as_ref().map(|e| (e.0, e.get(true)))
         );
-        if only.is_some() {
-            return anyhow::Ok(());
-        }
+        let wanted = |name: &str| only.as_ref().is_none_or(|o| name.contains(o.as_str()));
 
         println!();
         println!("| flagstone only | result | vs baseline |");
@@ -368,6 +366,7 @@ fn main() -> Result<()> {
             "p".repeat(VALUE_LEN - 98)
         );
         let def = Bytes::from(def);
+        if wanted("validator") {
         let (unvalidated, validated) = bench
             .paired(
                 n,
@@ -382,6 +381,8 @@ fn main() -> Result<()> {
             fmt(&validated),
             100.0 * validated.ops_per_sec / unvalidated.ops_per_sec.max(1.0)
         );
+        }
+        if wanted("OFREP") {
         // GET again, taking turns with OFREP, for a drift-free ratio.
         let (get, ofrep) = bench
             .paired(n, (ff.0, ff.get(false)), Some((ff.0, ff.ofrep())))
@@ -393,6 +394,7 @@ fn main() -> Result<()> {
             fmt(&ofrep),
             100.0 * ofrep.ops_per_sec / get.ops_per_sec.max(1.0)
         );
+        }
         println!("| in-process rollout evaluation, 1 thread    | {evals:>9.0}/s | |");
         anyhow::Ok(())
     })?;

@@ -822,7 +822,6 @@ fn unexpected(r: CommandResult) -> WriteError {
     WriteError::Unavailable(format!("unexpected apply result {r:?}"))
 }
 
-/// Asks the seed to add this node until it succeeds or the node stops.
 /// A node URL from what a user typed: `host:port` means `http://host:port`;
 /// no trailing slash.
 fn with_scheme(url: &str) -> String {
@@ -834,6 +833,7 @@ fn with_scheme(url: &str) -> String {
     }
 }
 
+/// Asks the seed to add this node until it succeeds or the node stops.
 async fn join_loop(node: Arc<Node>, seed: String, mut stop: watch::Receiver<bool>) {
     let mut delay = Duration::from_millis(100);
     loop {

@@ -387,3 +387,78 @@ pub async fn events(
     });
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eval(value: FlagValue) -> Evaluation {
+        Evaluation {
+            value,
+            variant: Some("v".into()),
+            reason: Reason::TargetingMatch,
+            metadata: vec![
+                ("team".into(), MetadataValue::Text("web".into())),
+                ("n".into(), MetadataValue::Number(2.5)),
+            ],
+        }
+    }
+
+    #[test]
+    fn answers_serialize_the_same_as_bytes_and_as_a_tree() {
+        let cases = [
+            (
+                FlagValue::Object(r#"{"color":"blue"}"#.into()),
+                json!({"color": "blue"}),
+            ),
+            (FlagValue::Object("not json".into()), json!("not json")),
+            (FlagValue::Integer(-3), json!(-3)),
+            (FlagValue::Boolean(true), json!(true)),
+        ];
+        for (value, expected) in cases {
+            let e = eval(value);
+            let want = json!({
+                "key": "k", "value": expected, "reason": "TARGETING_MATCH", "variant": "v",
+                "metadata": {"team": "web", "n": 2.5},
+            });
+            let bytes: Value =
+                serde_json::from_slice(&serde_json::to_vec(&success("k", &e)).unwrap()).unwrap();
+            assert_eq!(bytes, want);
+            assert_eq!(serde_json::to_value(success("k", &e)).unwrap(), want);
+        }
+        let mut e = eval(FlagValue::Text("x".into()));
+        e.variant = None;
+        let v = serde_json::to_value(success("k", &e)).unwrap();
+        assert!(v.get("variant").is_none(), "{v}");
+    }
+
+    #[test]
+    fn context_text_fast_path_agrees_with_the_full_parse() {
+        for body in [
+            r#"{"context":{"targetingKey":"u1","plan":"pro"}}"#,
+            r#"{"context":{"plan":"pro"}}"#,
+            r#"{"context":{"targetingKey":null}}"#,
+            r#"{"context":null}"#,
+            r#"{}"#,
+            "",
+        ] {
+            let fast = parse_context_text(body.as_bytes()).unwrap();
+            let (tree, full) = parse_context(body.as_bytes()).unwrap();
+            assert_eq!(fast.targeting_key, full.targeting_key, "{body}");
+            let attrs: Value = serde_json::from_str(&fast.attributes).unwrap();
+            assert_eq!(attrs, tree, "{body}");
+        }
+        for (body, code) in [
+            (
+                r#"{"context":{"targetingKey":5}}"#,
+                ErrorCode::InvalidContext,
+            ),
+            (r#"{"context":[1]}"#, ErrorCode::InvalidContext),
+            (r#"{"context":{}} x"#, ErrorCode::ParseError),
+            ("[1]", ErrorCode::ParseError),
+        ] {
+            let (c, _) = parse_context_text(body.as_bytes()).unwrap_err();
+            assert_eq!(c, code, "{body}");
+        }
+    }
+}

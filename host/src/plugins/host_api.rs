@@ -6,6 +6,7 @@
 //! importing them fails to load, so file and network access are impossible by
 //! construction, not merely denied.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use wasmtime::component::{HasData, Linker, ResourceTable};
@@ -42,7 +43,14 @@ pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
     pub(crate) limits: StoreLimits,
+    /// `store.revision` answers, valid while the store's revision counter
+    /// stays at `revisions_at` (no change applied: no key's revision moved).
+    revisions: HashMap<String, Option<u64>>,
+    revisions_at: u64,
 }
+
+/// Most keys a plugin instance remembers revisions of between changes.
+const REVISION_CACHE: usize = 1024;
 
 impl HostState {
     /// State for an instance of `plugin` reading from `reader`, with its
@@ -61,6 +69,8 @@ impl HostState {
                 .memories(2)
                 .trap_on_grow_failure(false)
                 .build(),
+            revisions: HashMap::new(),
+            revisions_at: 0,
         }
     }
 }
@@ -87,7 +97,20 @@ impl store::Host for HostState {
     }
 
     fn revision(&mut self, key: String) -> Option<u64> {
-        self.reader.revision(&key).ok().flatten()
+        // Plugins check this on every call to validate their caches; while
+        // nothing was applied it cannot have changed, so skip the lookup.
+        // (The counter moves only after an apply is visible in fjall.)
+        let now = self.reader.revision_now();
+        if now != self.revisions_at || self.revisions.len() >= REVISION_CACHE {
+            self.revisions.clear();
+            self.revisions_at = now;
+        }
+        if let Some(r) = self.revisions.get(&key) {
+            return *r;
+        }
+        let r = self.reader.revision(&key).ok()?;
+        self.revisions.insert(key, r);
+        r
     }
 
     fn list(&mut self, prefix: String) -> Vec<String> {

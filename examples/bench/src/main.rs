@@ -44,6 +44,9 @@ struct Args {
     /// `--threads`, etcd's `GOMAXPROCS` (default: each uses one per CPU).
     #[arg(long)]
     node_threads: Option<usize>,
+    /// Run this `flagstone` binary instead of building one (to compare builds).
+    #[arg(long)]
+    flagstone_bin: Option<PathBuf>,
 }
 
 const VALUE_LEN: usize = 256;
@@ -269,7 +272,8 @@ fn main() -> Result<()> {
         .join("../..")
         .canonicalize()?;
     let work = tempfile::tempdir()?;
-    let (bin, plugins) = cluster::build(&root, work.path())?;
+    let (built, plugins) = cluster::build(&root, work.path())?;
+    let bin = args.flagstone_bin.clone().unwrap_or(built);
     if !args.no_etcd {
         cluster::ensure_etcd()?;
     }

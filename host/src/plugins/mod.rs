@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `bindings.rs` | the generated bindings (the only `bindgen!`) |
 //! | `host_api.rs` | what a plugin may call: `store`, `log`, a closed WASI subset |
+//! | `sync_io.rs` | `wasi:io` streams that never block, so calls are safe on async workers |
 //! | `limits.rs` | deadlines, memory cap, the epoch ticker |
 //! | `runtime.rs` | engine, compilation cache, instance pool, guarded calls |
 //! | `registry.rs` | loading and hot reload, validators, reactors, evaluators, status |

@@ -63,8 +63,8 @@ struct ServeArgs {
     plugin_memory_mib: usize,
     /// Async worker threads (default: one per CPU). Fewer is faster when
     /// several nodes share a small machine.
-    #[arg(long, env = "FLAGSTONE_THREADS")]
-    threads: Option<usize>,
+    #[arg(long, env = "FLAGSTONE_THREADS", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    threads: Option<u64>,
 }
 
 async fn shutdown_signal() {
@@ -100,8 +100,7 @@ fn main() -> anyhow::Result<()> {
     } = Cli::parse();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.threads {
-        anyhow::ensure!(n > 0, "--threads must be at least 1");
-        runtime.worker_threads(n);
+        runtime.worker_threads(n as usize);
     }
     runtime
         .enable_all()

@@ -42,7 +42,8 @@ async fn get(c: &reqwest::Client, base: &str, key: &str, linearizable: bool) -> 
 
 fn three(dir: &std::path::Path) -> Vec<Proc> {
     let p1 = Proc::spawn(1, &dir.join("n1"), "127.0.0.1:0", None);
-    let p2 = Proc::spawn(2, &dir.join("n2"), "127.0.0.1:0", Some(&p1.url));
+    // `--join host:port` (no scheme) works like the URL.
+    let p2 = Proc::spawn(2, &dir.join("n2"), "127.0.0.1:0", Some(p1.listen()));
     let p3 = Proc::spawn(3, &dir.join("n3"), "127.0.0.1:0", Some(&p1.url));
     vec![p1, p2, p3]
 }

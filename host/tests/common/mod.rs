@@ -128,6 +128,8 @@ impl Proc {
         ])
         .arg(data_dir)
         .env("RUST_LOG", "warn")
+        // Exercises `--threads` (via its env var) in every process test.
+        .env("FLAGSTONE_THREADS", "2")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());

@@ -31,7 +31,7 @@ use crate::batcher::WriteBatcher;
 pub use crate::error::{ClusterError, NodeError, ReadError, WriteError};
 use crate::keys::{MAX_VALUE_BYTES, validate_key};
 use crate::peer::PeerClient;
-use crate::plugins::{Limits, PluginHost, types as wit};
+use crate::plugins::{Limits, PluginHost, Validators, types as wit};
 use crate::raft::network::Network;
 use crate::raft::{
     Command, CommandResult, KvReader, NodeId, Precondition, Raft, ValueRecord, open_storage,
@@ -620,9 +620,11 @@ impl Node {
         let Some(key) = cmd.key() else {
             return Ok(());
         };
-        if !host.validates(key) {
-            return Ok(());
-        }
+        let clean = match host.validators_of(key) {
+            Validators::None => return Ok(()),
+            Validators::Clean => true,
+            Validators::Suspect => false,
+        };
         let current = self
             .reader
             .get(key)
@@ -649,7 +651,7 @@ impl Node {
         // A validator call with a clean record takes microseconds: run it
         // here. One that ever timed out (or just failed) runs on the blocking
         // pool, so a looping plugin costs at most one deadline on a worker.
-        let verdict = if host.validators_clean(key) {
+        let verdict = if clean {
             host.validate(&write)
         } else {
             let host = host.clone();

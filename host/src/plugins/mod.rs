@@ -19,5 +19,5 @@ pub mod sync_io;
 
 pub use bindings::types;
 pub use limits::Limits;
-pub use registry::{PluginHost, PluginStatus, Rejection};
+pub use registry::{PluginHost, PluginStatus, Rejection, Validators};
 pub use runtime::{CallError, LoadError};

@@ -29,6 +29,22 @@ pub struct Rejection {
     pub message: String,
 }
 
+/// Who validates writes to a key ([`PluginHost::validators_of`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Validators {
+    /// No plugin validates the key.
+    None,
+    /// Every validator of the key has a clean record.
+    Clean,
+    /// Some validator of the key timed out once or failed its last call.
+    Suspect,
+}
+
+/// Whether `p` validates writes to `key`.
+fn validates(p: &LoadedPlugin, key: &str) -> bool {
+    p.has_hook(types::Hook::ValidateWrite) && p.matches(key)
+}
+
 /// An evaluation as answered by a plugin, or a typed error.
 pub type EvalResult = Result<(String, types::Evaluation), types::EvaluationError>;
 
@@ -313,29 +329,25 @@ impl PluginHost {
         }
     }
 
-    /// Whether any validator cares about `key` (so the caller can skip
-    /// building the write record).
-    pub fn validates(&self, key: &str) -> bool {
-        self.snapshot()
-            .iter()
-            .any(|p| p.has_hook(types::Hook::ValidateWrite) && p.matches(key))
-    }
-
-    /// Whether every validator of `key` has a clean record (never timed
-    /// out, last call fine), so validating inline on an async worker cannot
-    /// stall it for a whole deadline.
-    pub fn validators_clean(&self, key: &str) -> bool {
-        self.snapshot()
-            .iter()
-            .filter(|p| p.has_hook(types::Hook::ValidateWrite) && p.matches(key))
-            .all(|p| p.stats.clean())
+    /// Who validates writes to `key`: nobody (the caller can skip building
+    /// the write record), only plugins with a clean record (never timed out,
+    /// last call fine: safe to call on an async worker), or some other.
+    pub fn validators_of(&self, key: &str) -> Validators {
+        let mut found = Validators::None;
+        for p in self.snapshot().iter().filter(|p| validates(p, key)) {
+            if !p.stats.clean() {
+                return Validators::Suspect;
+            }
+            found = Validators::Clean;
+        }
+        found
     }
 
     /// Runs every matching validator, in name order. The first rejection wins;
     /// a trap or a timeout rejects too (fail closed).
     pub fn validate(&self, write: &types::Write) -> Result<(), Rejection> {
         for p in self.snapshot().iter() {
-            if !p.has_hook(types::Hook::ValidateWrite) || !p.matches(&write.key) {
+            if !validates(p, &write.key) {
                 continue;
             }
             let message = match p.validate(write) {

@@ -97,14 +97,15 @@ pub enum CommandResult {
     Noop,
     /// The value was stored at `revision`.
     Put {
-        /// Revision of the write (its log index).
+        /// Revision of the write (the next change revision).
         revision: u64,
     },
     /// The key was deleted (or was already absent) at `revision`.
     Delete {
         /// Whether the key existed.
         deleted: bool,
-        /// Revision of the delete (its log index).
+        /// Revision of the delete; the store's current revision when the key
+        /// was already absent (nothing changed).
         revision: u64,
     },
     /// The precondition did not hold; nothing changed.

@@ -190,6 +190,27 @@ impl Bench {
         };
         Ok((Stats::from_runs(&ra)?, b))
     }
+
+    /// [`Bench::paired`] with both sides present.
+    async fn versus(
+        &self,
+        clients: usize,
+        a: (SocketAddr, MakeRequest),
+        b: (SocketAddr, MakeRequest),
+    ) -> Result<(Stats, Stats)> {
+        let (a, b) = self.paired(clients, a, Some(b)).await?;
+        Ok((a, b.context("paired run")?))
+    }
+}
+
+/// A flagstone-only baseline row, then a row measured against it.
+fn rows_vs(base_name: &str, base: &Stats, name: &str, s: &Stats, unit: &str) {
+    println!("| {base_name} | {} | |", fmt(base));
+    println!(
+        "| {name} | {} | {:>5.1} %{unit} |",
+        fmt(s),
+        100.0 * s.ops_per_sec / base.ops_per_sec.max(1.0)
+    );
 }
 
 fn fmt(s: &Stats) -> String {
@@ -371,33 +392,33 @@ fn main() -> Result<()> {
         );
         let def = Bytes::from(def);
         if wanted("validator") {
-        let (unvalidated, validated) = bench
-            .paired(
-                n,
-                (fl.0, fl.put("plain/", def.clone(), unique)),
-                Some((fl.0, fl.put("flags/", def.clone(), unique))),
-            )
-            .await?;
-        let validated = validated.context("paired run")?;
-        println!("| writes, {n} clients, no validator          | {} | |", fmt(&unvalidated));
-        println!(
-            "| writes, {n} clients, flag-schema validating | {} | {:>5.1} % |",
-            fmt(&validated),
-            100.0 * validated.ops_per_sec / unvalidated.ops_per_sec.max(1.0)
-        );
+            let (plain, validated) = bench
+                .versus(
+                    n,
+                    (fl.0, fl.put("plain/", def.clone(), unique)),
+                    (fl.0, fl.put("flags/", def.clone(), unique)),
+                )
+                .await?;
+            rows_vs(
+                &format!("writes, {n} clients, no validator         "),
+                &plain,
+                &format!("writes, {n} clients, flag-schema validating"),
+                &validated,
+                "",
+            );
         }
         if wanted("OFREP") {
-        // GET again, taking turns with OFREP, for a drift-free ratio.
-        let (get, ofrep) = bench
-            .paired(n, (ff.0, ff.get(false)), Some((ff.0, ff.ofrep())))
-            .await?;
-        let ofrep = ofrep.context("paired run")?;
-        println!("| local GET, {n} clients (follower)          | {} | |", fmt(&get));
-        println!(
-            "| OFREP single-flag evaluation, {n} clients   | {} | {:>5.1} % of GET |",
-            fmt(&ofrep),
-            100.0 * ofrep.ops_per_sec / get.ops_per_sec.max(1.0)
-        );
+            // GET again, taking turns with OFREP, for a drift-free ratio.
+            let (get, ofrep) = bench
+                .versus(n, (ff.0, ff.get(false)), (ff.0, ff.ofrep()))
+                .await?;
+            rows_vs(
+                &format!("local GET, {n} clients (follower)         "),
+                &get,
+                &format!("OFREP single-flag evaluation, {n} clients  "),
+                &ofrep,
+                " of GET",
+            );
         }
         println!("| in-process rollout evaluation, 1 thread    | {evals:>9.0}/s | |");
         anyhow::Ok(())

@@ -16,6 +16,9 @@
 //! reports those appends flushed. openraft counts an entry towards commit
 //! (the leader's own copy included) only after that report, so nothing is
 //! acknowledged before it is on disk, while concurrent writes share one fsync.
+//! A leader does not wait for the report before it replicates (our openraft
+//! patch, `vendor/README.md`): its fsync and the followers' run at the same
+//! time, and replication reads the entries from the pending map meanwhile.
 //! Truncations, purges and the committed id go through the same queue, in
 //! order; until the writer has applied a truncation, readers do not see the
 //! truncated entries. The vote is fsynced before `save_vote` returns.

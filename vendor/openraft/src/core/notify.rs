@@ -1,6 +1,9 @@
+use std::io;
+
 use crate::core::sm;
 use crate::raft::VoteResponse;
 use crate::replication;
+use crate::LogId;
 use crate::MessageSummary;
 use crate::RaftTypeConfig;
 use crate::Vote;
@@ -34,6 +37,14 @@ where C: RaftTypeConfig
         // TODO: need this?
         // /// The cluster this replication works for.
         // membership_log_id: Option<LogId<C::NodeId>>,
+    },
+
+    /// The leader's own append of log entries up to `log_id`, made under `vote`, reached storage
+    /// (or failed). (flagstone patch)
+    LocalLogFlushed {
+        vote: Vote<C::NodeId>,
+        log_id: LogId<C::NodeId>,
+        result: Result<(), io::Error>,
     },
 
     /// Result of executing a command sent from network worker.
@@ -78,6 +89,9 @@ where C: RaftTypeConfig
                     "Seen a higher vote: target: {}, vote: {}, server_state_vote: {}",
                     target, new_vote, vote
                 )
+            }
+            Self::LocalLogFlushed { vote, log_id, result } => {
+                format!("Local log flushed: vote: {}, upto: {}, ok: {}", vote, log_id, result.is_ok())
             }
             Self::Network { response } => {
                 format!("Replication command done: {}", response.summary())

@@ -1278,6 +1278,19 @@ where
                 }
             }
 
+            Notify::LocalLogFlushed { vote, log_id, result } => {
+                if let Err(e) = result {
+                    let err = StorageIOError::write_logs(AnyError::error(e));
+                    return Err(Fatal::StorageError(err.into()));
+                }
+                // Flushed under an older leadership: its successor counts its own appends.
+                if self.does_vote_match(&vote, "LocalLogFlushed") {
+                    if let Ok(mut lh) = self.engine.leader_handler() {
+                        lh.replication_handler().update_local_progress(Some(log_id));
+                    }
+                }
+            }
+
             Notify::Tick { i } => {
                 // check every timer
 
@@ -1637,12 +1650,23 @@ where
                 let last_log_id = entries.last().unwrap().get_log_id().clone();
                 tracing::debug!("AppendInputEntries: {}", DisplaySlice::<_>(&entries),);
 
-                self.append_to_log(entries, vote, last_log_id.clone()).await?;
+                if self.engine.leader.as_ref().map(|l| &l.vote) == Some(&vote) {
+                    // flagstone patch: the leader's own entries. Submit them and go on, so the
+                    // `Replicate` commands that follow reach the followers while the local io
+                    // runs; the leader counts its own copy (update_local_progress) only when
+                    // `Notify::LocalLogFlushed` reports the io done. Log stores must serve
+                    // submitted entries to readers at once (RaftLogStorage::append requires it).
+                    let callback = LogFlushed::to_core(vote, last_log_id, self.tx_notify.clone());
+                    self.log_store.append(entries, callback).await?;
+                } else {
+                    // A follower acknowledges entries only after they are on disk: wait.
+                    self.append_to_log(entries, vote, last_log_id.clone()).await?;
 
-                // The leader may have changed.
-                // But reporting to a different leader is not a problem.
-                if let Ok(mut lh) = self.engine.leader_handler() {
-                    lh.replication_handler().update_local_progress(Some(last_log_id));
+                    // The leader may have changed.
+                    // But reporting to a different leader is not a problem.
+                    if let Ok(mut lh) = self.engine.leader_handler() {
+                        lh.replication_handler().update_local_progress(Some(last_log_id));
+                    }
                 }
             }
             Command::SaveVote { vote } => {

@@ -2,21 +2,40 @@
 
 use std::io;
 
+use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 
 use crate::async_runtime::AsyncOneshotSendExt;
+use crate::core::notify::Notify;
 use crate::raft_state::io_state::log_io_id::LogIOId;
 use crate::type_config::alias::OneshotSenderOf;
 use crate::LogId;
 use crate::RaftTypeConfig;
 use crate::StorageIOError;
+use crate::Vote;
 
 /// A oneshot callback for completion of log io operation.
 pub struct LogFlushed<C>
 where C: RaftTypeConfig
 {
     log_io_id: LogIOId<C::NodeId>,
-    tx: OneshotSenderOf<C, Result<LogIOId<C::NodeId>, io::Error>>,
+    tx: FlushedTo<C>,
+}
+
+/// Where a completed log io is reported.
+enum FlushedTo<C>
+where C: RaftTypeConfig
+{
+    /// A caller waiting for this one io (followers: the append-entries response waits for it).
+    Waiter(OneshotSenderOf<C, Result<LogIOId<C::NodeId>, io::Error>>),
+
+    /// RaftCore's notification channel (the leader's own appends): RaftCore goes on replicating
+    /// while the io runs and counts its own log only once this arrives. (flagstone patch)
+    Core {
+        tx: mpsc::UnboundedSender<Notify<C>>,
+        vote: Vote<C::NodeId>,
+        log_id: LogId<C::NodeId>,
+    },
 }
 
 impl<C> LogFlushed<C>
@@ -26,22 +45,38 @@ where C: RaftTypeConfig
         log_io_id: LogIOId<C::NodeId>,
         tx: OneshotSenderOf<C, Result<LogIOId<C::NodeId>, io::Error>>,
     ) -> Self {
-        Self { log_io_id, tx }
+        Self {
+            log_io_id,
+            tx: FlushedTo::Waiter(tx),
+        }
+    }
+
+    /// A callback that reports to RaftCore's notification channel instead of a waiter.
+    /// (flagstone patch)
+    pub(crate) fn to_core(vote: Vote<C::NodeId>, log_id: LogId<C::NodeId>, tx: mpsc::UnboundedSender<Notify<C>>) -> Self {
+        Self {
+            log_io_id: LogIOId::new(vote.clone(), Some(log_id.clone())),
+            tx: FlushedTo::Core { tx, vote, log_id },
+        }
     }
 
     /// Report log io completion event.
     ///
     /// It will be called when the log is successfully appended to the storage or an error occurs.
     pub fn log_io_completed(self, result: Result<(), io::Error>) {
-        let res = if let Err(e) = result {
+        if let Err(e) = &result {
             tracing::error!("LogFlush error: {}, while flushing upto {}", e, self.log_io_id);
-            self.tx.send(Err(e))
-        } else {
-            self.tx.send(Ok(self.log_io_id))
-        };
-
-        if let Err(e) = res {
-            tracing::error!("failed to send log io completion event: {:?}", e);
+        }
+        match self.tx {
+            FlushedTo::Waiter(tx) => {
+                if let Err(e) = tx.send(result.map(|()| self.log_io_id)) {
+                    tracing::error!("failed to send log io completion event: {:?}", e);
+                }
+            }
+            FlushedTo::Core { tx, vote, log_id } => {
+                // RaftCore gone: it is shutting down, nothing waits for this any more.
+                let _ = tx.send(Notify::LocalLogFlushed { vote, log_id, result });
+            }
         }
     }
 }

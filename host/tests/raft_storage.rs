@@ -1,0 +1,414 @@
+//! The fjall log store and state machine under openraft: the storage
+//! conformance suite, and how the leader's own log flush interacts with
+//! commit (three in-process Raft nodes over real fjall stores; only the
+//! network between them is an in-memory router).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Debug;
+use std::ops::RangeBounds;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use flagstone::raft::{
+    Command, Entry, KvReader, LogId, LogStore, NodeId, Raft, StateMachineStore, StorageError,
+    TypeConfig, open_storage,
+};
+use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::testing::{StoreBuilder, Suite};
+use openraft::{BasicNode, RaftLogReader, Vote};
+use tokio::sync::Mutex;
+
+struct FjallBuilder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for FjallBuilder {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (log, sm) = open_storage(dir.path()).expect("open storage");
+        Ok((dir, log, sm))
+    }
+}
+
+#[test]
+fn openraft_storage_suite() {
+    Suite::test_all(FjallBuilder).expect("storage suite");
+}
+
+// ---------------------------------------------------------------------------
+// A log store whose disk can be made to stall.
+
+/// The real [`LogStore`], with a gate: while it is closed, appends are held
+/// back before they reach the store (as behind a stalled disk) but stay
+/// readable, as `RaftLogStorage::append` requires; their flush is reported only
+/// after the gate opens and the store has synced them.
+#[derive(Clone)]
+struct Gated {
+    inner: LogStore,
+    gate: Arc<Mutex<Gate>>,
+}
+
+#[derive(Default)]
+struct Gate {
+    closed: bool,
+    held: Vec<(Vec<Entry>, LogFlushed<TypeConfig>)>,
+}
+
+impl Gated {
+    fn new(inner: LogStore) -> Self {
+        Gated {
+            inner,
+            gate: Arc::default(),
+        }
+    }
+
+    async fn close(&self) {
+        self.gate.lock().await.closed = true;
+    }
+
+    /// Number of appends held back.
+    async fn held(&self) -> usize {
+        self.gate.lock().await.held.len()
+    }
+
+    /// Lets the held appends through, in order.
+    async fn open(&self) {
+        let mut gate = self.gate.lock().await;
+        gate.closed = false;
+        let mut inner = self.inner.clone();
+        for (entries, callback) in std::mem::take(&mut gate.held) {
+            inner.append(entries, callback).await.expect("append");
+        }
+    }
+
+    fn held_entries(gate: &Gate) -> impl Iterator<Item = &Entry> {
+        gate.held.iter().flat_map(|(entries, _)| entries)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for Gated {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let gate = self.gate.lock().await;
+        let mut out = self.inner.try_get_log_entries(range.clone()).await?;
+        out.extend(
+            Gated::held_entries(&gate)
+                .filter(|e| range.contains(&e.log_id.index))
+                .cloned(),
+        );
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for Gated {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let gate = self.gate.lock().await;
+        let mut state = self.inner.get_log_state().await?;
+        if let Some(last) = Gated::held_entries(&gate).last() {
+            state.last_log_id = Some(last.log_id);
+        }
+        Ok(state)
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+        self.inner.save_vote(vote).await
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
+        self.inner.read_vote().await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        self.inner.save_committed(committed).await
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        self.inner.read_committed().await
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut gate = self.gate.lock().await;
+        if gate.closed {
+            gate.held.push((entries.into_iter().collect(), callback));
+            Ok(())
+        } else {
+            self.inner.append(entries, callback).await
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        assert_eq!(self.held().await, 0, "truncating behind a closed gate");
+        self.inner.truncate(log_id).await
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.inner.purge(log_id).await
+    }
+}
+
+// ---------------------------------------------------------------------------
+// An in-memory network between in-process nodes, with links that can be cut.
+
+#[derive(Clone, Default)]
+struct Router {
+    nodes: Arc<StdMutex<HashMap<NodeId, Raft>>>,
+    isolated: Arc<StdMutex<BTreeSet<NodeId>>>,
+}
+
+struct Link {
+    router: Router,
+    from: NodeId,
+    to: NodeId,
+}
+
+impl Router {
+    fn isolate(&self, id: NodeId) {
+        self.isolated.lock().unwrap().insert(id);
+    }
+
+    /// The node at `to`, unless either end is isolated.
+    fn target(&self, from: NodeId, to: NodeId) -> Option<Raft> {
+        let isolated = self.isolated.lock().unwrap();
+        if isolated.contains(&from) || isolated.contains(&to) {
+            return None;
+        }
+        self.nodes.lock().unwrap().get(&to).cloned()
+    }
+}
+
+/// One node's view of the router.
+struct Endpoint {
+    router: Router,
+    from: NodeId,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Endpoint {
+    type Network = Link;
+
+    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Link {
+        Link {
+            router: self.router.clone(),
+            from: self.from,
+            to: target,
+        }
+    }
+}
+
+type RpcResult<T, E = openraft::error::Infallible> =
+    Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
+
+impl Link {
+    fn raft(&self) -> Option<Raft> {
+        self.router.target(self.from, self.to)
+    }
+
+    fn cut<E: std::error::Error>(&self) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
+        let cut = std::io::Error::other(format!("link {} -> {} is cut", self.from, self.to));
+        RPCError::Unreachable(Unreachable::new(&cut))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Link {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        let raft = self.raft().ok_or_else(|| self.cut())?;
+        let to = self.to;
+        raft.append_entries(rpc)
+            .await
+            .map_err(|e| RPCError::RemoteError(RemoteError::new(to, e)))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        let raft = self.raft().ok_or_else(|| self.cut())?;
+        let to = self.to;
+        raft.install_snapshot(rpc)
+            .await
+            .map_err(|e| RPCError::RemoteError(RemoteError::new(to, e)))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        _option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>> {
+        let raft = self.raft().ok_or_else(|| self.cut())?;
+        let to = self.to;
+        raft.vote(rpc)
+            .await
+            .map_err(|e| RPCError::RemoteError(RemoteError::new(to, e)))
+    }
+}
+
+/// Three nodes on fjall; node 1 is the leader.
+struct Cluster {
+    _dirs: Vec<tempfile::TempDir>,
+    router: Router,
+    rafts: Vec<Raft>,
+    logs: Vec<Gated>,
+    readers: Vec<KvReader>,
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let router = Router::default();
+        let config = Arc::new(
+            openraft::Config {
+                heartbeat_interval: 50,
+                election_timeout_min: 300,
+                election_timeout_max: 600,
+                ..Default::default()
+            }
+            .validate()
+            .expect("raft config"),
+        );
+        let (mut dirs, mut rafts, mut logs, mut readers) = (vec![], vec![], vec![], vec![]);
+        for id in 1..=3 {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let (log, sm) = open_storage(dir.path()).expect("open storage");
+            let log = Gated::new(log);
+            readers.push(sm.reader());
+            let endpoint = Endpoint {
+                router: router.clone(),
+                from: id,
+            };
+            let raft = Raft::new(id, config.clone(), endpoint, log.clone(), sm)
+                .await
+                .expect("raft");
+            router.nodes.lock().unwrap().insert(id, raft.clone());
+            dirs.push(dir);
+            rafts.push(raft);
+            logs.push(log);
+        }
+        let members: BTreeMap<NodeId, BasicNode> = (1..=3)
+            .map(|id| (id, BasicNode::new(format!("node-{id}"))))
+            .collect();
+        rafts[0].initialize(members).await.expect("initialize");
+        rafts[0]
+            .wait(Some(Duration::from_secs(10)))
+            .current_leader(1, "node 1 leads")
+            .await
+            .expect("leader");
+        Cluster {
+            _dirs: dirs,
+            router,
+            rafts,
+            logs,
+            readers,
+        }
+    }
+
+    async fn shutdown(self) {
+        for raft in &self.rafts {
+            raft.shutdown().await.expect("shutdown");
+        }
+    }
+}
+
+fn put(key: &str) -> Command {
+    Command::Put {
+        key: key.into(),
+        value: b"v".to_vec(),
+        content_type: None,
+        precondition: Default::default(),
+    }
+}
+
+/// The leader sends entries to its followers while its own disk is still busy
+/// with them: two followers on disk are a majority, so the write commits with
+/// the leader's fsync still outstanding (openraft 0.9 as published waited for
+/// the leader's flush before replicating; the vendored patch does not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_replicates_while_its_own_flush_is_pending() {
+    let cluster = Cluster::start().await;
+    let leader = &cluster.logs[0];
+    leader.close().await;
+
+    let written = tokio::time::timeout(
+        Duration::from_secs(10),
+        cluster.rafts[0].client_write(put("k")),
+    )
+    .await
+    .expect("the write commits on the followers' disks")
+    .expect("client write");
+    assert!(
+        leader.held().await > 0,
+        "the leader's own append is still held"
+    );
+    let index = written.log_id.index;
+    for (i, reader) in cluster.readers.iter().enumerate() {
+        wait_applied(reader, index).await;
+        assert!(reader.get("k").unwrap().is_some(), "node {} has k", i + 1);
+    }
+
+    leader.open().await;
+    cluster.shutdown().await;
+}
+
+/// With one follower unreachable, the leader's own copy is needed for a
+/// majority, and it must count only once it is on disk: the write waits for
+/// the stalled flush and commits when it completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_counts_its_own_copy_only_once_flushed() {
+    let cluster = Cluster::start().await;
+    cluster.router.isolate(3);
+    let leader = &cluster.logs[0];
+    leader.close().await;
+
+    let raft = cluster.rafts[0].clone();
+    let mut write = tokio::spawn(async move { raft.client_write(put("k")).await });
+    let early = tokio::time::timeout(Duration::from_millis(500), &mut write).await;
+    assert!(
+        early.is_err(),
+        "acknowledged with one copy on disk and the leader's still pending"
+    );
+    assert!(cluster.readers[0].get("k").unwrap().is_none());
+
+    leader.open().await;
+    let written = tokio::time::timeout(Duration::from_secs(10), write)
+        .await
+        .expect("commits once the leader's flush completes")
+        .expect("task")
+        .expect("client write");
+    wait_applied(&cluster.readers[0], written.log_id.index).await;
+    assert!(cluster.readers[0].get("k").unwrap().is_some());
+    cluster.shutdown().await;
+}
+
+async fn wait_applied(reader: &KvReader, index: u64) {
+    for _ in 0..200 {
+        if reader.applied_index() >= index {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("index {index} not applied within 2 s");
+}

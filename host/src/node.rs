@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use axum::serve::ListenerExt;
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::{BasicNode, ChangeMembers, SnapshotPolicy};
+use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::{Mutex, watch};
@@ -32,6 +32,7 @@ pub use crate::error::{ClusterError, NodeError, ReadError, WriteError};
 use crate::keys::{MAX_VALUE_BYTES, validate_key};
 use crate::peer::PeerClient;
 use crate::plugins::{Limits, PluginHost, Validators, types as wit};
+use crate::raft::follower_read::{LeaderView, ReadIndexRequest, confirmed_read_index};
 use crate::raft::network::Network;
 use crate::raft::{
     Command, CommandResult, KvReader, NodeId, Precondition, Raft, ValueRecord, open_storage,
@@ -675,9 +676,38 @@ impl Node {
         }
     }
 
-    /// On the leader, for followers' read-index requests: concurrent requests
-    /// share one leadership confirmation.
-    pub async fn read_index_for_peer(&self) -> Result<u64, ReadError> {
+    /// On the leader, for a follower's read-index request: answered from the
+    /// leader's state when the request itself confirms the leadership
+    /// (`raft/follower_read.rs`); otherwise concurrent requests share one
+    /// heartbeat round. `None`: a request without the follower's vote.
+    pub async fn read_index_for_peer(
+        &self,
+        req: Option<ReadIndexRequest>,
+    ) -> Result<u64, ReadError> {
+        if let Some(req) = req {
+            let id = self.id;
+            let confirmed = self
+                .raft
+                .with_raft_state(move |st| {
+                    let view = LeaderView {
+                        id,
+                        leading: st.server_state == ServerState::Leader,
+                        vote: st.vote_ref(),
+                        committed: st.committed.as_ref(),
+                        voter_sets: st
+                            .membership_state
+                            .effective()
+                            .membership()
+                            .get_joint_config(),
+                    };
+                    confirmed_read_index(&view, &req)
+                })
+                .await
+                .map_err(|e| ReadError::Unavailable(e.to_string()))?;
+            if let Some(index) = confirmed {
+                return Ok(index);
+            }
+        }
         self.leader_read_index
             .read_index(|| self.read_index_local())
             .await
@@ -707,7 +737,20 @@ impl Node {
             || ReadError::NoLeader,
             |e| matches!(e, ReadError::NoLeader),
             || self.read_index_local(),
-            |addr| async move { self.peers.read_index(&addr, LEADER_WAIT).await },
+            |addr| async move {
+                // Read after the reads this request serves arrived (the batcher
+                // starts a request only after its reads), inside the Raft core.
+                let vote = self
+                    .raft
+                    .with_raft_state(|st| *st.vote_ref())
+                    .await
+                    .map_err(|e| ReadError::Unavailable(e.to_string()))?;
+                let req = ReadIndexRequest {
+                    from: self.id,
+                    vote,
+                };
+                self.peers.read_index(&addr, &req, LEADER_WAIT).await
+            },
         )
         .await
     }

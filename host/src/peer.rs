@@ -8,6 +8,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{ReadError, WriteError};
+use crate::raft::follower_read::ReadIndexRequest;
 use crate::raft::network::MSGPACK;
 use crate::raft::{Command, CommandResult, NodeId};
 
@@ -113,8 +114,13 @@ impl PeerClient {
     }
 
     /// Asks the leader at `addr` for a read index (confirmed with a quorum).
-    pub async fn read_index(&self, addr: &str, timeout: Duration) -> Result<u64, ReadError> {
-        self.call::<_, Result<u64, ReadError>>(format!("{addr}/raft/read-index"), &(), timeout)
+    pub async fn read_index(
+        &self,
+        addr: &str,
+        req: &ReadIndexRequest,
+        timeout: Duration,
+    ) -> Result<u64, ReadError> {
+        self.call::<_, Result<u64, ReadError>>(format!("{addr}/raft/read-index"), req, timeout)
             .await
             .map_err(|e| {
                 if e.not_sent {

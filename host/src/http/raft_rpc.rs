@@ -17,6 +17,7 @@ use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 use crate::node::Node;
+use crate::raft::follower_read::ReadIndexRequest;
 use crate::raft::network::MSGPACK;
 use crate::raft::{Command, NodeId, TypeConfig};
 
@@ -65,8 +66,10 @@ pub async fn forward(State(node): State<Arc<Node>>, body: Bytes) -> Result<Respo
     Ok(reply(&node.write_local(cmd).await))
 }
 
-/// `POST /raft/read-index`: confirm leadership and return the read index.
+/// `POST /raft/read-index`: confirm leadership and return the read index. The
+/// body is the follower's [`ReadIndexRequest`] (nil from older nodes: they get
+/// the heartbeat-round confirmation).
 pub async fn read_index(State(node): State<Arc<Node>>, body: Bytes) -> Result<Response, ApiError> {
-    let () = decode(&body)?;
-    Ok(reply(&node.read_index_for_peer().await))
+    let req: Option<ReadIndexRequest> = decode(&body)?;
+    Ok(reply(&node.read_index_for_peer(req).await))
 }

@@ -5,6 +5,7 @@
 // error type; boxing it in helpers would only add conversions at every call.
 #![allow(clippy::result_large_err)]
 
+pub mod follower_read;
 pub mod history;
 pub mod log_store;
 pub mod network;

@@ -4,17 +4,14 @@
 //! wait for the next one, which carries all of them as a single
 //! [`Command::Batch`] entry: one append, one fsync per node, one replication
 //! round for the whole group. Each write still gets its own result and
-//! revision. Up to `max_inflight` proposals overlap.
+//! revision. Up to `max_inflight` proposals overlap (`coalesce.rs` does the
+//! queueing).
 
 use std::future::Future;
-use std::sync::Mutex;
 
-use tokio::sync::oneshot;
-
+use crate::coalesce::Coalescer;
 use crate::error::WriteError;
 use crate::raft::{Command, CommandResult};
-
-type Reply = oneshot::Sender<Result<CommandResult, WriteError>>;
 
 /// Default number of proposals in flight at once.
 pub const DEFAULT_INFLIGHT: usize = 1;
@@ -25,14 +22,7 @@ pub const MAX_BATCH_LEN: usize = 1024;
 
 /// Collects concurrent writes into batch proposals.
 pub struct WriteBatcher {
-    state: Mutex<State>,
-    max_inflight: usize,
-}
-
-#[derive(Default)]
-struct State {
-    queue: Vec<(Command, Reply)>,
-    inflight: usize,
+    writes: Coalescer<Command, Result<CommandResult, WriteError>>,
 }
 
 fn size(cmd: &Command) -> usize {
@@ -43,31 +33,56 @@ fn size(cmd: &Command) -> usize {
     }
 }
 
+/// How many of the queued writes the next batch takes: at most
+/// [`MAX_BATCH_LEN`] and [`MAX_BATCH_BYTES`] (a single larger write goes alone).
+fn batch_len(queued: &[Command]) -> usize {
+    let (mut bytes, mut n) = (0, 0);
+    for cmd in queued {
+        let b = size(cmd);
+        if n > 0 && (bytes + b > MAX_BATCH_BYTES || n == MAX_BATCH_LEN) {
+            break;
+        }
+        bytes += b;
+        n += 1;
+    }
+    n
+}
+
+/// Proposes `cmds` as one entry (a lone write as itself) and splits the
+/// result: one per write, in order.
+async fn propose_batch<F, Fut>(
+    propose: &F,
+    mut cmds: Vec<Command>,
+) -> Vec<Result<CommandResult, WriteError>>
+where
+    F: Fn(Command) -> Fut,
+    Fut: Future<Output = Result<CommandResult, WriteError>>,
+{
+    let n = cmds.len();
+    if n == 1 {
+        let cmd = cmds.pop().expect("one write");
+        return vec![propose(cmd).await];
+    }
+    match propose(Command::Batch(cmds)).await {
+        Ok(CommandResult::Batch(results)) if results.len() == n => {
+            results.into_iter().map(Ok).collect()
+        }
+        Ok(other) => vec![
+            Err(WriteError::Unavailable(format!(
+                "unexpected batch result {other:?}"
+            )));
+            n
+        ],
+        Err(e) => vec![Err(e); n],
+    }
+}
+
 impl WriteBatcher {
     /// A batcher allowing `max_inflight` overlapping proposals.
     pub fn new(max_inflight: usize) -> Self {
         WriteBatcher {
-            state: Mutex::new(State::default()),
-            max_inflight: max_inflight.max(1),
+            writes: Coalescer::new(max_inflight),
         }
-    }
-
-    fn take_batch(&self) -> Option<Vec<(Command, Reply)>> {
-        let mut s = self.state.lock().ok()?;
-        if s.queue.is_empty() {
-            s.inflight -= 1;
-            return None;
-        }
-        let (mut bytes, mut n) = (0, 0);
-        for (cmd, _) in &s.queue {
-            let b = size(cmd);
-            if n > 0 && (bytes + b > MAX_BATCH_BYTES || n == MAX_BATCH_LEN) {
-                break;
-            }
-            bytes += b;
-            n += 1;
-        }
-        Some(s.queue.drain(..n).collect())
     }
 
     /// Proposes `cmd` with others waiting at the same time; `propose` does
@@ -81,49 +96,17 @@ impl WriteBatcher {
         F: Fn(Command) -> Fut,
         Fut: Future<Output = Result<CommandResult, WriteError>>,
     {
-        let (tx, rx) = oneshot::channel();
-        let lead = {
-            let mut s = self
-                .state
-                .lock()
-                .map_err(|_| WriteError::Unavailable("write batcher poisoned".into()))?;
-            s.queue.push((cmd, tx));
-            if s.inflight < self.max_inflight {
-                s.inflight += 1;
-                true
-            } else {
-                false
-            }
-        };
-        if lead {
-            while let Some(mut batch) = self.take_batch() {
-                if batch.len() == 1 {
-                    let (cmd, reply) = batch.pop().expect("one write");
-                    let _ = reply.send(propose(cmd).await);
-                    continue;
-                }
-                let (cmds, replies): (Vec<Command>, Vec<Reply>) = batch.into_iter().unzip();
-                match propose(Command::Batch(cmds)).await {
-                    Ok(CommandResult::Batch(results)) if results.len() == replies.len() => {
-                        for (reply, r) in replies.into_iter().zip(results) {
-                            let _ = reply.send(Ok(r));
-                        }
-                    }
-                    Ok(other) => {
-                        let e =
-                            WriteError::Unavailable(format!("unexpected batch result {other:?}"));
-                        replies
-                            .into_iter()
-                            .for_each(|r| drop(r.send(Err(e.clone()))));
-                    }
-                    Err(e) => replies
-                        .into_iter()
-                        .for_each(|r| drop(r.send(Err(e.clone())))),
-                }
-            }
-        }
-        rx.await
-            .map_err(|_| WriteError::Unavailable("write batch abandoned".into()))?
+        let propose = &propose;
+        self.writes
+            .call(cmd, batch_len, |cmds| propose_batch(propose, cmds))
+            .await
+            .unwrap_or_else(|| {
+                Err(WriteError::Unavailable(
+                    "the request proposing this write's batch was cancelled; \
+                     it may or may not have been applied"
+                        .into(),
+                ))
+            })
     }
 }
 

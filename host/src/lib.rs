@@ -16,6 +16,7 @@
 //! - `main.rs`: the `flagstone` binary (argument parsing and logging only).
 
 pub mod batcher;
+pub mod coalesce;
 pub mod error;
 pub mod flags;
 pub mod http;

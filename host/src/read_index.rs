@@ -6,24 +6,23 @@
 //! reads instead of one each.
 
 use std::future::Future;
-use std::sync::Mutex;
 
-use tokio::sync::oneshot;
-
+use crate::coalesce::Coalescer;
 use crate::error::ReadError;
 
-type Waiter = oneshot::Sender<Result<u64, ReadError>>;
-
 /// The batcher; `fetch` in [`ReadIndexBatcher::read_index`] does the real request.
-#[derive(Default)]
 pub struct ReadIndexBatcher {
-    state: Mutex<State>,
+    reads: Coalescer<(), Result<u64, ReadError>>,
 }
 
-#[derive(Default)]
-struct State {
-    running: bool,
-    waiting: Vec<Waiter>,
+impl Default for ReadIndexBatcher {
+    fn default() -> Self {
+        // One request at a time: each costs a round on the leader, and more
+        // in flight measured slower (BENCHMARKS.md).
+        ReadIndexBatcher {
+            reads: Coalescer::new(1),
+        }
+    }
 }
 
 impl ReadIndexBatcher {
@@ -34,35 +33,19 @@ impl ReadIndexBatcher {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<u64, ReadError>>,
     {
-        let (tx, rx) = oneshot::channel();
-        let lead = {
-            let mut s = self
-                .state
-                .lock()
-                .map_err(|_| ReadError::Unavailable("read batcher poisoned".into()))?;
-            s.waiting.push(tx);
-            !std::mem::replace(&mut s.running, true)
-        };
-        if lead {
-            // This caller runs batches until nobody is waiting; each batch's
-            // request starts after every read in it arrived.
-            loop {
-                let batch = match self.state.lock() {
-                    Ok(mut s) if !s.waiting.is_empty() => std::mem::take(&mut s.waiting),
-                    Ok(mut s) => {
-                        s.running = false;
-                        break;
-                    }
-                    Err(_) => break,
-                };
-                let result = fetch().await;
-                for w in batch {
-                    let _ = w.send(result.clone());
-                }
-            }
-        }
-        rx.await
-            .map_err(|_| ReadError::Unavailable("read batch abandoned".into()))?
+        let fetch = &fetch;
+        self.reads
+            .call(
+                (),
+                |waiting| waiting.len(),
+                |batch| async move { vec![fetch().await; batch.len()] },
+            )
+            .await
+            .unwrap_or_else(|| {
+                Err(ReadError::Unavailable(
+                    "the request fetching this read index was cancelled".into(),
+                ))
+            })
     }
 }
 

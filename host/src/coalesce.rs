@@ -1,0 +1,279 @@
+//! Coalescing concurrent calls into batches, the shape shared by group
+//! commit (`batcher.rs`), read-index sharing (`read_index.rs`) and a
+//! follower's forwarding of writes to the leader (`node.rs`).
+//!
+//! A caller queues its item. If fewer than `max_inflight` runners are active
+//! it becomes one: it takes a batch from the queue (every item in it arrived
+//! before the batch started), runs it, hands each item its answer, and goes
+//! on until the queue is empty. Other callers just wait for their answer.
+//!
+//! A runner is an ordinary caller's future, so it can be dropped mid-batch
+//! (an HTTP handler whose client went away). The items of that batch then get
+//! no answer (their outcome is unknown), and the runner's slot passes to the
+//! next waiting caller, so nothing queued behind it waits forever.
+
+use std::future::Future;
+use std::sync::Mutex;
+
+use tokio::sync::oneshot;
+
+/// What a waiting caller is sent.
+enum Msg<T, R> {
+    /// The answer to its item.
+    Done(R),
+    /// A runner was dropped: take its slot (and your item back).
+    Lead(T),
+}
+
+type Reply<T, R> = oneshot::Sender<Msg<T, R>>;
+
+struct Queue<T, R> {
+    items: Vec<T>,
+    replies: Vec<Reply<T, R>>,
+    running: usize,
+}
+
+/// Batches concurrent calls; see the module docs.
+pub struct Coalescer<T, R> {
+    queue: Mutex<Queue<T, R>>,
+    max_inflight: usize,
+}
+
+impl<T, R> Coalescer<T, R> {
+    /// A coalescer running at most `max_inflight` batches at once (at least 1).
+    pub fn new(max_inflight: usize) -> Self {
+        Coalescer {
+            queue: Mutex::new(Queue {
+                items: Vec::new(),
+                replies: Vec::new(),
+                running: 0,
+            }),
+            max_inflight: max_inflight.max(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue<T, R>> {
+        // Nothing panics while holding the lock; recover rather than wedge.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Submits `item` and waits for its answer. `cut(queued)` says how many
+    /// of the queued items (at least one is taken) form the next batch;
+    /// `run(batch)` returns one answer per item, in order. `None`: the item
+    /// got no answer (its batch's runner was dropped, or `run` returned too
+    /// few answers).
+    pub async fn call<C, F, Fut>(&self, item: T, cut: C, run: F) -> Option<R>
+    where
+        C: Fn(&[T]) -> usize,
+        F: Fn(Vec<T>) -> Fut,
+        Fut: Future<Output = Vec<R>>,
+    {
+        let mut item = item;
+        let mut handed_slot = false;
+        loop {
+            let (tx, rx) = oneshot::channel();
+            let lead = {
+                let mut q = self.lock();
+                q.items.push(item);
+                q.replies.push(tx);
+                if handed_slot {
+                    true
+                } else if q.running < self.max_inflight {
+                    q.running += 1;
+                    true
+                } else {
+                    false
+                }
+            };
+            if lead {
+                self.lead(&cut, &run).await;
+            }
+            match rx.await {
+                Ok(Msg::Done(answer)) => return Some(answer),
+                Ok(Msg::Lead(back)) => {
+                    item = back;
+                    handed_slot = true;
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Runs batches until the queue is empty, holding one runner slot.
+    async fn lead<C, F, Fut>(&self, cut: &C, run: &F)
+    where
+        C: Fn(&[T]) -> usize,
+        F: Fn(Vec<T>) -> Fut,
+        Fut: Future<Output = Vec<R>>,
+    {
+        let mut slot = Slot {
+            owner: self,
+            held: true,
+        };
+        loop {
+            let (items, replies) = {
+                let mut q = self.lock();
+                if q.items.is_empty() {
+                    q.running -= 1;
+                    slot.held = false;
+                    return;
+                }
+                let n = cut(&q.items).clamp(1, q.items.len());
+                let items: Vec<T> = q.items.drain(..n).collect();
+                let replies: Vec<Reply<T, R>> = q.replies.drain(..n).collect();
+                (items, replies)
+            };
+            let answers = run(items).await;
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                let _ = reply.send(Msg::Done(answer));
+            }
+        }
+    }
+}
+
+/// A runner slot; dropped while held (the runner's future was dropped), it
+/// passes to the first waiting caller that is still there.
+struct Slot<'a, T, R> {
+    owner: &'a Coalescer<T, R>,
+    held: bool,
+}
+
+impl<T, R> Drop for Slot<'_, T, R> {
+    fn drop(&mut self) {
+        if !self.held {
+            return;
+        }
+        let mut q = self.owner.lock();
+        while !q.items.is_empty() {
+            let item = q.items.remove(0);
+            let reply = q.replies.remove(0);
+            match reply.send(Msg::Lead(item)) {
+                Ok(()) => return,
+                // That caller is gone too: its item is dropped unanswered.
+                Err(_) => continue,
+            }
+        }
+        q.running -= 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+
+    fn echo_slowly(
+        batches: Arc<AtomicUsize>,
+        delay: Duration,
+    ) -> impl Fn(Vec<u32>) -> std::pin::Pin<Box<dyn Future<Output = Vec<u32>> + Send>> {
+        move |items| {
+            batches.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                items.into_iter().map(|i| i * 10).collect()
+            })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_calls_share_batches_and_get_their_own_answers() {
+        let c = Arc::new(Coalescer::<u32, u32>::new(1));
+        let batches = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..50u32)
+            .map(|i| {
+                let (c, batches) = (c.clone(), batches.clone());
+                tokio::spawn(async move {
+                    let run = echo_slowly(batches, Duration::from_millis(2));
+                    c.call(i, |q| q.len(), run).await
+                })
+            })
+            .collect();
+        for (i, t) in tasks.into_iter().enumerate() {
+            assert_eq!(t.await.unwrap(), Some(i as u32 * 10));
+        }
+        let n = batches.load(Ordering::SeqCst);
+        assert!(n < 50, "{n} batches for 50 calls: nothing was shared");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cut_bounds_a_batch() {
+        let c = Arc::new(Coalescer::<u32, u32>::new(1));
+        let largest = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..40u32)
+            .map(|i| {
+                let (c, largest) = (c.clone(), largest.clone());
+                tokio::spawn(async move {
+                    let run = |items: Vec<u32>| {
+                        largest.fetch_max(items.len(), Ordering::SeqCst);
+                        async move {
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                            items
+                        }
+                    };
+                    c.call(i, |q| q.len().min(3), run).await
+                })
+            })
+            .collect();
+        for (i, t) in tasks.into_iter().enumerate() {
+            assert_eq!(t.await.unwrap(), Some(i as u32));
+        }
+        assert!(largest.load(Ordering::SeqCst) <= 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_runner_passes_its_slot_on() {
+        let c = Arc::new(Coalescer::<u32, u32>::new(1));
+        let batches = Arc::new(AtomicUsize::new(0));
+        // The runner: its batch takes long, and its caller gives up.
+        let runner = {
+            let (c, batches) = (c.clone(), batches.clone());
+            tokio::spawn(async move {
+                c.call(
+                    1,
+                    |q| q.len(),
+                    echo_slowly(batches, Duration::from_secs(60)),
+                )
+                .await
+            })
+        };
+        while batches.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // Two callers queue behind the running batch.
+        let waiters: Vec<_> = [2u32, 3]
+            .into_iter()
+            .map(|i| {
+                let (c, batches) = (c.clone(), batches.clone());
+                tokio::spawn(async move {
+                    c.call(i, |q| q.len(), echo_slowly(batches, Duration::ZERO))
+                        .await
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        runner.abort();
+        assert!(runner.await.unwrap_err().is_cancelled());
+        for (t, want) in waiters.into_iter().zip([20, 30]) {
+            let got = tokio::time::timeout(Duration::from_secs(5), t)
+                .await
+                .expect("a waiter took over the slot")
+                .unwrap();
+            assert_eq!(got, Some(want));
+        }
+        // And the coalescer still works afterwards.
+        let after = c
+            .call(4, |q| q.len(), echo_slowly(batches, Duration::ZERO))
+            .await;
+        assert_eq!(after, Some(40));
+    }
+
+    #[tokio::test]
+    async fn too_few_answers_leave_the_rest_unanswered() {
+        let c = Coalescer::<u32, u32>::new(1);
+        let got = c.call(7, |q| q.len(), |_items| async { Vec::new() }).await;
+        assert_eq!(got, None);
+    }
+}

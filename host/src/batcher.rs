@@ -25,11 +25,12 @@ pub struct WriteBatcher {
     writes: Coalescer<Command, Result<CommandResult, WriteError>>,
 }
 
-fn size(cmd: &Command) -> usize {
+/// Key and value bytes a command carries (what the batch limits count).
+pub fn command_size(cmd: &Command) -> usize {
     match cmd {
         Command::Put { key, value, .. } => key.len() + value.len(),
         Command::Delete { key, .. } => key.len(),
-        Command::Batch(cmds) => cmds.iter().map(size).sum(),
+        Command::Batch(cmds) => cmds.iter().map(command_size).sum(),
     }
 }
 
@@ -38,7 +39,7 @@ fn size(cmd: &Command) -> usize {
 fn batch_len(queued: &[Command]) -> usize {
     let (mut bytes, mut n) = (0, 0);
     for cmd in queued {
-        let b = size(cmd);
+        let b = command_size(cmd);
         if n > 0 && (bytes + b > MAX_BATCH_BYTES || n == MAX_BATCH_LEN) {
             break;
         }

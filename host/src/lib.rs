@@ -19,6 +19,7 @@ pub mod batcher;
 pub mod coalesce;
 pub mod error;
 pub mod flags;
+pub mod forward;
 pub mod http;
 pub mod keys;
 pub mod node;

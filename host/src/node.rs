@@ -3,14 +3,16 @@
 //! custom-data operations plus compare-and-set and linearizable reads).
 //!
 //! # Write path
-//! any node → (follower: forward to the leader over `/raft/forward`) → key and
-//! size checks → validators (plugins, later) → `raft.client_write` → log append
-//! (fsync per batch) → replicate → commit → apply → revision returned.
+//! any node → (follower: forward to the leader over `/raft/forward`, batched by
+//! `forward.rs`) → key and size checks → validator plugins → group commit
+//! (`batcher.rs`) → `raft.client_write` → log append (fsync per batch) alongside
+//! replication → commit → apply → revision returned.
 //!
 //! # Read path
 //! Local reads answer from this node's applied state. A linearizable read first
 //! gets a read index from the leader (which confirms its leadership with a
-//! quorum) and waits until this node has applied up to it.
+//! quorum, or by the asking follower's vote: `raft/follower_read.rs`) and waits
+//! until this node has applied up to it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -29,6 +31,7 @@ use tokio::task::JoinHandle;
 
 use crate::batcher::WriteBatcher;
 pub use crate::error::{ClusterError, NodeError, ReadError, WriteError};
+use crate::forward::Forwarder;
 use crate::keys::{MAX_VALUE_BYTES, validate_key};
 use crate::peer::PeerClient;
 use crate::plugins::{Limits, PluginHost, Validators, types as wit};
@@ -166,6 +169,7 @@ pub struct Node {
     plugins: Option<Arc<PluginHost>>,
     read_index: ReadIndexBatcher,
     batcher: WriteBatcher,
+    forwarder: Forwarder,
     leader_read_index: ReadIndexBatcher,
     shutdown_tx: watch::Sender<bool>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
@@ -260,6 +264,7 @@ impl Node {
             plugins,
             read_index: ReadIndexBatcher::default(),
             batcher: WriteBatcher::new(crate::batcher::DEFAULT_INFLIGHT),
+            forwarder: Forwarder::default(),
             leader_read_index: ReadIndexBatcher::default(),
             shutdown_tx,
             tasks: std::sync::Mutex::new(Vec::new()),
@@ -566,10 +571,7 @@ impl Node {
                 || WriteError::NoLeader,
                 |e| matches!(e, WriteError::NotLeader { .. } | WriteError::NoLeader),
                 || self.write_local(cmd.clone()),
-                |addr| {
-                    let cmd = &cmd;
-                    async move { self.peers.forward_write(&addr, cmd).await }
-                },
+                |addr| self.forwarder.forward(&self.peers, addr, cmd.clone()),
             )
             .await;
         match result {

@@ -90,27 +90,24 @@ impl PeerClient {
             .map_err(|e| TransportError::new(format!("{url}: bad answer: {e}")))
     }
 
-    /// Sends `cmd` to the leader at `addr`, which validates and proposes it.
-    pub async fn forward_write(
+    /// Sends `cmds` to the leader at `addr`, which validates and proposes
+    /// each; one answer per command, in order.
+    pub async fn forward_writes(
         &self,
         addr: &str,
-        cmd: &Command,
-    ) -> Result<CommandResult, WriteError> {
-        self.call::<_, Result<CommandResult, WriteError>>(
-            format!("{addr}/raft/forward"),
-            cmd,
-            FORWARD_TIMEOUT,
-        )
-        .await
-        .map_err(|e| {
-            if e.not_sent {
-                // The leader is gone (connection refused): safe to retry once a
-                // new leader is known, since nothing was sent.
-                WriteError::NoLeader
-            } else {
-                WriteError::Unavailable(e.message)
-            }
-        })?
+        cmds: &[Command],
+    ) -> Result<Vec<Result<CommandResult, WriteError>>, WriteError> {
+        self.call(format!("{addr}/raft/forward"), &cmds, FORWARD_TIMEOUT)
+            .await
+            .map_err(|e| {
+                if e.not_sent {
+                    // The leader is gone (connection refused): safe to retry once a
+                    // new leader is known, since nothing was sent.
+                    WriteError::NoLeader
+                } else {
+                    WriteError::Unavailable(e.message)
+                }
+            })
     }
 
     /// Asks the leader at `addr` for a read index (confirmed with a quorum).

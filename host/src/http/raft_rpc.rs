@@ -3,7 +3,7 @@
 //! have no body-size limit (a batch of entries can exceed 1 MiB).
 //!
 //! - `append`, `vote`, `snapshot`: openraft RPCs (client: `raft/network.rs`).
-//! - `forward`: a follower forwards a client write to the leader.
+//! - `forward`: a follower forwards client writes to the leader (`forward.rs`).
 //! - `read-index`: a follower asks the leader for a linearizable read index.
 
 use std::sync::Arc;
@@ -60,10 +60,12 @@ pub async fn snapshot(State(node): State<Arc<Node>>, body: Bytes) -> Result<Resp
     Ok(reply(&node.raft().install_snapshot(req).await))
 }
 
-/// `POST /raft/forward`: propose a forwarded write on this (leader) node.
+/// `POST /raft/forward`: validate and propose writes a follower forwarded
+/// (a list; they join this leader's group commit); one answer per write.
 pub async fn forward(State(node): State<Arc<Node>>, body: Bytes) -> Result<Response, ApiError> {
-    let cmd: Command = decode(&body)?;
-    Ok(reply(&node.write_local(cmd).await))
+    let cmds: Vec<Command> = decode(&body)?;
+    let answers = futures::future::join_all(cmds.into_iter().map(|c| node.write_local(c))).await;
+    Ok(reply(&answers))
 }
 
 /// `POST /raft/read-index`: confirm leadership and return the read index. The

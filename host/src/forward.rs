@@ -1,0 +1,103 @@
+//! A follower's forwarding of client writes to the leader, batched: writes
+//! that arrive while forwards are in flight travel together in the next
+//! `POST /raft/forward` (one HTTP exchange each way for all of them; the
+//! leader validates and proposes each, its group commit joins them into one
+//! entry) and each gets its own answer back.
+
+use crate::batcher::{MAX_BATCH_BYTES, MAX_BATCH_LEN, command_size};
+use crate::coalesce::Coalescer;
+use crate::error::WriteError;
+use crate::peer::PeerClient;
+use crate::raft::{Command, CommandResult};
+
+/// Forward batches in flight at once: while one is being committed, the next
+/// is already on its way, so the leader never waits for a follower's round trip.
+const FORWARDS_IN_FLIGHT: usize = 2;
+
+type Answer = Result<CommandResult, WriteError>;
+
+/// Batches writes forwarded to the leader.
+pub struct Forwarder {
+    writes: Coalescer<(String, Command), Answer>,
+}
+
+impl Default for Forwarder {
+    fn default() -> Self {
+        Forwarder {
+            writes: Coalescer::new(FORWARDS_IN_FLIGHT),
+        }
+    }
+}
+
+/// The next batch: queued writes for the same leader address as the first,
+/// within the leader's batch limits.
+fn batch_len(queued: &[(String, Command)]) -> usize {
+    let Some((addr, _)) = queued.first() else {
+        return 0;
+    };
+    let mut bytes = 0;
+    queued
+        .iter()
+        .take(MAX_BATCH_LEN)
+        .take_while(|(a, cmd)| {
+            bytes += command_size(cmd);
+            a == addr && bytes <= MAX_BATCH_BYTES
+        })
+        .count()
+}
+
+impl Forwarder {
+    /// Sends `cmd` to the leader at `addr`, with whatever else is waiting.
+    pub async fn forward(&self, peers: &PeerClient, addr: String, cmd: Command) -> Answer {
+        self.writes
+            .call((addr, cmd), batch_len, |batch| async move {
+                let n = batch.len();
+                let addr = batch[0].0.clone();
+                let cmds: Vec<Command> = batch.into_iter().map(|(_, c)| c).collect();
+                match peers.forward_writes(&addr, &cmds).await {
+                    Ok(answers) => answers,
+                    Err(e) => vec![Err(e); n],
+                }
+            })
+            .await
+            .unwrap_or_else(|| {
+                Err(WriteError::Unavailable(
+                    "the forward carrying this write was cancelled or lost its answer; \
+                     it may or may not have been applied"
+                        .into(),
+                ))
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(key: &str, len: usize) -> Command {
+        Command::Put {
+            key: key.into(),
+            value: vec![0; len],
+            content_type: None,
+            precondition: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_batch_goes_to_one_leader_within_the_limits() {
+        let a = || "http://a".to_string();
+        let b = || "http://b".to_string();
+        assert_eq!(batch_len(&[]), 0);
+        let q = vec![(a(), put("k", 1)), (a(), put("k", 1)), (b(), put("k", 1))];
+        assert_eq!(batch_len(&q), 2, "stops at another address");
+        let big = MAX_BATCH_BYTES / 2;
+        let q = vec![
+            (a(), put("k", big)),
+            (a(), put("k", big)),
+            (a(), put("k", 1)),
+        ];
+        assert_eq!(batch_len(&q), 1, "stops before the byte limit");
+        let q: Vec<_> = (0..MAX_BATCH_LEN + 5).map(|_| (a(), put("k", 1))).collect();
+        assert_eq!(batch_len(&q), MAX_BATCH_LEN);
+    }
+}

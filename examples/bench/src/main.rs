@@ -305,8 +305,14 @@ fn main() -> Result<()> {
     let n = args.clients;
 
     // In-process evaluation first, while the machine is otherwise idle.
-    let evals = in_process_evaluations(&plugins, args.seconds)?;
-    println!("in-process rollout evaluation, 1 thread: {evals:.0}/s");
+    let in_process = "in-process rollout evaluation, 1 thread";
+    let evals = match &args.only {
+        Some(o) if !in_process.contains(o.as_str()) => None,
+        _ => Some(in_process_evaluations(&plugins, args.seconds)?),
+    };
+    if let Some(evals) = evals {
+        println!("{in_process}: {evals:.0}/s");
+    }
 
     let (fs, fs_leader) = cluster::flagstone(&bin, work.path(), &plugins, args.node_threads)?;
     let etcd = if args.no_etcd {
@@ -420,7 +426,9 @@ fn main() -> Result<()> {
                 " of GET",
             );
         }
-        println!("| in-process rollout evaluation, 1 thread    | {evals:>9.0}/s | |");
+        if let Some(evals) = evals {
+            println!("| {in_process}    | {evals:>9.0}/s | |");
+        }
         anyhow::Ok(())
     })?;
 

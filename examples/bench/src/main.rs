@@ -156,15 +156,50 @@ impl Etcd {
     }
 }
 
-struct Bench {
+struct Bench<'a> {
     warmup: Duration,
     measure: Duration,
+    /// Every server process of both systems.
+    servers: Vec<&'a cluster::Proc>,
+    /// How long each scenario waited for the servers to go quiet.
+    waited: std::sync::Mutex<Vec<f64>>,
 }
+
+/// A server counts as quiet below this share of one core…
+const QUIET_CPU: f64 = 0.05;
+/// …measured over this window; the wait gives up after `QUIET_MAX`.
+const QUIET_WINDOW: Duration = Duration::from_millis(500);
+const QUIET_MAX: Duration = Duration::from_secs(30);
 
 /// Rounds in which two compared scenarios take turns.
 const ROUNDS: u32 = 5;
 
-impl Bench {
+impl Bench<'_> {
+    /// Waits (at most `QUIET_MAX`) until no server process of either system
+    /// uses more than `QUIET_CPU` of a core: what a scenario leaves behind
+    /// (an LSM tree's flushes and compactions after many writes, for one)
+    /// must not be measured as part of the next. Records the wait.
+    async fn settle(&self) {
+        let started = std::time::Instant::now();
+        while started.elapsed() < QUIET_MAX {
+            let before: Vec<u64> = self.servers.iter().map(|p| p.cpu_ticks()).collect();
+            tokio::time::sleep(QUIET_WINDOW).await;
+            let busiest = self
+                .servers
+                .iter()
+                .zip(before)
+                .map(|(p, b)| p.cpu_ticks().saturating_sub(b))
+                .max()
+                .unwrap_or(0);
+            if (busiest as f64 / 100.0) / QUIET_WINDOW.as_secs_f64() < QUIET_CPU {
+                break;
+            }
+        }
+        if let Ok(mut w) = self.waited.lock() {
+            w.push(started.elapsed().as_secs_f64());
+        }
+    }
+
     /// Measures `a` and `b` (each `(addr, requests)`) taking turns: `ROUNDS`
     /// rounds of a slice of each, so drift in the machine's speed (this is a
     /// shared VM) falls on both sides of the ratio alike. `b` may be absent.
@@ -174,6 +209,7 @@ impl Bench {
         a: (SocketAddr, MakeRequest),
         b: Option<(SocketAddr, MakeRequest)>,
     ) -> Result<(Stats, Option<Stats>)> {
+        self.settle().await;
         let slice = self.measure / ROUNDS;
         let warmup = self.warmup / ROUNDS;
         let (mut ra, mut rb) = (Vec::new(), Vec::new());
@@ -298,10 +334,6 @@ fn main() -> Result<()> {
     if !args.no_etcd {
         cluster::ensure_etcd()?;
     }
-    let bench = Bench {
-        warmup: Duration::from_secs(1),
-        measure: Duration::from_secs(args.seconds),
-    };
     let n = args.clients;
 
     // In-process evaluation first, while the machine is otherwise idle.
@@ -326,6 +358,16 @@ fn main() -> Result<()> {
         .iter()
         .flat_map(|(p, _)| p.iter().map(|x| x.rss_mib()))
         .collect();
+
+    let bench = Bench {
+        warmup: Duration::from_secs(1),
+        measure: Duration::from_secs(args.seconds),
+        servers: fs
+            .iter()
+            .chain(etcd.iter().flat_map(|(p, _)| p.iter()))
+            .collect(),
+        waited: Default::default(),
+    };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -439,6 +481,19 @@ fn main() -> Result<()> {
             .collect::<Vec<_>>()
             .join(" / ")
     };
+    let waited = bench.waited.lock().map(|w| w.clone()).unwrap_or_default();
+    println!(
+        "waited for the servers to go quiet (each < {:.0} % of a core over {} ms, at most {} s) \
+         before each scenario, in order: {}",
+        QUIET_CPU * 100.0,
+        QUIET_WINDOW.as_millis(),
+        QUIET_MAX.as_secs(),
+        waited
+            .iter()
+            .map(|s| format!("{s:.1} s"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!("resident memory per node (MiB), idle → after the run:");
     println!(
         "  flagstone (with flag-schema + rollout): {} → {}",

@@ -1,6 +1,7 @@
-//! Group commit at the Raft level. openraft 0.9 flushes each log append
-//! before it takes the next, so one entry per client write would mean one
-//! fsync per write. Instead, writes that arrive while a proposal is in flight
+//! Group commit at the Raft level. One entry per client write would mean an
+//! fsync on every node and a replication round per write (openraft 0.9
+//! followers flush each append before taking the next). Instead, writes that
+//! arrive while a proposal is in flight
 //! wait for the next one, which carries all of them as a single
 //! [`Command::Batch`] entry: one append, one fsync per node, one replication
 //! round for the whole group. Each write still gets its own result and

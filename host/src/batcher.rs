@@ -35,12 +35,13 @@ pub fn command_size(cmd: &Command) -> usize {
     }
 }
 
-/// How many of the queued writes the next batch takes: at most
-/// [`MAX_BATCH_LEN`] and [`MAX_BATCH_BYTES`] (a single larger write goes alone).
-fn batch_len(queued: &[Command]) -> usize {
+/// How many of the queued items (each carrying the write `command(item)`) the
+/// next batch takes: at most [`MAX_BATCH_LEN`] and [`MAX_BATCH_BYTES`] (a
+/// single larger write goes alone). Also cuts a follower's forwards.
+pub fn batch_len<T>(queued: &[T], command: impl Fn(&T) -> &Command) -> usize {
     let (mut bytes, mut n) = (0, 0);
-    for cmd in queued {
-        let b = command_size(cmd);
+    for item in queued {
+        let b = command_size(command(item));
         if n > 0 && (bytes + b > MAX_BATCH_BYTES || n == MAX_BATCH_LEN) {
             break;
         }
@@ -100,7 +101,11 @@ impl WriteBatcher {
     {
         let propose = &propose;
         self.writes
-            .call(cmd, batch_len, |cmds| propose_batch(propose, cmds))
+            .call(
+                cmd,
+                |q| batch_len(q, |c| c),
+                |cmds| propose_batch(propose, cmds),
+            )
             .await
             .unwrap_or_else(|| {
                 Err(WriteError::Unavailable(

@@ -4,7 +4,7 @@
 //! leader validates and proposes each, its group commit joins them into one
 //! entry) and each gets its own answer back.
 
-use crate::batcher::{MAX_BATCH_BYTES, MAX_BATCH_LEN, command_size};
+use crate::batcher;
 use crate::coalesce::Coalescer;
 use crate::error::WriteError;
 use crate::peer::PeerClient;
@@ -35,15 +35,8 @@ fn batch_len(queued: &[(String, Command)]) -> usize {
     let Some((addr, _)) = queued.first() else {
         return 0;
     };
-    let mut bytes = 0;
-    queued
-        .iter()
-        .take(MAX_BATCH_LEN)
-        .take_while(|(a, cmd)| {
-            bytes += command_size(cmd);
-            a == addr && bytes <= MAX_BATCH_BYTES
-        })
-        .count()
+    let same_leader = queued.iter().take_while(|(a, _)| a == addr).count();
+    batcher::batch_len(&queued[..same_leader], |(_, cmd)| cmd)
 }
 
 impl Forwarder {
@@ -73,6 +66,7 @@ impl Forwarder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batcher::{MAX_BATCH_BYTES, MAX_BATCH_LEN};
 
     fn put(key: &str, len: usize) -> Command {
         Command::Put {

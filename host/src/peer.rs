@@ -37,6 +37,17 @@ impl TransportError {
             not_sent: false,
         }
     }
+
+    /// The error a call to the leader reports: `no_leader` when the request
+    /// was never sent (the leader is gone: safe to retry once a new one is
+    /// known), else `unavailable` with the message (outcome unknown).
+    fn toward_leader<E>(self, no_leader: E, unavailable: fn(String) -> E) -> E {
+        if self.not_sent {
+            no_leader
+        } else {
+            unavailable(self.message)
+        }
+    }
 }
 
 impl PeerClient {
@@ -99,15 +110,7 @@ impl PeerClient {
     ) -> Result<Vec<Result<CommandResult, WriteError>>, WriteError> {
         self.call(format!("{addr}/raft/forward"), &cmds, FORWARD_TIMEOUT)
             .await
-            .map_err(|e| {
-                if e.not_sent {
-                    // The leader is gone (connection refused): safe to retry once a
-                    // new leader is known, since nothing was sent.
-                    WriteError::NoLeader
-                } else {
-                    WriteError::Unavailable(e.message)
-                }
-            })
+            .map_err(|e| e.toward_leader(WriteError::NoLeader, WriteError::Unavailable))
     }
 
     /// Asks the leader at `addr` for a read index (confirmed with a quorum).
@@ -119,13 +122,7 @@ impl PeerClient {
     ) -> Result<u64, ReadError> {
         self.call::<_, Result<u64, ReadError>>(format!("{addr}/raft/read-index"), req, timeout)
             .await
-            .map_err(|e| {
-                if e.not_sent {
-                    ReadError::NoLeader
-                } else {
-                    ReadError::Unavailable(e.message)
-                }
-            })?
+            .map_err(|e| e.toward_leader(ReadError::NoLeader, ReadError::Unavailable))?
     }
 
     /// Asks the member at `seed` to add node `id` reachable at `addr`.

@@ -224,6 +224,13 @@ impl Link {
         self.router.target(self.from, self.to)
     }
 
+    fn remote<E: std::error::Error>(
+        &self,
+        e: RaftError<NodeId, E>,
+    ) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
+        RPCError::RemoteError(RemoteError::new(self.to, e))
+    }
+
     fn cut<E: std::error::Error>(&self) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
         let cut = std::io::Error::other(format!("link {} -> {} is cut", self.from, self.to));
         RPCError::Unreachable(Unreachable::new(&cut))
@@ -237,10 +244,7 @@ impl RaftNetwork<TypeConfig> for Link {
         _option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
         let raft = self.raft().ok_or_else(|| self.cut())?;
-        let to = self.to;
-        raft.append_entries(rpc)
-            .await
-            .map_err(|e| RPCError::RemoteError(RemoteError::new(to, e)))
+        raft.append_entries(rpc).await.map_err(|e| self.remote(e))
     }
 
     async fn install_snapshot(
@@ -249,10 +253,7 @@ impl RaftNetwork<TypeConfig> for Link {
         _option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
         let raft = self.raft().ok_or_else(|| self.cut())?;
-        let to = self.to;
-        raft.install_snapshot(rpc)
-            .await
-            .map_err(|e| RPCError::RemoteError(RemoteError::new(to, e)))
+        raft.install_snapshot(rpc).await.map_err(|e| self.remote(e))
     }
 
     async fn vote(
@@ -261,10 +262,7 @@ impl RaftNetwork<TypeConfig> for Link {
         _option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>> {
         let raft = self.raft().ok_or_else(|| self.cut())?;
-        let to = self.to;
-        raft.vote(rpc)
-            .await
-            .map_err(|e| RPCError::RemoteError(RemoteError::new(to, e)))
+        raft.vote(rpc).await.map_err(|e| self.remote(e))
     }
 }
 

@@ -16,6 +16,7 @@ use anyhow::{Context, Result};
 use base64::Engine as _;
 use bytes::Bytes;
 use clap::Parser;
+use flagstone::plugins::PluginHost;
 use http_body_util::Full;
 use hyper::Request;
 use load::{MakeRequest, Stats};
@@ -273,8 +274,13 @@ fn row(name: &str, f: &Stats, e: Option<&Stats>) {
     }
 }
 
-/// In-process evaluations per second of a rollout flag on one thread.
-fn in_process_evaluations(plugins: &std::path::Path, seconds: u64) -> Result<f64> {
+/// Plugin calls per second on one thread, made in the process on a one-node
+/// cluster with the plugins loaded (the flag `bench-flag` written first).
+fn in_process_calls(
+    plugins: &std::path::Path,
+    seconds: u64,
+    mut call: impl FnMut(&PluginHost, u64) -> Result<()>,
+) -> Result<f64> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -299,12 +305,7 @@ fn in_process_evaluations(plugins: &std::path::Path, seconds: u64) -> Result<f64
             let (start, before) = (Instant::now(), n);
             while start.elapsed() < Duration::from_millis(500) {
                 for _ in 0..1000 {
-                    let ctx = flagstone::plugins::types::EvalContext {
-                        targeting_key: Some(format!("user-{}", n % 10_000)),
-                        attributes: r#"{"plan":"pro","app_version":"2.3.1"}"#.into(),
-                    };
-                    host.evaluate("bench-flag", &ctx)
-                        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+                    call(&host, n)?;
                     n += 1;
                 }
             }
@@ -315,6 +316,29 @@ fn in_process_evaluations(plugins: &std::path::Path, seconds: u64) -> Result<f64
         node.shutdown().await;
         Ok(rate)
     })
+}
+
+/// Rollout evaluations of `bench-flag`, one user after another.
+fn evaluate_rollout(host: &PluginHost, n: u64) -> Result<()> {
+    let ctx = flagstone::plugins::types::EvalContext {
+        targeting_key: Some(format!("user-{}", n % 10_000)),
+        attributes: r#"{"plan":"pro","app_version":"2.3.1"}"#.into(),
+    };
+    host.evaluate("bench-flag", &ctx)
+        .map(drop)
+        .map_err(|e| anyhow::anyhow!("{}", e.message))
+}
+
+/// `flag-schema` validating a write of `flags/bench-flag` (the same definition).
+fn validate_flag(host: &PluginHost, _: u64) -> Result<()> {
+    let write = flagstone::plugins::types::Write {
+        key: "flags/bench-flag".into(),
+        value: Some(FLAG_DEF.as_bytes().to_vec()),
+        content_type: Some("application/json".into()),
+        current: None,
+    };
+    host.validate(&write)
+        .map_err(|r| anyhow::anyhow!("{}: {}", r.plugin, r.message))
 }
 
 /// A rollout flag with targeting rules and a 30 % split.
@@ -336,14 +360,20 @@ fn main() -> Result<()> {
     }
     let n = args.clients;
 
-    // In-process evaluation first, while the machine is otherwise idle.
-    let in_process = "in-process rollout evaluation, 1 thread";
-    let evals = match &args.only {
-        Some(o) if !in_process.contains(o.as_str()) => None,
-        _ => Some(in_process_evaluations(&plugins, args.seconds)?),
-    };
-    if let Some(evals) = evals {
-        println!("{in_process}: {evals:.0}/s");
+    // In-process plugin calls first, while the machine is otherwise idle.
+    let mut in_process = Vec::new();
+    for (name, call) in [
+        (
+            "in-process rollout evaluation, 1 thread",
+            evaluate_rollout as fn(&_, _) -> _,
+        ),
+        ("in-process flag-schema validation, 1 thread", validate_flag),
+    ] {
+        if args.only.as_ref().is_none_or(|o| name.contains(o.as_str())) {
+            let rate = in_process_calls(&plugins, args.seconds, call)?;
+            println!("{name}: {rate:.0}/s");
+            in_process.push((name, rate));
+        }
     }
 
     let (fs, fs_leader) = cluster::flagstone(&bin, work.path(), &plugins, args.node_threads)?;
@@ -468,8 +498,8 @@ fn main() -> Result<()> {
                 " of GET",
             );
         }
-        if let Some(evals) = evals {
-            println!("| {in_process}    | {evals:>9.0}/s | |");
+        for (name, rate) in &in_process {
+            println!("| {name:<42} | {rate:>9.0}/s | |");
         }
         anyhow::Ok(())
     })?;

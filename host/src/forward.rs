@@ -1,6 +1,6 @@
 //! A follower's forwarding of client writes to the leader, batched: writes
 //! that arrive while forwards are in flight travel together in the next
-//! `POST /raft/forward` (one HTTP exchange each way for all of them; the
+//! `POST /raft/forward-batch` (one HTTP exchange each way for all of them; the
 //! leader validates and proposes each, its group commit joins them into one
 //! entry) and each gets its own answer back.
 
@@ -44,13 +44,9 @@ impl Forwarder {
     pub async fn forward(&self, peers: &PeerClient, addr: String, cmd: Command) -> Answer {
         self.writes
             .call((addr, cmd), batch_len, |batch| async move {
-                let n = batch.len();
                 let addr = batch[0].0.clone();
                 let cmds: Vec<Command> = batch.into_iter().map(|(_, c)| c).collect();
-                match peers.forward_writes(&addr, &cmds).await {
-                    Ok(answers) => answers,
-                    Err(e) => vec![Err(e); n],
-                }
+                peers.forward_writes(&addr, &cmds).await
             })
             .await
             .unwrap_or_else(|| {

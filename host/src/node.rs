@@ -3,7 +3,7 @@
 //! custom-data operations plus compare-and-set and linearizable reads).
 //!
 //! # Write path
-//! any node → (follower: forward to the leader over `/raft/forward`, batched by
+//! any node → (follower: forward to the leader over `/raft/forward-batch`, batched by
 //! `forward.rs`) → key and size checks → validator plugins → group commit
 //! (`batcher.rs`) → `raft.client_write` → log append (fsync per batch) alongside
 //! replication → commit → apply → revision returned.

@@ -28,6 +28,8 @@ pub struct TransportError {
     message: String,
     /// The connection could not be made: the request was never sent.
     not_sent: bool,
+    /// The peer answered 404: it has no such route (an older version).
+    no_route: bool,
 }
 
 impl TransportError {
@@ -35,6 +37,7 @@ impl TransportError {
         TransportError {
             message,
             not_sent: false,
+            no_route: false,
         }
     }
 
@@ -85,6 +88,7 @@ impl PeerClient {
             .map_err(|e| TransportError {
                 message: format!("{url}: {e}"),
                 not_sent: e.is_connect(),
+                no_route: false,
             })?;
         let status = resp.status();
         let bytes = resp
@@ -92,25 +96,51 @@ impl PeerClient {
             .await
             .map_err(|e| TransportError::new(format!("{url}: {e}")))?;
         if !status.is_success() {
-            return Err(TransportError::new(format!(
-                "{url}: {status}: {}",
-                String::from_utf8_lossy(&bytes)
-            )));
+            return Err(TransportError {
+                message: format!("{url}: {status}: {}", String::from_utf8_lossy(&bytes)),
+                not_sent: false,
+                no_route: status == reqwest::StatusCode::NOT_FOUND,
+            });
         }
         rmp_serde::from_slice(&bytes)
             .map_err(|e| TransportError::new(format!("{url}: bad answer: {e}")))
     }
 
     /// Sends `cmds` to the leader at `addr`, which validates and proposes
-    /// each; one answer per command, in order.
+    /// each; one answer per command, in order. A leader of a version before
+    /// `/raft/forward-batch` (404: nothing was run) gets them one per request
+    /// on `/raft/forward`, so writes keep working during a rolling upgrade.
     pub async fn forward_writes(
         &self,
         addr: &str,
         cmds: &[Command],
-    ) -> Result<Vec<Result<CommandResult, WriteError>>, WriteError> {
-        self.call(format!("{addr}/raft/forward"), &cmds, FORWARD_TIMEOUT)
-            .await
-            .map_err(|e| e.toward_leader(WriteError::NoLeader, WriteError::Unavailable))
+    ) -> Vec<Result<CommandResult, WriteError>> {
+        let to_leader =
+            |e: TransportError| e.toward_leader(WriteError::NoLeader, WriteError::Unavailable);
+        let batch = self
+            .call(format!("{addr}/raft/forward-batch"), &cmds, FORWARD_TIMEOUT)
+            .await;
+        match batch {
+            Ok(answers) => answers,
+            Err(e) if e.no_route => {
+                tracing::debug!(
+                    leader = addr,
+                    "no /raft/forward-batch: forwarding one by one"
+                );
+                let url = format!("{addr}/raft/forward");
+                futures::future::join_all(cmds.iter().map(|cmd| async {
+                    self.call::<_, Result<CommandResult, WriteError>>(
+                        url.clone(),
+                        cmd,
+                        FORWARD_TIMEOUT,
+                    )
+                    .await
+                    .map_err(to_leader)?
+                }))
+                .await
+            }
+            Err(e) => vec![Err(to_leader(e)); cmds.len()],
+        }
     }
 
     /// Asks the leader at `addr` for a read index (confirmed with a quorum).
@@ -167,5 +197,101 @@ impl PeerClient {
             .await
             .map_err(|e| TransportError::new(e.to_string()))?;
         Ok((status, bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use axum::Router;
+    use axum::body::Bytes;
+    use axum::extract::State;
+    use axum::http::StatusCode;
+    use axum::routing::post;
+
+    use super::*;
+    use crate::raft::Precondition;
+
+    fn put(key: &str) -> Command {
+        Command::Put {
+            key: key.into(),
+            value: b"v".to_vec(),
+            content_type: None,
+            precondition: Precondition::None,
+        }
+    }
+
+    /// Serves `router` on 127.0.0.1:0; returns its base URL.
+    async fn serve(router: Router) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        format!("http://{addr}")
+    }
+
+    /// A leader of the version before `/raft/forward-batch`: one MessagePack
+    /// command per `/raft/forward` request, one result back; every other
+    /// route is 404. Keys starting with `bad` are rejected, as a validator
+    /// would.
+    fn leader_before_forward_batch(revisions: Arc<AtomicU64>) -> Router {
+        async fn forward(State(rev): State<Arc<AtomicU64>>, body: Bytes) -> Vec<u8> {
+            let cmd: Command = rmp_serde::from_slice(&body).unwrap();
+            let answer: Result<CommandResult, WriteError> = match cmd.key() {
+                Some(k) if k.starts_with("bad") => Err(WriteError::RejectedByPlugin {
+                    plugin: "p".into(),
+                    message: format!("{k} refused"),
+                }),
+                _ => Ok(CommandResult::Put {
+                    revision: rev.fetch_add(1, Ordering::SeqCst) + 1,
+                }),
+            };
+            rmp_serde::to_vec(&answer).unwrap()
+        }
+        Router::new()
+            .route("/raft/forward", post(forward))
+            .with_state(revisions)
+    }
+
+    #[tokio::test]
+    async fn writes_reach_a_leader_without_forward_batch_one_by_one() {
+        let revisions = Arc::new(AtomicU64::new(0));
+        let leader = serve(leader_before_forward_batch(revisions.clone())).await;
+        let peers = PeerClient::new().unwrap();
+        let answers = peers
+            .forward_writes(&leader, &[put("a"), put("bad1"), put("b")])
+            .await;
+        assert_eq!(answers.len(), 3);
+        assert!(matches!(answers[0], Ok(CommandResult::Put { .. })));
+        assert_eq!(
+            answers[1],
+            Err(WriteError::RejectedByPlugin {
+                plugin: "p".into(),
+                message: "bad1 refused".into()
+            })
+        );
+        assert!(matches!(answers[2], Ok(CommandResult::Put { .. })));
+        assert_eq!(revisions.load(Ordering::SeqCst), 2, "each write ran once");
+    }
+
+    #[tokio::test]
+    async fn other_failures_of_the_batch_call_are_not_retried() {
+        let calls = Arc::new(AtomicU64::new(0));
+        let counted = calls.clone();
+        let leader = serve(Router::new().fallback(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { (StatusCode::INTERNAL_SERVER_ERROR, "boom") }
+        }))
+        .await;
+        let peers = PeerClient::new().unwrap();
+        let answers = peers.forward_writes(&leader, &[put("a"), put("b")]).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "no fallback after a 500");
+        for a in answers {
+            assert!(
+                matches!(a, Err(WriteError::Unavailable(ref m)) if m.contains("boom")),
+                "{a:?}"
+            );
+        }
     }
 }

@@ -388,7 +388,14 @@ async fn bad_input_is_refused_and_changes_nothing() {
     error_code(r, StatusCode::METHOD_NOT_ALLOWED).await;
 
     // Malformed bodies on the node-to-node endpoints: 400, never a panic.
-    for rpc in ["append", "vote", "snapshot", "forward", "read-index"] {
+    for rpc in [
+        "append",
+        "vote",
+        "snapshot",
+        "forward",
+        "forward-batch",
+        "read-index",
+    ] {
         for body in [
             &b""[..],
             b"\xc1garbage",
@@ -467,6 +474,72 @@ async fn bad_input_is_refused_and_changes_nothing() {
         200
     );
     node.shutdown().await;
+}
+
+/// Followers forward writes to the leader over `/raft/forward-batch`; nodes of
+/// the version before it send one MessagePack command per `/raft/forward`
+/// request. Both shapes are served, so a rolling upgrade keeps writes going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_writes_in_both_wire_shapes() {
+    use flagstone::WriteError;
+    use flagstone::raft::{Command, CommandResult, Precondition};
+
+    let (_dir, node) = single_node(|_| {}).await;
+    let c = client();
+    let base = node.advertise();
+    let put = |key: &str, value: &str| Command::Put {
+        key: key.into(),
+        value: value.as_bytes().to_vec(),
+        content_type: Some("text/plain".into()),
+        precondition: Precondition::None,
+    };
+    let post = |path: &str, body: Vec<u8>| {
+        c.post(format!("{base}/raft/{path}"))
+            .header("content-type", "application/msgpack")
+            .body(body)
+            .send()
+    };
+
+    let r = post("forward", rmp_serde::to_vec(&put("old/a", "one")).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let answer: Result<CommandResult, WriteError> =
+        rmp_serde::from_slice(&r.bytes().await.unwrap()).unwrap();
+    let Ok(CommandResult::Put { revision }) = answer else {
+        panic!("{answer:?}");
+    };
+
+    let cmds = vec![
+        put("new/a", "two"),
+        put("", "empty key"),
+        put("new/b", "three"),
+    ];
+    let r = post("forward-batch", rmp_serde::to_vec(&cmds).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let answers: Vec<Result<CommandResult, WriteError>> =
+        rmp_serde::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(answers.len(), 3);
+    assert!(
+        matches!(answers[0], Ok(CommandResult::Put { revision: r }) if r > revision),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(answers[1], Err(WriteError::InvalidKey(_))),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(answers[2], Ok(CommandResult::Put { .. })),
+        "{answers:?}"
+    );
+
+    for (key, value) in [("old/a", "one"), ("new/a", "two"), ("new/b", "three")] {
+        let r = c.get(format!("{base}/v1/kv/{key}")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{key}");
+        assert_eq!(r.text().await.unwrap(), value);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,6 +33,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/vote", post(raft_rpc::vote))
         .route("/snapshot", post(raft_rpc::snapshot))
         .route("/forward", post(raft_rpc::forward))
+        .route("/forward-batch", post(raft_rpc::forward_batch))
         .route("/read-index", post(raft_rpc::read_index))
         .layer(DefaultBodyLimit::disable());
     Router::new()

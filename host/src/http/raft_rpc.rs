@@ -3,7 +3,10 @@
 //! have no body-size limit (a batch of entries can exceed 1 MiB).
 //!
 //! - `append`, `vote`, `snapshot`: openraft RPCs (client: `raft/network.rs`).
-//! - `forward`: a follower forwards client writes to the leader (`forward.rs`).
+//! - `forward-batch`: a follower forwards client writes to the leader
+//!   (`forward.rs`), a list per request; `forward`: one write per request, the
+//!   shape nodes before `forward-batch` send (and that newer followers fall
+//!   back to when the leader does not know `forward-batch`).
 //! - `read-index`: a follower asks the leader for a linearizable read index.
 
 use std::sync::Arc;
@@ -60,9 +63,19 @@ pub async fn snapshot(State(node): State<Arc<Node>>, body: Bytes) -> Result<Resp
     Ok(reply(&node.raft().install_snapshot(req).await))
 }
 
-/// `POST /raft/forward`: validate and propose writes a follower forwarded
-/// (a list; they join this leader's group commit); one answer per write.
+/// `POST /raft/forward`: validate and propose one write a follower forwarded.
 pub async fn forward(State(node): State<Arc<Node>>, body: Bytes) -> Result<Response, ApiError> {
+    let cmd: Command = decode(&body)?;
+    Ok(reply(&node.write_local(cmd).await))
+}
+
+/// `POST /raft/forward-batch`: validate and propose writes a follower
+/// forwarded (a list; they join this leader's group commit); one answer per
+/// write, in order.
+pub async fn forward_batch(
+    State(node): State<Arc<Node>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let cmds: Vec<Command> = decode(&body)?;
     let answers = futures::future::join_all(cmds.into_iter().map(|c| node.write_local(c))).await;
     Ok(reply(&answers))

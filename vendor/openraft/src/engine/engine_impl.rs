@@ -15,7 +15,6 @@ use crate::engine::handler::following_handler::FollowingHandler;
 use crate::engine::handler::leader_handler::LeaderHandler;
 use crate::engine::handler::log_handler::LogHandler;
 use crate::engine::handler::replication_handler::ReplicationHandler;
-use crate::engine::handler::replication_handler::SendNone;
 use crate::engine::handler::server_state_handler::ServerStateHandler;
 use crate::engine::handler::snapshot_handler::SnapshotHandler;
 use crate::engine::handler::vote_handler::VoteHandler;
@@ -154,18 +153,21 @@ where C: RaftTypeConfig
             self.state.membership_state.effective().is_voter(&self.config.id)
         );
 
-        // Previously it is a leader. restore it as leader at once
+        // flagstone patch: a node that led before it stopped does NOT resume leadership from its
+        // saved vote. Its followers may have flushed (and committed) entries its own disk never
+        // got (the leader's flush runs alongside replication, see RaftCore::AppendInputEntries);
+        // resuming in the same term would hand out those log ids again, for different entries.
+        // It starts as a follower and, like any node, must win an election in a higher term,
+        // which voters with a longer log refuse.
+        // (Published 0.9 restored leadership here when the saved vote was a committed vote for this
+        // node; `engine/tests/startup_test.rs` still describes that and no longer holds.) The saved
+        // vote is kept, but no longer counts as granted by a quorum: a committed vote for itself
+        // would make the next `update_internal_server_state` (every election tick runs one)
+        // restore leadership all the same.
         if self.state.is_leader(&self.config.id) {
-            self.vote_handler().update_internal_server_state();
-
-            let mut rh = self.replication_handler();
-
-            // Restore the progress about the local log
-            rh.update_local_progress(rh.state.last_log_id().cloned());
-
-            rh.initiate_replication(SendNone::False);
-
-            return;
+            let mut vote = self.state.vote_ref().clone();
+            vote.committed = false;
+            self.state.vote.update(C::now(), vote);
         }
 
         let server_state = if self.state.membership_state.effective().is_voter(&self.config.id) {

@@ -10,7 +10,9 @@ use crate::{
 
 impl PluginInfo {
     /// A description with no key prefixes and no hooks; add them with
-    /// [`prefixes`](Self::prefixes) and [`hooks`](Self::hooks).
+    /// [`prefixes`](Self::prefixes) and [`hooks`](Self::hooks). The host refuses
+    /// to load a plugin whose `name` is empty, longer than 64 bytes, or contains
+    /// spaces or control characters.
     ///
     /// ```no_run
     /// let info = flagstone_sdk::PluginInfo::new("my-plugin", env!("CARGO_PKG_VERSION"));

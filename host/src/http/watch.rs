@@ -11,7 +11,10 @@
 //! (`GET /v1/kv?prefix=P` gives keys and the revision to watch from). A client
 //! too slow to keep up gets `event: error` with code `slow_consumer` and the
 //! revision to resume from, then the stream ends: memory never grows with a
-//! slow reader. A `: keep-alive` comment is sent every 15 s.
+//! slow reader. A `: keep-alive` comment is sent every 15 s. Revisions are
+//! contiguous, so a watcher notices when changes it was following were
+//! replaced wholesale (a follower that fell far behind installs a snapshot):
+//! it gets `event: error` with code `compacted` and the stream ends.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -87,23 +90,40 @@ struct Watch {
 }
 
 impl Watch {
+    /// What `c` means for this watcher: nothing (already seen, or not under
+    /// the prefix), an event, or — when revisions were skipped, which only a
+    /// snapshot install does — the end of the stream with `compacted`.
+    fn take(&mut self, c: &Change) -> Option<Event> {
+        if c.revision <= self.last {
+            return None;
+        }
+        if c.revision > self.last + 1 {
+            let msg = format!(
+                "changes {}..={} were replaced by a snapshot on this node; list the keys \
+                 again (GET /v1/kv?prefix=...) and watch since the revision it returns",
+                self.last + 1,
+                c.revision - 1
+            );
+            self.backlog.clear();
+            self.rx = None;
+            return Some(error_event("compacted", msg, None));
+        }
+        self.last = c.revision;
+        c.key.starts_with(&self.prefix).then(|| change_event(c))
+    }
+
     async fn next(mut self) -> Option<(Result<Event, Infallible>, Self)> {
         while let Some(c) = self.backlog.pop_front() {
-            if c.revision > self.last {
-                self.last = c.revision;
-                if c.key.starts_with(&self.prefix) {
-                    return Some((Ok(change_event(&c)), self));
-                }
+            if let Some(event) = self.take(&c) {
+                return Some((Ok(event), self));
             }
         }
-        let rx = self.rx.as_mut()?;
         loop {
+            let rx = self.rx.as_mut()?;
             match rx.recv().await {
-                Ok(c) if c.revision <= self.last => continue,
                 Ok(c) => {
-                    self.last = c.revision;
-                    if c.key.starts_with(&self.prefix) {
-                        return Some((Ok(change_event(&c)), self));
+                    if let Some(event) = self.take(&c) {
+                        return Some((Ok(event), self));
                     }
                 }
                 Err(RecvError::Lagged(n)) => {
@@ -162,4 +182,65 @@ pub async fn watch(
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(revision: u64, key: &str) -> Arc<Change> {
+        Arc::new(Change {
+            revision,
+            key: key.into(),
+            old: None,
+            new: None,
+            replayed: false,
+        })
+    }
+
+    async fn events(backlog: Vec<Arc<Change>>, last: u64, prefix: &str) -> Vec<String> {
+        let watch = Watch {
+            backlog: backlog.into(),
+            rx: None,
+            last,
+            prefix: prefix.into(),
+        };
+        let stream = futures::stream::unfold(watch, Watch::next);
+        let out: Vec<_> = futures::StreamExt::collect(stream).await;
+        out.into_iter()
+            .map(|e| format!("{:?}", e.unwrap()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn skipped_revisions_end_the_stream_with_compacted() {
+        let got = events(
+            vec![
+                change(4, "a"),
+                change(5, "b/x"),
+                change(6, "a"),
+                change(9, "a"),
+                change(10, "a"),
+            ],
+            4,
+            "a",
+        )
+        .await;
+        // 4 was seen already, 5 is outside the prefix, 6 is delivered, 9 skips 7 and 8.
+        assert_eq!(got.len(), 2, "{got:#?}");
+        assert!(got[0].contains(r"id: 6\nevent: delete"), "{}", got[0]);
+        assert!(
+            got[1].contains(r"event: error") && got[1].contains("compacted"),
+            "{}",
+            got[1]
+        );
+        assert!(got[1].contains("changes 7..=8 were replaced"), "{}", got[1]);
+    }
+
+    #[tokio::test]
+    async fn contiguous_revisions_all_arrive() {
+        let got = events(vec![change(1, "a"), change(2, "a"), change(3, "a")], 0, "").await;
+        assert_eq!(got.len(), 3, "{got:#?}");
+        assert!(got.iter().all(|e| !e.contains("compacted")));
+    }
 }

@@ -16,10 +16,15 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{self, log, store, types};
 use super::sync_io::{SyncIo, SyncIoData};
+use crate::keys::MAX_KEY_BYTES;
 use crate::raft::KvReader;
 
 /// How many plugin log lines a node keeps for `GET /v1/plugins/logs`.
 pub const LOG_RING: usize = 512;
+/// Longest plugin log message kept, in bytes; longer ones are cut (with a
+/// note of the full length), so a plugin cannot fill the node's memory or
+/// its log with a few calls.
+pub const MAX_LOG_MESSAGE: usize = 4096;
 
 /// One line a plugin logged.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -88,6 +93,9 @@ impl types::Host for HostState {}
 
 impl store::Host for HostState {
     fn get(&mut self, key: String) -> Option<types::Entry> {
+        if key.len() > MAX_KEY_BYTES {
+            return None; // no such key can be stored
+        }
         let record = self.reader.get(&key).ok().flatten()?;
         Some(types::Entry {
             value: record.value,
@@ -105,6 +113,9 @@ impl store::Host for HostState {
             self.revisions.clear();
             self.revisions_at = now;
         }
+        if key.len() > MAX_KEY_BYTES {
+            return None; // no such key can be stored; and not worth caching
+        }
         if let Some(r) = self.revisions.get(&key) {
             return *r;
         }
@@ -114,12 +125,16 @@ impl store::Host for HostState {
     }
 
     fn list(&mut self, prefix: String) -> Vec<String> {
+        if prefix.len() > MAX_KEY_BYTES {
+            return Vec::new();
+        }
         self.reader.list(&prefix).unwrap_or_default()
     }
 }
 
 impl log::Host for HostState {
     fn log(&mut self, level: log::Level, message: String) {
+        let message = cut_message(message);
         let plugin = &*self.plugin;
         let level = match level {
             log::Level::Trace => {
@@ -154,6 +169,21 @@ impl log::Host for HostState {
             });
         }
     }
+}
+
+/// `message`, cut to [`MAX_LOG_MESSAGE`] bytes at a character boundary.
+fn cut_message(mut message: String) -> String {
+    if message.len() <= MAX_LOG_MESSAGE {
+        return message;
+    }
+    let full = message.len();
+    let mut end = MAX_LOG_MESSAGE;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message.truncate(end);
+    message.push_str(&format!("… ({full} bytes)"));
+    message
 }
 
 struct Io;
@@ -196,4 +226,27 @@ pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
     cli::terminal_stdout::add_to_linker::<HostState, WasiCli>(&mut l, cli_view)?;
     cli::terminal_stderr::add_to_linker::<HostState, WasiCli>(&mut l, cli_view)?;
     Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MAX_LOG_MESSAGE, cut_message};
+
+    #[test]
+    fn long_log_messages_are_cut_at_a_character_boundary() {
+        assert_eq!(cut_message("short".into()), "short");
+        let exact = "x".repeat(MAX_LOG_MESSAGE);
+        assert_eq!(cut_message(exact.clone()), exact);
+        // A 2-byte character straddles the limit: the cut falls before it.
+        let long = format!("{}é{}", "x".repeat(MAX_LOG_MESSAGE - 1), "y".repeat(100));
+        let cut = cut_message(long.clone());
+        assert_eq!(
+            cut,
+            format!(
+                "{}… ({} bytes)",
+                "x".repeat(MAX_LOG_MESSAGE - 1),
+                long.len()
+            )
+        );
+    }
 }

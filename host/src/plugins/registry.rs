@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -134,11 +134,19 @@ impl PluginHost {
         Ok(host)
     }
 
+    /// The plugin set. A panic while it was held (a bug) leaves the lock
+    /// poisoned; the set is still the last one built, and reading "no
+    /// plugins" instead would let every write through unvalidated.
+    fn read_set(&self) -> RwLockReadGuard<'_, PluginSet> {
+        self.set.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_set(&self) -> RwLockWriteGuard<'_, PluginSet> {
+        self.set.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn snapshot(&self) -> Arc<[Arc<LoadedPlugin>]> {
-        match self.set.read() {
-            Ok(set) => set.ordered.clone(),
-            Err(_) => Arc::from(Vec::new()),
-        }
+        self.read_set().ordered.clone()
     }
 
     /// Loaded plugins in name order.
@@ -167,30 +175,27 @@ impl PluginHost {
                 }
             }
         }
-        let (unchanged_active, unchanged_broken): (Vec<PathBuf>, Vec<PathBuf>) =
-            match self.set.read() {
-                Ok(set) => (
-                    set.active
-                        .values()
-                        .filter(|a| found.get(&a.file) == Some(&a.stamp))
-                        .map(|a| a.file.clone())
-                        .collect(),
-                    set.broken
-                        .iter()
-                        .filter(|(f, (st, _))| found.get(*f) == Some(st))
-                        .map(|(f, _)| f.clone())
-                        .collect(),
-                ),
-                Err(_) => return false,
-            };
+        let (unchanged_active, unchanged_broken): (Vec<PathBuf>, Vec<PathBuf>) = {
+            let set = self.read_set();
+            (
+                set.active
+                    .values()
+                    .filter(|a| found.get(&a.file) == Some(&a.stamp))
+                    .map(|a| a.file.clone())
+                    .collect(),
+                set.broken
+                    .iter()
+                    .filter(|(f, (st, _))| found.get(*f) == Some(st))
+                    .map(|(f, _)| f.clone())
+                    .collect(),
+            )
+        };
         let to_load: Vec<_> = found
             .iter()
             .filter(|(f, _)| !unchanged_active.contains(f) && !unchanged_broken.contains(f))
             .collect();
         let mut changed = false;
-        let Ok(mut set) = self.set.write() else {
-            return false;
-        };
+        let mut set = self.write_set();
         // Unload what disappeared or changed.
         let before = set.active.len() + set.broken.len();
         set.active.retain(|_, a| unchanged_active.contains(&a.file));
@@ -312,7 +317,7 @@ impl PluginHost {
     }
 
     fn deliver(&self, change: Arc<Change>) {
-        let Ok(set) = self.set.read() else { return };
+        let set = self.read_set();
         for a in set.active.values() {
             let Some(tx) = &a.reactor else { continue };
             if !a.plugin.matches(&change.key) {
@@ -406,9 +411,7 @@ impl PluginHost {
 
     /// Status of every plugin, loaded and broken.
     pub fn status(&self) -> Vec<PluginStatus> {
-        let Ok(set) = self.set.read() else {
-            return Vec::new();
-        };
+        let set = self.read_set();
         let mut out: Vec<PluginStatus> = set
             .active
             .values()

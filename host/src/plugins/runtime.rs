@@ -152,6 +152,30 @@ fn prefix_of_joined(prefix: &str, head: &str, tail: &str) -> bool {
     }
 }
 
+/// Longest plugin name accepted, in bytes.
+pub const MAX_NAME_BYTES: usize = 64;
+
+/// A plugin's name shows up in URLs, logs, metrics and thread names: it must
+/// be non-empty, at most [`MAX_NAME_BYTES`], and free of whitespace and
+/// control characters.
+fn check_name(name: &str) -> Result<(), LoadError> {
+    if name.is_empty() {
+        return Err(LoadError("describe returned an empty name".into()));
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Err(LoadError(format!(
+            "describe returned a name of {} bytes (at most {MAX_NAME_BYTES})",
+            name.len()
+        )));
+    }
+    if name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(LoadError(format!(
+            "describe returned the name {name:?}: no spaces or control characters"
+        )));
+    }
+    Ok(())
+}
+
 /// A loaded, described plugin with its instance pool.
 pub struct LoadedPlugin {
     /// What the plugin said about itself.
@@ -213,9 +237,7 @@ impl LoadedPlugin {
                 p.flagstone_plugin_manifest().call_describe(store)
             })
             .map_err(|e| LoadError(format!("describe failed: {e}")))?;
-        if info.name.trim().is_empty() {
-            return Err(LoadError("describe returned an empty name".into()));
-        }
+        check_name(&info.name)?;
         plugin.name = Arc::from(info.name.as_str());
         // Instances created while describing carry the placeholder name in their logs.
         plugin.idle.lock().map(|mut v| v.clear()).ok();
@@ -347,7 +369,25 @@ impl LoadedPlugin {
 
 #[cfg(test)]
 mod tests {
-    use super::prefix_of_joined;
+    use super::{check_name, prefix_of_joined};
+
+    #[test]
+    fn plugin_names() {
+        for ok in ["audit", "flag-schema", "my_plugin.v2", "é"] {
+            assert!(check_name(ok).is_ok(), "{ok:?}");
+        }
+        for bad in [
+            "",
+            " ",
+            "audit\0",
+            "a b",
+            "tab\t",
+            "line\n",
+            &"x".repeat(65),
+        ] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn prefix_of_joined_agrees_with_concatenation() {

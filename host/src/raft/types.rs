@@ -144,8 +144,15 @@ impl ValueRecord {
     /// Encodes the record: a fixed header followed by the content type and the
     /// value bytes, so a read never has to parse a self-describing format.
     pub fn encode(&self) -> Vec<u8> {
-        let ct = self.content_type.as_deref().unwrap_or("").as_bytes();
-        let ct_len = ct.len().min(u16::MAX as usize);
+        let ct = self.content_type.as_deref().unwrap_or("");
+        // At most u16::MAX bytes, cut at a character boundary so the record
+        // always decodes (HTTP only lets short ASCII content types through;
+        // the library API takes any string).
+        let mut ct_len = ct.len().min(u16::MAX as usize);
+        while !ct.is_char_boundary(ct_len) {
+            ct_len -= 1;
+        }
+        let ct = ct.as_bytes();
         let mut out = Vec::with_capacity(HEADER + ct_len + self.value.len());
         out.push(RECORD_FORMAT);
         out.extend_from_slice(&self.revision.to_be_bytes());
@@ -226,6 +233,25 @@ mod tests {
             ..r
         };
         assert_eq!(ValueRecord::decode(&bare.encode()).unwrap(), bare);
+    }
+
+    #[test]
+    fn an_overlong_content_type_is_cut_at_a_character_boundary() {
+        // 65,534 ASCII bytes, then a 3-byte character across the u16 limit.
+        let ct = format!("{}€tail", "a".repeat(u16::MAX as usize - 1));
+        let r = ValueRecord {
+            revision: 1,
+            create_revision: 1,
+            version: 1,
+            content_type: Some(ct),
+            value: b"v".to_vec(),
+        };
+        let back = ValueRecord::decode(&r.encode()).expect("decodes");
+        assert_eq!(
+            back.content_type.unwrap(),
+            "a".repeat(u16::MAX as usize - 1)
+        );
+        assert_eq!(back.value, b"v");
     }
 
     #[test]

@@ -10,7 +10,7 @@
 use std::collections::BTreeSet;
 use std::hash::{Hash, Hasher};
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::plugins::PluginHost;
 use crate::plugins::types::{
@@ -36,60 +36,121 @@ fn error(code: ErrorCode, message: impl Into<String>) -> EvaluationError {
 }
 
 /// Evaluates one flag: evaluator plugins first, then the built-in answer for
-/// a plain `feature_flags` boolean.
+/// a plain `feature_flags` boolean (`feature_flags` is read and parsed only
+/// when no evaluator answers).
 pub fn evaluate(
     reader: &KvReader,
     plugins: Option<&PluginHost>,
     key: &str,
     ctx: &EvalContext,
 ) -> Result<Evaluation, EvaluationError> {
-    if let Some(host) = plugins {
-        match host.evaluate(key, ctx) {
-            Ok((_, e)) => return Ok(e),
-            Err(e) if e.code != ErrorCode::FlagNotFound => return Err(e),
-            Err(_) => {}
-        }
+    if let Some(answer) = evaluate_plugins(plugins, key, ctx) {
+        return answer;
     }
-    builtin(reader, key)
+    PlainFlags::read(reader).evaluate(key)
 }
 
-/// The seed's shape: `feature_flags` = `{"name": bool, …}`.
-fn builtin(reader: &KvReader, key: &str) -> Result<Evaluation, EvaluationError> {
-    let not_found = || error(ErrorCode::FlagNotFound, format!("flag {key:?} not found"));
-    let record = reader
-        .get(FEATURE_FLAGS)
-        .map_err(|e| error(ErrorCode::General, e.to_string()))?
-        .ok_or_else(not_found)?;
-    let flags: Value = serde_json::from_slice(&record.value).map_err(|e| {
-        error(
-            ErrorCode::ParseError,
-            format!("feature_flags is not JSON: {e}"),
-        )
-    })?;
-    let Value::Object(map) = flags else {
-        return Err(error(
-            ErrorCode::ParseError,
-            "feature_flags is not a JSON object",
-        ));
-    };
-    match map.get(key) {
-        None => Err(not_found()),
-        Some(Value::Bool(b)) => Ok(Evaluation {
-            value: FlagValue::Boolean(*b),
-            variant: Some(b.to_string()),
-            reason: Reason::Static,
-            metadata: vec![],
-        }),
-        // Plain flags are booleans by definition: anything else is a type mismatch.
-        Some(other) => Err(error(
-            ErrorCode::TypeMismatch,
-            format!("feature_flags.{key}: expected boolean, got {other}"),
-        )),
+/// [`evaluate`] for many flags of one request: `plain` is `feature_flags`
+/// read and parsed once for all of them.
+pub fn evaluate_with(
+    plain: &PlainFlags,
+    plugins: Option<&PluginHost>,
+    key: &str,
+    ctx: &EvalContext,
+) -> Result<Evaluation, EvaluationError> {
+    if let Some(answer) = evaluate_plugins(plugins, key, ctx) {
+        return answer;
+    }
+    plain.evaluate(key)
+}
+
+/// The evaluator plugins' answer, or `None` when none of them knows `key`.
+fn evaluate_plugins(
+    plugins: Option<&PluginHost>,
+    key: &str,
+    ctx: &EvalContext,
+) -> Option<Result<Evaluation, EvaluationError>> {
+    match plugins?.evaluate(key, ctx) {
+        Ok((_, e)) => Some(Ok(e)),
+        Err(e) if e.code != ErrorCode::FlagNotFound => Some(Err(e)),
+        Err(_) => None,
+    }
+}
+
+/// The seed's shape: `feature_flags` = `{"name": bool, …}`, read and parsed
+/// once. `Ok(None)`: there is no `feature_flags` key; `Err`: reading or
+/// parsing it failed (every plain flag lookup answers that error).
+pub struct PlainFlags(Result<Option<Map<String, Value>>, EvaluationError>);
+
+impl PlainFlags {
+    /// Reads and parses `feature_flags` from local state.
+    pub fn read(reader: &KvReader) -> Self {
+        Self(Self::load(reader))
+    }
+
+    fn load(reader: &KvReader) -> Result<Option<Map<String, Value>>, EvaluationError> {
+        let Some(record) = reader
+            .get(FEATURE_FLAGS)
+            .map_err(|e| error(ErrorCode::General, e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        let flags: Value = serde_json::from_slice(&record.value).map_err(|e| {
+            error(
+                ErrorCode::ParseError,
+                format!("feature_flags is not JSON: {e}"),
+            )
+        })?;
+        let Value::Object(map) = flags else {
+            return Err(error(
+                ErrorCode::ParseError,
+                "feature_flags is not a JSON object",
+            ));
+        };
+        Ok(Some(map))
+    }
+
+    /// The names of the plain flags (none when `feature_flags` is missing or
+    /// unreadable).
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.0.iter().flatten().flat_map(|m| m.keys())
+    }
+
+    /// The built-in answer for the plain flag `key`.
+    pub fn evaluate(&self, key: &str) -> Result<Evaluation, EvaluationError> {
+        let not_found = || error(ErrorCode::FlagNotFound, format!("flag {key:?} not found"));
+        let map = match &self.0 {
+            Ok(Some(map)) => map,
+            Ok(None) => return Err(not_found()),
+            Err(e) => return Err(e.clone()),
+        };
+        match map.get(key) {
+            None => Err(not_found()),
+            Some(Value::Bool(b)) => Ok(Evaluation {
+                value: FlagValue::Boolean(*b),
+                variant: Some(b.to_string()),
+                reason: Reason::Static,
+                metadata: vec![],
+            }),
+            // Plain flags are booleans by definition: anything else is a type mismatch.
+            Some(other) => Err(error(
+                ErrorCode::TypeMismatch,
+                format!("feature_flags.{key}: expected boolean, got {other}"),
+            )),
+        }
     }
 }
 
 /// Every flag key known from local state, sorted.
 pub fn flag_keys(reader: &KvReader) -> Result<Vec<String>, EvaluationError> {
+    flag_keys_with(reader, &PlainFlags::read(reader))
+}
+
+/// [`flag_keys`] with `feature_flags` already parsed.
+pub fn flag_keys_with(
+    reader: &KvReader,
+    plain: &PlainFlags,
+) -> Result<Vec<String>, EvaluationError> {
     let mut keys = BTreeSet::new();
     for k in reader
         .list(FLAGS_PREFIX)
@@ -97,13 +158,14 @@ pub fn flag_keys(reader: &KvReader) -> Result<Vec<String>, EvaluationError> {
     {
         keys.insert(k[FLAGS_PREFIX.len()..].to_owned());
     }
-    if let Some(record) = reader
-        .get(FEATURE_FLAGS)
-        .map_err(|e| error(ErrorCode::General, e.to_string()))?
-        && let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(&record.value)
+    // A failed read fails the listing; a malformed `feature_flags` only
+    // contributes no keys (each plain flag is then missing, not an error).
+    if let Err(e) = &plain.0
+        && e.code == ErrorCode::General
     {
-        keys.extend(map.keys().cloned());
+        return Err(e.clone());
     }
+    keys.extend(plain.keys().cloned());
     keys.remove("");
     Ok(keys.into_iter().collect())
 }

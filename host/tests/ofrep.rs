@@ -145,8 +145,59 @@ async fn single_flag_statuses_and_error_codes() {
     assert_eq!(s, 200);
     let (s, b) = single(&node, "bool-flag?consistency=sometimes", ctx).await;
     assert_eq!(
+        (s, &b["errorCode"], &b["key"]),
+        (
+            StatusCode::BAD_REQUEST,
+            &json!("GENERAL"),
+            &json!("bool-flag")
+        )
+    );
+    // A query string that does not parse is a 400 too (as on /v1/kv), not an
+    // answer from local state that ignores the asked-for consistency.
+    let dup = "consistency=linearizable&consistency=linearizable";
+    let (s, b) = single(&node, &format!("bool-flag?{dup}"), ctx).await;
+    assert_eq!(
+        (s, &b["errorCode"], &b["key"]),
+        (
+            StatusCode::BAD_REQUEST,
+            &json!("GENERAL"),
+            &json!("bool-flag")
+        ),
+        "{b}"
+    );
+    assert!(
+        b["errorDetails"].as_str().is_some_and(|d| !d.is_empty()),
+        "{b}"
+    );
+    let (s, b) = post(&node, &format!("/ofrep/v1/evaluate/flags?{dup}"), ctx).await;
+    assert_eq!(
         (s, &b["errorCode"]),
-        (StatusCode::BAD_REQUEST, &json!("GENERAL"))
+        (StatusCode::BAD_REQUEST, &json!("GENERAL")),
+        "{b}"
+    );
+    let r = client()
+        .get(url(&node, &format!("/v1/kv/feature_flags?{dup}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST, "same as /v1/kv");
+    // A body over the limit is an OFREP error (JSON) with the limit's status.
+    let big = format!(r#"{{"context":{{"pad":"{}"}}}}"#, "x".repeat(3 << 20));
+    let (s, b) = single(&node, "bool-flag", &big).await;
+    assert_eq!(
+        (s, &b["errorCode"], &b["key"]),
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &json!("GENERAL"),
+            &json!("bool-flag")
+        ),
+        "{b}"
+    );
+    let (s, b) = post(&node, "/ofrep/v1/evaluate/flags", &big).await;
+    assert_eq!(
+        (s, &b["errorCode"]),
+        (StatusCode::PAYLOAD_TOO_LARGE, &json!("GENERAL")),
+        "{b}"
     );
     node.shutdown().await;
 }
@@ -310,9 +361,54 @@ async fn plain_feature_flags_evaluate_without_plugins_and_changes_are_announced(
         .unwrap()
         .unwrap();
     let text = String::from_utf8_lossy(&chunk);
-    assert!(text.contains("event: refetchEvaluation"), "{text}");
-    assert!(text.contains(&format!("\"revision\":{rev}")), "{text}");
+    // OFREP ADR-0008: the SSE event is always `message`, providers dispatch on
+    // `data.type`; `id` is the revision.
+    assert!(text.contains("event: message\n"), "{text}");
+    assert!(!text.contains("event: refetchEvaluation"), "{text}");
+    assert!(text.contains(&format!("id: {rev}\n")), "{text}");
+    let data = text
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .expect("a data line");
+    let data: Value = serde_json::from_str(data).unwrap();
+    assert_eq!(data, json!({"type": "refetchEvaluation", "revision": rev}));
     let (_, b) = single(&node, "new_ui", "{}").await;
     assert_eq!(b["value"], false);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_evaluation_answers_every_one_of_many_plain_flags() {
+    const N: usize = 5_000;
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(1, dir.path(), None, fast_tuning()).await;
+    wait_converged(std::slice::from_ref(&node), 1).await;
+    let name = |i: usize| format!("flag-{i:05}");
+    let value = |i: usize| i.is_multiple_of(3);
+    let mut plain: serde_json::Map<String, Value> =
+        (0..N).map(|i| (name(i), json!(value(i)))).collect();
+    plain.insert("not-bool".into(), json!(7));
+    node.set_custom_data("feature_flags", Value::Object(plain).to_string())
+        .await
+        .unwrap();
+
+    let (s, b) = post(&node, "/ofrep/v1/evaluate/flags", "{}").await;
+    assert_eq!(s, 200);
+    let flags = b["flags"].as_array().unwrap();
+    assert_eq!(flags.len(), N + 1);
+    for (i, f) in flags[..N].iter().enumerate() {
+        assert_eq!(
+            f,
+            &json!({
+                "key": name(i), "value": value(i), "variant": value(i).to_string(),
+                "reason": "STATIC", "metadata": {},
+            })
+        );
+    }
+    assert_eq!(flags[N]["key"], "not-bool");
+    assert_eq!(flags[N]["errorCode"], "TYPE_MISMATCH");
+    // The single-flag path agrees.
+    let (s, b) = single(&node, &name(3), "{}").await;
+    assert_eq!((s, &b["value"]), (StatusCode::OK, &json!(true)));
     node.shutdown().await;
 }

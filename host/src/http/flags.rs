@@ -4,7 +4,7 @@
 //!   `POST /v1/flags/{key}/evaluate`);
 //! - `POST /ofrep/v1/evaluate/flags` — bulk, with `ETag` / `If-None-Match` → 304;
 //! - `GET /ofrep/v1/configuration` — provider configuration;
-//! - `GET /ofrep/v1/events` — SSE `refetchEvaluation` events when flags change.
+//! - `GET /ofrep/v1/events` — SSE `refetchEvaluation` messages when flags change.
 //!
 //! Answers come from the node's applied state (a follower may trail the
 //! leader by a few milliseconds); `?consistency=linearizable` first waits
@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -29,12 +29,12 @@ use serde_json::{Map, Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::kv::wants_linearizable;
-use crate::flags::{bulk_etag, evaluate, flag_keys, is_flag_key};
+use crate::flags::{PlainFlags, bulk_etag, evaluate, evaluate_with, flag_keys_with, is_flag_key};
 use crate::node::Node;
 use crate::plugins::types::{ErrorCode, EvalContext, Evaluation, FlagValue, MetadataValue, Reason};
 
 /// Query parameters of evaluation requests.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize)]
 pub struct EvalParams {
     consistency: Option<String>,
 }
@@ -157,6 +157,12 @@ fn server_error(status: StatusCode, details: String) -> Response {
     resp
 }
 
+/// A request body axum could not read (over the body limit: 413, …), as an
+/// OFREP error with the rejection's status.
+fn body_rejected(key: Option<&str>, e: BytesRejection) -> Response {
+    failure(e.status(), key, ErrorCode::General, &e.body_text())
+}
+
 /// The request body, borrowed: the context stays JSON text.
 #[derive(Deserialize)]
 struct RawRequest<'a> {
@@ -237,11 +243,25 @@ fn parse_context(body: &[u8]) -> Result<(Value, EvalContext), (ErrorCode, String
     Ok((context, ctx))
 }
 
+/// Waits for `?consistency=linearizable`; a malformed query string or an
+/// unknown consistency is a 400 (`GENERAL`), as on `/v1/kv`, never a silent
+/// answer from local state.
 async fn barrier(
     node: &Node,
+    key: Option<&str>,
     params: Result<Query<EvalParams>, QueryRejection>,
 ) -> Result<(), Response> {
-    let params = params.map(|Query(p)| p).unwrap_or_default();
+    let params = match params {
+        Ok(Query(p)) => p,
+        Err(e) => {
+            return Err(failure(
+                StatusCode::BAD_REQUEST,
+                key,
+                ErrorCode::General,
+                &e.body_text(),
+            ));
+        }
+    };
     match wants_linearizable(params.consistency.as_deref()) {
         Ok(false) => Ok(()),
         Ok(true) => node
@@ -250,7 +270,7 @@ async fn barrier(
             .map_err(|e| server_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
         Err(msg) => Err(failure(
             StatusCode::BAD_REQUEST,
-            None,
+            key,
             ErrorCode::General,
             &msg,
         )),
@@ -262,7 +282,7 @@ pub async fn evaluate_one(
     State(node): State<Arc<Node>>,
     key: Result<Path<String>, PathRejection>,
     params: Result<Query<EvalParams>, QueryRejection>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let key = match key {
         Ok(Path(k)) => k,
@@ -275,11 +295,15 @@ pub async fn evaluate_one(
             );
         }
     };
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return body_rejected(Some(&key), e),
+    };
     let ctx = match parse_context_text(&body) {
         Ok(c) => c,
         Err((code, msg)) => return failure(StatusCode::BAD_REQUEST, Some(&key), code, &msg),
     };
-    if let Err(resp) = barrier(&node, params).await {
+    if let Err(resp) = barrier(&node, Some(&key), params).await {
         return resp;
     }
     match evaluate(node.reader(), node.plugins().map(|p| &**p), &key, &ctx) {
@@ -310,37 +334,48 @@ pub async fn evaluate_bulk(
     State(node): State<Arc<Node>>,
     params: Result<Query<EvalParams>, QueryRejection>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return body_rejected(None, e),
+    };
     let (context, ctx) = match parse_context(&body) {
         Ok(c) => c,
         Err((code, msg)) => return failure(StatusCode::BAD_REQUEST, None, code, &msg),
     };
-    if let Err(resp) = barrier(&node, params).await {
+    if let Err(resp) = barrier(&node, None, params).await {
         return resp;
     }
+    // One evaluator call per flag, and as many flags as `feature_flags` holds:
+    // off the async workers.
+    tokio::task::spawn_blocking(move || bulk(&node, &headers, &context, &ctx))
+        .await
+        .unwrap_or_else(|e| server_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+/// The bulk answer (or 304) from local state; blocking.
+fn bulk(node: &Node, headers: &HeaderMap, context: &Value, ctx: &EvalContext) -> Response {
     let plugins = node.plugins().map(|p| &**p);
     let reader = node.reader();
-    let etag = match bulk_etag(reader, plugins, &context) {
+    let etag = match bulk_etag(reader, plugins, context) {
         Ok(t) => t,
         Err(e) => return server_error(StatusCode::INTERNAL_SERVER_ERROR, e.message),
     };
     let etag_header = HeaderValue::from_str(&etag).unwrap_or(HeaderValue::from_static("\"0\""));
-    if if_none_match(&headers, &etag) {
+    if if_none_match(headers, &etag) {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag_header)]).into_response();
     }
-    let keys = match flag_keys(reader) {
+    // `feature_flags` is parsed once for the whole request, not once per flag.
+    let plain = PlainFlags::read(reader);
+    let keys = match flag_keys_with(reader, &plain) {
         Ok(k) => k,
         Err(e) => return server_error(StatusCode::INTERNAL_SERVER_ERROR, e.message),
     };
-    let results: Vec<_> = keys
+    let flags: Vec<Value> = keys
         .iter()
-        .map(|k| (k, evaluate(reader, plugins, k, &ctx)))
-        .collect();
-    let flags: Vec<Value> = results
-        .iter()
-        .map(|(k, r)| match r {
-            Ok(e) => serde_json::to_value(success(k, e)).unwrap_or(Value::Null),
+        .map(|k| match evaluate_with(&plain, plugins, k, ctx) {
+            Ok(e) => serde_json::to_value(success(k, &e)).unwrap_or(Value::Null),
             Err(e) => failure_json(Some(k), e.code, &e.message),
         })
         .collect();
@@ -363,8 +398,11 @@ pub async fn configuration() -> Response {
     .into_response()
 }
 
-/// `GET /ofrep/v1/events`: one `refetchEvaluation` event per committed change
-/// of a flag key (and one after any lost events), so OFREP clients re-fetch.
+/// `GET /ofrep/v1/events`: one `refetchEvaluation` message per committed
+/// change of a flag key (and one after any lost events), so OFREP clients
+/// re-fetch. As OFREP ADR-0008 specifies, the SSE `event:` field is always
+/// `message` (providers, and a browser `EventSource`'s `onmessage`, dispatch
+/// on the JSON `data.type`), and `id:` is the change's revision.
 pub async fn events(
     State(node): State<Arc<Node>>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
@@ -379,9 +417,10 @@ pub async fn events(
                 Err(RecvError::Closed) => return None,
             };
             let data = json!({ "type": "refetchEvaluation", "revision": revision });
-            let event = Event::default()
-                .event("refetchEvaluation")
-                .data(data.to_string());
+            let mut event = Event::default().event("message").data(data.to_string());
+            if let Some(rev) = revision {
+                event = event.id(rev.to_string());
+            }
             return Some((Ok(event), rx));
         }
     });

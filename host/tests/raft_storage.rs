@@ -517,3 +517,67 @@ async fn wait_applied(reader: &KvReader, index: u64) {
     }
     panic!("index {index} not applied within 2 s");
 }
+
+/// Applies puts of `keys` at indexes `first..` in term 1.
+async fn apply_puts(sm: &mut StateMachineStore, first: u64, keys: &[&str]) {
+    use openraft::storage::RaftStateMachine;
+    let entries = keys.iter().zip(first..).map(|(key, index)| Entry {
+        log_id: openraft::testing::log_id(1, 1, index),
+        payload: openraft::EntryPayload::Normal(put(key)),
+    });
+    sm.apply(entries).await.expect("apply");
+}
+
+/// A snapshot build that was started before a newer snapshot was installed,
+/// and finishes after it (or at the same time), must not replace the
+/// installed snapshot file with its older one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_snapshot_build_does_not_replace_an_installed_snapshot() {
+    use openraft::RaftSnapshotBuilder;
+    use openraft::storage::RaftStateMachine;
+
+    // The newer snapshot, built on another node that applied more.
+    let other_dir = tempfile::tempdir().expect("temp dir");
+    let (_log, mut other) = open_storage(other_dir.path()).expect("open storage");
+    apply_puts(&mut other, 1, &["a", "b", "c", "d", "e"]).await;
+    let newer = other
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .expect("build");
+    let newer_data = newer.snapshot.get_ref().clone();
+
+    for concurrent in [false, true] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (_log, mut sm) = open_storage(dir.path()).expect("open storage");
+        apply_puts(&mut sm, 1, &["a", "b"]).await;
+        let mut builder = sm.get_snapshot_builder().await;
+        let data = Box::new(std::io::Cursor::new(newer_data.clone()));
+        let built = if concurrent {
+            let build = tokio::spawn(async move { builder.build_snapshot().await });
+            sm.install_snapshot(&newer.meta, data)
+                .await
+                .expect("install");
+            build.await.expect("task").expect("build")
+        } else {
+            sm.install_snapshot(&newer.meta, data)
+                .await
+                .expect("install");
+            builder.build_snapshot().await.expect("build")
+        };
+        // The build still returns the snapshot it was asked for.
+        assert_eq!(built.meta.last_log_id.map(|l| l.index), Some(2));
+
+        let current = sm
+            .get_current_snapshot()
+            .await
+            .expect("read current")
+            .expect("a current snapshot");
+        assert_eq!(current.meta, newer.meta, "concurrent: {concurrent}");
+        assert_eq!(current.snapshot.into_inner(), newer_data);
+        let reader = sm.reader();
+        assert_eq!(reader.applied_index(), 5);
+        assert!(reader.get("e").unwrap().is_some());
+    }
+}

@@ -22,6 +22,17 @@
 //! Truncations, purges and the committed id go through the same queue, in
 //! order; until the writer has applied a truncation, readers do not see the
 //! truncated entries. The vote is fsynced before `save_vote` returns.
+//!
+//! # Write errors
+//!
+//! If the writer fails to write or sync a group, every append in that group
+//! is reported failed (`LogFlushed::log_io_completed(Err(..))`), the error is
+//! logged, and the store is marked failed: from then on it writes nothing
+//! (later groups are reported failed without being applied), and appends,
+//! truncations, purges, saving the vote or committed id and reading entries
+//! or the log state all return an error, so openraft stops the node. What
+//! is on disk is then only a prefix of what was asked for, which a restart
+//! recovers from like from a crash.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -41,11 +52,14 @@ const PURGED: &str = "purged";
 
 /// What the writer thread does, in queue order.
 enum Op {
-    Append(Vec<(LogId, Vec<u8>)>, LogFlushed<TypeConfig>),
+    Append(Vec<(LogId, Vec<u8>)>),
     Truncate(u64, u64),
     Purge(LogId),
     Committed(Vec<u8>),
 }
+
+/// A queued op and, for an append, the callback to report its flush to.
+type Queued = (Op, Option<LogFlushed<TypeConfig>>);
 
 /// State shared between the Raft task, readers and the writer thread.
 #[derive(Default)]
@@ -55,12 +69,47 @@ struct Shared {
     /// Truncations queued but not yet applied to fjall: (ticket, from index).
     truncating: Vec<(u64, u64)>,
     next_ticket: u64,
+    /// Set when the writer failed to write a group: the store refuses all
+    /// further work (its disk state is no longer what openraft believes).
+    failed: Option<String>,
 }
 
 impl Shared {
     fn hidden_from(&self) -> Option<u64> {
         self.truncating.iter().map(|(_, i)| *i).min()
     }
+
+    /// An error if the store has failed (for calls that write).
+    fn check_writable(&self) -> Result<(), StorageError> {
+        match &self.failed {
+            None => Ok(()),
+            Some(e) => Err(write_err(failed_err(e))),
+        }
+    }
+
+    /// An error if the store has failed (for calls that read: a failed
+    /// truncation may still be hiding entries).
+    fn check_readable(&self) -> Result<(), StorageError> {
+        match &self.failed {
+            None => Ok(()),
+            Some(e) => Err(read_err(failed_err(e))),
+        }
+    }
+}
+
+fn failed_err(e: &str) -> std::io::Error {
+    std::io::Error::other(format!("log store failed earlier: {e}"))
+}
+
+/// Test-only ways to stall the writer and make its writes fail.
+#[cfg(test)]
+#[derive(Default)]
+struct Hooks {
+    /// While set, the writer waits after taking the first op of a group, so
+    /// everything queued meanwhile becomes part of that group.
+    hold: std::sync::atomic::AtomicBool,
+    /// Makes the next `Truncate` the writer applies fail.
+    fail_truncate: std::sync::atomic::AtomicBool,
 }
 
 /// Log storage handle; cheap to clone (clones share the writer).
@@ -70,8 +119,10 @@ pub struct LogStore {
     log: Keyspace,
     meta: Keyspace,
     shared: Arc<Mutex<Shared>>,
-    writer: mpsc::Sender<Op>,
+    writer: mpsc::Sender<Queued>,
     committed_index: Arc<AtomicU64>,
+    #[cfg(test)]
+    hooks: Arc<Hooks>,
 }
 
 fn io_err(
@@ -111,13 +162,17 @@ impl LogStore {
     pub fn open(db: &Database) -> Result<Self, fjall::Error> {
         let log = db.keyspace("raft_log", fjall::KeyspaceCreateOptions::default)?;
         let meta = db.keyspace("raft_meta", fjall::KeyspaceCreateOptions::default)?;
-        let (tx, rx) = mpsc::channel::<Op>();
+        let (tx, rx) = mpsc::channel::<Queued>();
         let shared = Arc::new(Mutex::new(Shared::default()));
+        #[cfg(test)]
+        let hooks = Arc::new(Hooks::default());
         let writer = Writer {
             db: db.clone(),
             log: log.clone(),
             meta: meta.clone(),
             shared: shared.clone(),
+            #[cfg(test)]
+            hooks: hooks.clone(),
         };
         std::thread::Builder::new()
             .name("raft-log-writer".into())
@@ -130,6 +185,8 @@ impl LogStore {
             shared,
             writer: tx,
             committed_index: Arc::new(AtomicU64::new(0)),
+            #[cfg(test)]
+            hooks,
         };
         if let Ok(Some(Some(c))) = store.read_meta::<Option<LogId>>(COMMITTED) {
             store.committed_index.store(c.index, Ordering::Relaxed);
@@ -152,10 +209,15 @@ impl LogStore {
         rmp_serde::from_slice(&bytes).map(Some).map_err(read_err)
     }
 
-    fn send(&self, op: Op) -> Result<(), StorageError> {
+    fn send(&self, op: Op, callback: Option<LogFlushed<TypeConfig>>) -> Result<(), StorageError> {
         self.writer
-            .send(op)
+            .send((op, callback))
             .map_err(|_| write_err(std::io::Error::other("log writer thread has stopped")))
+    }
+
+    /// An error if the store has failed, for calls that write.
+    fn check_writable(&self) -> Result<(), StorageError> {
+        self.shared.lock().map_err(|_| poisoned())?.check_writable()
     }
 
     /// The last entry in fjall below `before` (exclusive), if any.
@@ -185,54 +247,95 @@ struct Writer {
     log: Keyspace,
     meta: Keyspace,
     shared: Arc<Mutex<Shared>>,
+    #[cfg(test)]
+    hooks: Arc<Hooks>,
 }
 
 impl Writer {
-    fn run(self, rx: mpsc::Receiver<Op>) {
+    fn run(self, rx: mpsc::Receiver<Queued>) {
         while let Ok(first) = rx.recv() {
-            let mut ops = vec![first];
-            ops.extend(rx.try_iter());
-            let mut callbacks = Vec::new();
-            let mut written: Vec<LogId> = Vec::new();
-            let result = self.apply(ops, &mut callbacks, &mut written);
-            if result.is_ok()
-                && let Ok(mut s) = self.shared.lock()
-            {
-                for id in &written {
-                    if s.pending.get(&id.index).is_some_and(|e| e.log_id == *id) {
-                        s.pending.remove(&id.index);
-                    }
-                }
+            #[cfg(test)]
+            while self.hooks.hold.load(Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
             }
-            for cb in callbacks {
-                let r = match &result {
-                    Ok(()) => Ok(()),
-                    Err(e) => Err(std::io::Error::other(e.to_string())),
-                };
-                cb.log_io_completed(r);
-            }
+            let mut group = vec![first];
+            group.extend(rx.try_iter());
+            self.write_group(group);
         }
     }
 
-    fn apply(
-        &self,
-        ops: Vec<Op>,
-        callbacks: &mut Vec<LogFlushed<TypeConfig>>,
-        written: &mut Vec<LogId>,
-    ) -> Result<(), fjall::Error> {
+    /// Applies one group and reports the flush of every append in it: all of
+    /// them succeed or all of them get the error.
+    fn write_group(&self, group: Vec<Queued>) {
+        // Take every callback out first, so none is lost when an op fails.
+        let mut ops = Vec::with_capacity(group.len());
+        let mut callbacks = Vec::new();
+        for (op, cb) in group {
+            ops.push(op);
+            callbacks.extend(cb);
+        }
+        let failed_before = self.shared.lock().map_or_else(
+            |_| Some("log store state poisoned".to_string()),
+            |s| s.failed.clone(),
+        );
+        let result = match failed_before {
+            // Nothing more is written after a failure: the disk is a prefix of
+            // what openraft asked for, and must stay one.
+            Some(e) => Err(format!("log store failed earlier: {e}")),
+            None => {
+                let mut written: Vec<LogId> = Vec::new();
+                match self.apply(ops, &mut written) {
+                    Ok(()) => {
+                        if let Ok(mut s) = self.shared.lock() {
+                            for id in &written {
+                                if s.pending.get(&id.index).is_some_and(|e| e.log_id == *id) {
+                                    s.pending.remove(&id.index);
+                                }
+                            }
+                        }
+                        Ok(())
+                    }
+                    Err(e) => {
+                        let e = e.to_string();
+                        tracing::error!(
+                            error = %e,
+                            appends = callbacks.len(),
+                            "raft log write failed; the log store refuses further work"
+                        );
+                        let mut s = self
+                            .shared
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        s.failed = Some(e.clone());
+                        Err(e)
+                    }
+                }
+            }
+        };
+        for cb in callbacks {
+            cb.log_io_completed(result.clone().map_err(std::io::Error::other));
+        }
+    }
+
+    fn apply(&self, ops: Vec<Op>, written: &mut Vec<LogId>) -> Result<(), fjall::Error> {
         let mut batch = self.db.batch();
+        let mut sync = false;
         for op in ops {
             match op {
-                Op::Append(entries, cb) => {
+                Op::Append(entries) => {
                     for (id, bytes) in entries {
                         batch.insert(&self.log, index_key(id.index), bytes);
                         written.push(id);
                     }
-                    callbacks.push(cb);
+                    sync = true;
                 }
                 Op::Committed(bytes) => batch.insert(&self.meta, COMMITTED, bytes),
                 Op::Truncate(ticket, from) => {
                     std::mem::replace(&mut batch, self.db.batch()).commit()?;
+                    #[cfg(test)]
+                    if self.hooks.fail_truncate.swap(false, Ordering::SeqCst) {
+                        return Err(std::io::Error::other("injected truncate failure").into());
+                    }
                     for item in self.log.range(index_key(from)..) {
                         batch.remove(&self.log, item.key()?);
                     }
@@ -250,7 +353,7 @@ impl Writer {
             }
         }
         batch.commit()?;
-        if !callbacks.is_empty() {
+        if sync {
             self.db.persist(PersistMode::SyncData)?;
         }
         Ok(())
@@ -265,6 +368,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         // Hold the lock while reading fjall so the writer cannot move an entry
         // from `pending` to fjall (or finish a truncation) half-way through.
         let s = self.shared.lock().map_err(|_| poisoned())?;
+        s.check_readable()?;
         let hidden_from = s.hidden_from();
         let mut out: BTreeMap<u64, Entry> = BTreeMap::new();
         let bounds = (to_bound(range.start_bound()), to_bound(range.end_bound()));
@@ -293,6 +397,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let last_purged_log_id = self.read_meta::<LogId>(PURGED)?;
         let (pending_last, hidden_from) = {
             let s = self.shared.lock().map_err(|_| poisoned())?;
+            s.check_readable()?;
             (
                 s.pending.last_key_value().map(|(_, e)| e.log_id),
                 s.hidden_from(),
@@ -312,6 +417,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+        self.check_writable()?;
         let bytes =
             rmp_serde::to_vec(vote).map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))?;
         self.meta
@@ -325,12 +431,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        self.check_writable()?;
         if let Some(c) = committed {
             self.committed_index.fetch_max(c.index, Ordering::Relaxed);
         }
-        self.send(Op::Committed(
-            rmp_serde::to_vec(&committed).map_err(write_err)?,
-        ))
+        self.send(
+            Op::Committed(rmp_serde::to_vec(&committed).map_err(write_err)?),
+            None,
+        )
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
@@ -353,11 +461,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         {
             let mut s = self.shared.lock().map_err(|_| poisoned())?;
+            s.check_writable()?;
             for e in entries {
                 s.pending.insert(e.log_id.index, e);
             }
         }
-        self.send(Op::Append(encoded, callback))
+        self.send(Op::Append(encoded), Some(callback))
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -365,22 +474,175 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // log is as it was before, which was valid; the next append's fsync covers it.
         let ticket = {
             let mut s = self.shared.lock().map_err(|_| poisoned())?;
+            s.check_writable()?;
             s.pending.split_off(&log_id.index);
             s.next_ticket += 1;
             let t = s.next_ticket;
             s.truncating.push((t, log_id.index));
             t
         };
-        self.send(Op::Truncate(ticket, log_id.index))
+        self.send(Op::Truncate(ticket, log_id.index), None)
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.check_writable()?;
         self.meta
             .insert(PURGED, rmp_serde::to_vec(&log_id).map_err(write_err)?)
             .map_err(write_err)?;
         if let Ok(mut s) = self.shared.lock() {
             s.pending.retain(|i, _| *i > log_id.index);
         }
-        self.send(Op::Purge(log_id))
+        self.send(Op::Purge(log_id), None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use openraft::storage::RaftLogStorageExt;
+    use openraft::testing::{blank_ent, log_id};
+
+    use super::*;
+
+    fn open() -> (tempfile::TempDir, LogStore) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = Database::builder(dir.path().join("db"))
+            .open()
+            .expect("open db");
+        (dir, LogStore::open(&db).expect("open log store"))
+    }
+
+    async fn wait_failed(store: &LogStore) {
+        for _ in 0..500 {
+            if store.shared.lock().unwrap().failed.is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the store was not marked failed");
+    }
+
+    /// The store's disk refuses a write: every append of the failed group
+    /// (including those queued after the failing op) gets the error, and the
+    /// store refuses all later work instead of hiding entries from readers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_write_fails_every_append_of_its_group_and_the_store() {
+        let (_dir, mut store) = open();
+        store
+            .blocking_append((1..=3).map(|i| blank_ent::<TypeConfig>(1, 1, i)))
+            .await
+            .expect("append");
+
+        // One group: [Truncate(2) (fails), Append(2..=3 in term 2)].
+        store.hooks.hold.store(true, Ordering::SeqCst);
+        store.hooks.fail_truncate.store(true, Ordering::SeqCst);
+        store
+            .truncate(log_id(1, 1, 2))
+            .await
+            .expect("truncate queued");
+        let mut appender = store.clone();
+        let append = tokio::spawn(async move {
+            appender
+                .blocking_append((2..=3).map(|i| blank_ent::<TypeConfig>(2, 1, i)))
+                .await
+        });
+        for _ in 0..500 {
+            let queued = store
+                .shared
+                .lock()
+                .unwrap()
+                .pending
+                .get(&3)
+                .is_some_and(|e| e.log_id == log_id(2, 1, 3));
+            if queued {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        store.hooks.hold.store(false, Ordering::SeqCst);
+
+        let err = tokio::time::timeout(Duration::from_secs(10), append)
+            .await
+            .expect("the append is reported")
+            .expect("task")
+            .expect_err("the append after the failed truncate fails");
+        assert!(
+            err.to_string().contains("injected truncate failure"),
+            "reported with the write error, not dropped: {err}"
+        );
+        wait_failed(&store).await;
+
+        // Everything after the failure is refused.
+        assert!(
+            store
+                .blocking_append([blank_ent::<TypeConfig>(2, 1, 4)])
+                .await
+                .is_err()
+        );
+        assert!(store.truncate(log_id(1, 1, 1)).await.is_err());
+        assert!(store.purge(log_id(1, 1, 1)).await.is_err());
+        assert!(store.save_committed(Some(log_id(1, 1, 1))).await.is_err());
+        assert!(store.save_vote(&Vote::new(3, 1)).await.is_err());
+        // Readers do not silently hide what the failed truncate was to remove.
+        assert!(store.try_get_log_entries(1..).await.is_err());
+        assert!(store.get_log_state().await.is_err());
+    }
+
+    /// A failed group without appends (nobody to report to) still marks the
+    /// store failed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_write_without_callbacks_is_not_silent() {
+        let (_dir, mut store) = open();
+        store
+            .blocking_append((1..=3).map(|i| blank_ent::<TypeConfig>(1, 1, i)))
+            .await
+            .expect("append");
+        store.hooks.fail_truncate.store(true, Ordering::SeqCst);
+        store
+            .truncate(log_id(1, 1, 2))
+            .await
+            .expect("truncate queued");
+        wait_failed(&store).await;
+        assert!(store.save_committed(Some(log_id(1, 1, 1))).await.is_err());
+        assert!(store.try_get_log_entries(1..).await.is_err());
+    }
+
+    /// Without failures the group commit still works (appends, truncate,
+    /// purge in one group).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_mixed_group_succeeds() {
+        let (_dir, mut store) = open();
+        store.hooks.hold.store(true, Ordering::SeqCst);
+        let mut appender = store.clone();
+        let first = tokio::spawn(async move {
+            appender
+                .blocking_append((1..=3).map(|i| blank_ent::<TypeConfig>(1, 1, i)))
+                .await
+        });
+        while store.shared.lock().unwrap().pending.len() < 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        store.truncate(log_id(1, 1, 3)).await.expect("truncate");
+        let mut appender = store.clone();
+        let second = tokio::spawn(async move {
+            appender
+                .blocking_append([blank_ent::<TypeConfig>(2, 1, 3)])
+                .await
+        });
+        while !store.shared.lock().unwrap().pending.contains_key(&3) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        store.hooks.hold.store(false, Ordering::SeqCst);
+        first.await.expect("task").expect("first append");
+        second.await.expect("task").expect("second append");
+        let ids: Vec<LogId> = store
+            .try_get_log_entries(1..)
+            .await
+            .expect("read")
+            .into_iter()
+            .map(|e| e.log_id)
+            .collect();
+        assert_eq!(ids, vec![log_id(1, 1, 1), log_id(1, 1, 2), log_id(2, 1, 3)]);
     }
 }

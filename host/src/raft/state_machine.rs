@@ -7,12 +7,17 @@
 //! log, whose entries are fsynced before they are acknowledged, so a crash
 //! recovers a prefix of both and openraft re-applies what the state machine
 //! lost. Snapshots are written to `snapshot/current` with fsync + rename.
+//! Building a snapshot (openraft runs it in a task of its own) and installing
+//! one can run at the same time: each write goes to a temp file of its own,
+//! writes are serialized by a lock, and `current` is only ever replaced by a
+//! newer snapshot (by `last_log_id`), never by an older build.
 
 use std::collections::HashMap;
+use std::io::Read;
 use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use fjall::{Database, Keyspace, Readable};
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -29,6 +34,13 @@ use super::types::{
 const LAST_APPLIED: &str = "last_applied";
 const REVISION: &str = "revision";
 const MEMBERSHIP: &str = "membership";
+/// Name of the snapshot file in the snapshot directory.
+const CURRENT: &str = "current";
+/// Suffix of snapshot files being written (left over only by a crash).
+const TMP_SUFFIX: &str = ".tmp";
+/// Makes temp snapshot file names unique within the process.
+static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
 /// How many applied changes a slow subscriber may lag behind before it is told
 /// it lost events (`broadcast::error::RecvError::Lagged`).
 pub const CHANGE_CHANNEL_CAPACITY: usize = 4096;
@@ -144,6 +156,8 @@ pub struct StateMachineStore {
     kv: Keyspace,
     meta: Keyspace,
     snapshot_dir: PathBuf,
+    /// Serializes writes of `snapshot_dir/current` (builds and installs).
+    snapshot_lock: Arc<Mutex<()>>,
     last_applied: Option<LogId>,
     membership: StoredMembership,
     applied: Arc<AtomicU64>,
@@ -185,6 +199,7 @@ impl StateMachineStore {
             .map_err(open_err)?;
         let snapshot_dir = data_dir.join("snapshot");
         std::fs::create_dir_all(&snapshot_dir).map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        Self::remove_stale_tmp_files(&snapshot_dir);
         let read = |key: &str| -> Result<Option<fjall::Slice>, StorageError> {
             meta.get(key).map_err(|e| sm_err(ErrorVerb::Read, e))
         };
@@ -206,6 +221,7 @@ impl StateMachineStore {
             kv,
             meta,
             snapshot_dir,
+            snapshot_lock: Arc::new(Mutex::new(())),
             applied: Arc::new(AtomicU64::new(last_applied.map_or(0, |l| l.index))),
             last_applied,
             membership,
@@ -330,22 +346,92 @@ impl StateMachineStore {
         }
     }
 
-    fn write_snapshot_file(dir: &Path, meta: &SnapshotMeta, data: &[u8]) -> std::io::Result<()> {
+    /// Writes a snapshot to `dir/current` (temp file, fsync, rename, fsync of
+    /// the directory) unless `current` already holds a snapshot at least as
+    /// new (by `last_log_id`). Returns whether `current` was replaced.
+    ///
+    /// `lock` serializes writers, so a check and its rename cannot interleave
+    /// with another write; each write also has a temp file of its own.
+    fn write_snapshot_file(
+        dir: &Path,
+        lock: &Mutex<()>,
+        meta: &SnapshotMeta,
+        data: &[u8],
+    ) -> std::io::Result<bool> {
         let meta_bytes = rmp_serde::to_vec(meta).map_err(std::io::Error::other)?;
-        let tmp = dir.join("current.tmp");
+        let _guard = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // An unreadable `current` is replaced rather than trusted.
+        if let Ok(Some(existing)) = Self::read_snapshot_meta(dir)
+            && existing.last_log_id >= meta.last_log_id
         {
+            tracing::info!(
+                snapshot = %meta.snapshot_id,
+                current = %existing.snapshot_id,
+                "snapshot file already holds a snapshot at least as new; not replaced"
+            );
+            return Ok(false);
+        }
+        let tmp = dir.join(format!(
+            "{CURRENT}.{}.{}{TMP_SUFFIX}",
+            std::process::id(),
+            TMP_SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let written = (|| {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(&(meta_bytes.len() as u64).to_be_bytes())?;
             f.write_all(&meta_bytes)?;
             f.write_all(data)?;
             f.sync_all()?;
+            drop(f);
+            std::fs::rename(&tmp, dir.join(CURRENT))
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
         }
-        std::fs::rename(&tmp, dir.join("current"))?;
-        std::fs::File::open(dir)?.sync_all()
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(true)
+    }
+
+    /// The metadata of the snapshot in `dir/current`, read from its header only.
+    fn read_snapshot_meta(dir: &Path) -> std::io::Result<Option<SnapshotMeta>> {
+        let mut f = match std::fs::File::open(dir.join(CURRENT)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "corrupt snapshot file");
+        let mut len_bytes = [0u8; 8];
+        f.read_exact(&mut len_bytes)?;
+        let meta_len = u64::from_be_bytes(len_bytes);
+        if meta_len > f.metadata()?.len() {
+            return Err(bad());
+        }
+        let mut meta_bytes = vec![0u8; usize::try_from(meta_len).map_err(|_| bad())?];
+        f.read_exact(&mut meta_bytes)?;
+        rmp_serde::from_slice(&meta_bytes)
+            .map(Some)
+            .map_err(|_| bad())
+    }
+
+    /// Removes temp snapshot files a crash left behind (best effort).
+    fn remove_stale_tmp_files(dir: &Path) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(CURRENT) && name.ends_with(TMP_SUFFIX) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     fn read_snapshot_file(dir: &Path) -> std::io::Result<Option<(SnapshotMeta, Vec<u8>)>> {
-        let bytes = match std::fs::read(dir.join("current")) {
+        let bytes = match std::fs::read(dir.join(CURRENT)) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
@@ -405,6 +491,7 @@ pub struct SnapshotBuilder {
     view: fjall::Snapshot,
     kv: Keyspace,
     dir: PathBuf,
+    lock: Arc<Mutex<()>>,
     last_applied: Option<LogId>,
     membership: StoredMembership,
     rev: u64,
@@ -426,6 +513,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let rev = self.rev;
         let kv = self.kv.clone();
         let dir = self.dir.clone();
+        let lock = self.lock.clone();
         let file_meta = meta.clone();
         let data = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, StorageError> {
             let mut data = rev.to_be_bytes().to_vec();
@@ -435,7 +523,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                     .map_err(|e| snap_err(ErrorVerb::Read, e))?;
                 encode_pair(&mut data, &k, &v);
             }
-            StateMachineStore::write_snapshot_file(&dir, &file_meta, &data)
+            // If a newer snapshot was installed meanwhile, `current` keeps
+            // it; this one is still a valid snapshot of the state it names.
+            StateMachineStore::write_snapshot_file(&dir, &lock, &file_meta, &data)
                 .map_err(|e| snap_err(ErrorVerb::Write, e))?;
             Ok(data)
         })
@@ -501,6 +591,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             view: self.db.snapshot(),
             kv: self.kv.clone(),
             dir: self.snapshot_dir.clone(),
+            lock: self.snapshot_lock.clone(),
             last_applied: self.last_applied,
             membership: self.membership.clone(),
             rev: self.rev,
@@ -525,8 +616,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             )
         };
         let (rev, pairs) = decode_snapshot(&data).ok_or_else(invalid)?;
-        StateMachineStore::write_snapshot_file(&self.snapshot_dir, meta, &data)
-            .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        StateMachineStore::write_snapshot_file(
+            &self.snapshot_dir,
+            &self.snapshot_lock,
+            meta,
+            &data,
+        )
+        .map_err(|e| snap_err(ErrorVerb::Write, e))?;
         let mut batch = self.db.batch();
         for item in self.kv.iter() {
             let key = item.key().map_err(|e| sm_err(ErrorVerb::Read, e))?;
@@ -590,5 +686,69 @@ mod tests {
         assert!(decode_snapshot(&snapshot[..snapshot.len() - 1]).is_none());
         assert!(decode_snapshot(&[0, 0, 0]).is_none());
         assert!(decode_pairs(&[0, 0, 0, 9, 1]).is_none());
+    }
+
+    fn meta(index: u64) -> SnapshotMeta {
+        SnapshotMeta {
+            last_log_id: Some(openraft::testing::log_id(1, 1, index)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: format!("1-{index}"),
+        }
+    }
+
+    /// Many snapshot writes at once (as a build and an install can be): the
+    /// file is never torn, ends up holding the newest snapshot, and an older
+    /// one never replaces a newer one.
+    #[test]
+    fn concurrent_snapshot_writes_keep_the_newest() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let lock = Arc::new(Mutex::new(()));
+        let threads: Vec<_> = [5u64, 12, 3, 16, 9, 1, 14, 7, 11, 2, 15, 8, 4, 13, 6, 10]
+            .into_iter()
+            .map(|index| {
+                let (dir, lock) = (dir.path().to_path_buf(), lock.clone());
+                std::thread::spawn(move || {
+                    let data = vec![index as u8; 256 * 1024];
+                    StateMachineStore::write_snapshot_file(&dir, &lock, &meta(index), &data)
+                        .expect("write snapshot");
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("writer thread");
+        }
+        let (m, data) = StateMachineStore::read_snapshot_file(dir.path())
+            .expect("read")
+            .expect("a snapshot");
+        assert_eq!(m, meta(16));
+        assert!(data.len() == 256 * 1024 && data.iter().all(|b| *b == 16));
+
+        // Older or equal snapshots do not replace it; a newer one does.
+        let older = StateMachineStore::write_snapshot_file(dir.path(), &lock, &meta(15), b"x");
+        assert!(!older.expect("write"));
+        let same = StateMachineStore::write_snapshot_file(dir.path(), &lock, &meta(16), b"y");
+        assert!(!same.expect("write"));
+        assert_eq!(
+            StateMachineStore::read_snapshot_file(dir.path())
+                .unwrap()
+                .unwrap()
+                .0,
+            meta(16)
+        );
+        assert!(
+            StateMachineStore::write_snapshot_file(dir.path(), &lock, &meta(17), b"z")
+                .expect("write")
+        );
+        let (m, data) = StateMachineStore::read_snapshot_file(dir.path())
+            .unwrap()
+            .unwrap();
+        assert_eq!((m, data), (meta(17), b"z".to_vec()));
+
+        // No temp files are left behind.
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec![CURRENT.to_string()]);
     }
 }

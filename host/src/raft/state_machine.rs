@@ -216,7 +216,7 @@ impl StateMachineStore {
             None => 0,
         };
         let history = History::new(rev, DEFAULT_HISTORY, CHANGE_CHANNEL_CAPACITY);
-        Ok(StateMachineStore {
+        let mut sm = StateMachineStore {
             db: db.clone(),
             kv,
             meta,
@@ -230,7 +230,68 @@ impl StateMachineStore {
             history,
             snapshot_seq: 0,
             replay_until: 0,
-        })
+        };
+        sm.catch_up_with_snapshot_file()?;
+        Ok(sm)
+    }
+
+    /// Replaces the key space with a snapshot's `pairs` (revision counter
+    /// `rev`, described by `meta`) in one batch; the counters follow.
+    fn load_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        rev: u64,
+        pairs: Pairs<'_>,
+    ) -> Result<(), StorageError> {
+        let mut batch = self.db.batch();
+        for item in self.kv.iter() {
+            let key = item.key().map_err(|e| sm_err(ErrorVerb::Read, e))?;
+            batch.remove(&self.kv, key);
+        }
+        for (k, v) in pairs {
+            batch.insert(&self.kv, k, v);
+        }
+        self.last_applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        batch.insert(&self.meta, LAST_APPLIED, encode_meta(&self.last_applied)?);
+        batch.insert(&self.meta, MEMBERSHIP, encode_meta(&self.membership)?);
+        self.rev = rev;
+        batch.insert(&self.meta, REVISION, encode_meta(&self.rev)?);
+        batch.commit().map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        let index = meta.last_log_id.map_or(0, |l| l.index);
+        self.applied.store(index, Ordering::Release);
+        self.revision.store(rev, Ordering::Release);
+        self.history.reset(rev);
+        Ok(())
+    }
+
+    /// At open: a snapshot file ahead of what the key space says it applied
+    /// is loaded. The file is fsynced before the key space changes (and the
+    /// key space's own writes are not fsynced: they ride on the log's), so a
+    /// crash between an install's file and its batch, or after a build from
+    /// applies the journal then lost, leaves exactly this; meanwhile the log
+    /// may already be purged up to the snapshot, so the entries to get there
+    /// by re-applying can be gone.
+    fn catch_up_with_snapshot_file(&mut self) -> Result<(), StorageError> {
+        let found = Self::read_snapshot_file(&self.snapshot_dir)
+            .map_err(|e| snap_err(ErrorVerb::Read, e))?;
+        if let Some((meta, data)) = found
+            && meta.last_log_id > self.last_applied
+        {
+            tracing::warn!(
+                snapshot = %meta.snapshot_id,
+                applied = ?self.last_applied,
+                "the state machine is behind its snapshot file (a crash mid-install?): loading it"
+            );
+            let (rev, pairs) = decode_snapshot(&data).ok_or_else(|| {
+                snap_err(
+                    ErrorVerb::Read,
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, "corrupt snapshot file"),
+                )
+            })?;
+            self.load_snapshot(&meta, rev, pairs)?;
+        }
+        Ok(())
     }
 
     /// A read handle sharing this state machine's keyspace and counters.
@@ -623,25 +684,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             &data,
         )
         .map_err(|e| snap_err(ErrorVerb::Write, e))?;
-        let mut batch = self.db.batch();
-        for item in self.kv.iter() {
-            let key = item.key().map_err(|e| sm_err(ErrorVerb::Read, e))?;
-            batch.remove(&self.kv, key);
-        }
-        for (k, v) in pairs {
-            batch.insert(&self.kv, k, v);
-        }
-        self.last_applied = meta.last_log_id;
-        self.membership = meta.last_membership.clone();
-        batch.insert(&self.meta, LAST_APPLIED, encode_meta(&self.last_applied)?);
-        batch.insert(&self.meta, MEMBERSHIP, encode_meta(&self.membership)?);
-        self.rev = rev;
-        batch.insert(&self.meta, REVISION, encode_meta(&self.rev)?);
-        batch.commit().map_err(|e| sm_err(ErrorVerb::Write, e))?;
-        let index = meta.last_log_id.map_or(0, |l| l.index);
-        self.applied.store(index, Ordering::Release);
-        self.revision.store(rev, Ordering::Release);
-        self.history.reset(rev);
+        self.load_snapshot(meta, rev, pairs)?;
         tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "installed snapshot");
         Ok(())
     }
@@ -694,6 +737,50 @@ mod tests {
             last_membership: StoredMembership::default(),
             snapshot_id: format!("1-{index}"),
         }
+    }
+
+    /// A crash after an install's snapshot file was written but before its
+    /// key-space batch reached the journal: at the next open the state
+    /// machine loads the file instead of staying behind it.
+    #[test]
+    fn a_snapshot_file_ahead_of_the_key_space_is_loaded_at_open() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = Database::builder(dir.path().join("db")).open().expect("db");
+        let sm = StateMachineStore::open(&db, dir.path()).expect("open");
+        assert_eq!(sm.last_applied, None);
+        let rec = ValueRecord {
+            revision: 5,
+            create_revision: 5,
+            version: 1,
+            content_type: None,
+            value: b"from the snapshot".to_vec(),
+        }
+        .encode();
+        let mut data = 5u64.to_be_bytes().to_vec();
+        encode_pair(&mut data, b"k", &rec);
+        StateMachineStore::write_snapshot_file(
+            &sm.snapshot_dir,
+            &sm.snapshot_lock,
+            &meta(9),
+            &data,
+        )
+        .expect("write snapshot");
+        drop(sm);
+
+        let sm = StateMachineStore::open(&db, dir.path()).expect("reopen");
+        assert_eq!(sm.last_applied, meta(9).last_log_id);
+        assert_eq!(sm.rev, 5);
+        let reader = sm.reader();
+        assert_eq!(reader.applied_index(), 9);
+        assert_eq!(
+            reader.get("k").unwrap().unwrap().value,
+            b"from the snapshot"
+        );
+
+        // A file not ahead of the key space is left alone.
+        drop(sm);
+        let sm = StateMachineStore::open(&db, dir.path()).expect("reopen again");
+        assert_eq!(sm.last_applied, meta(9).last_log_id);
     }
 
     /// Many snapshot writes at once (as a build and an install can be): the

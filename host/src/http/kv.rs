@@ -123,6 +123,9 @@ async fn drain(mut stream: BodyDataStream) {
     .await;
 }
 
+/// Most bytes reserved for a body before any of it has arrived.
+const INITIAL_BODY_BUFFER: usize = 64 * 1024;
+
 /// Reads the body, refusing (413) anything over the limit: a too-large
 /// Content-Length is refused before any of the body is read, a chunked body
 /// as soon as it crosses the limit. Nothing beyond the limit is kept.
@@ -145,7 +148,9 @@ async fn read_value(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError
         drain(stream).await;
         return Err(too_large(len.to_string()));
     }
-    let mut buf = Vec::with_capacity(declared.map_or(0, |l| l as usize));
+    // Room for what arrives, not for what was announced: a client that
+    // declares 1 MiB and sends nothing must not pin 1 MiB per connection.
+    let mut buf = Vec::with_capacity(declared.map_or(0, |l| l as usize).min(INITIAL_BODY_BUFFER));
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))?;
         if buf.len() + chunk.len() > MAX_VALUE_BYTES {

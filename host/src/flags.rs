@@ -44,28 +44,13 @@ pub fn evaluate(
     key: &str,
     ctx: &EvalContext,
 ) -> Result<Evaluation, EvaluationError> {
-    if let Some(answer) = evaluate_plugins(plugins, key, ctx) {
-        return answer;
-    }
-    PlainFlags::read(reader).evaluate(key)
+    evaluate_by_plugins(plugins, key, ctx).unwrap_or_else(|| PlainFlags::read(reader).evaluate(key))
 }
 
-/// [`evaluate`] for many flags of one request: `plain` is `feature_flags`
-/// read and parsed once for all of them.
-pub fn evaluate_with(
-    plain: &PlainFlags,
-    plugins: Option<&PluginHost>,
-    key: &str,
-    ctx: &EvalContext,
-) -> Result<Evaluation, EvaluationError> {
-    if let Some(answer) = evaluate_plugins(plugins, key, ctx) {
-        return answer;
-    }
-    plain.evaluate(key)
-}
-
-/// The evaluator plugins' answer, or `None` when none of them knows `key`.
-fn evaluate_plugins(
+/// The evaluator plugins' answer, or `None` when none of them knows `key`
+/// (then [`PlainFlags::evaluate`] answers; a bulk request parses
+/// `feature_flags` once for all its flags).
+pub fn evaluate_by_plugins(
     plugins: Option<&PluginHost>,
     key: &str,
     ctx: &EvalContext,

@@ -29,7 +29,9 @@ use serde_json::{Map, Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::kv::wants_linearizable;
-use crate::flags::{PlainFlags, bulk_etag, evaluate, evaluate_with, flag_keys_with, is_flag_key};
+use crate::flags::{
+    PlainFlags, bulk_etag, evaluate, evaluate_by_plugins, flag_keys_with, is_flag_key,
+};
 use crate::node::Node;
 use crate::plugins::types::{ErrorCode, EvalContext, Evaluation, FlagValue, MetadataValue, Reason};
 
@@ -374,10 +376,12 @@ fn bulk(node: &Node, headers: &HeaderMap, context: &Value, ctx: &EvalContext) ->
     };
     let flags: Vec<Value> = keys
         .iter()
-        .map(|k| match evaluate_with(&plain, plugins, k, ctx) {
-            Ok(e) => serde_json::to_value(success(k, &e)).unwrap_or(Value::Null),
-            Err(e) => failure_json(Some(k), e.code, &e.message),
-        })
+        .map(
+            |k| match evaluate_by_plugins(plugins, k, ctx).unwrap_or_else(|| plain.evaluate(k)) {
+                Ok(e) => serde_json::to_value(success(k, &e)).unwrap_or(Value::Null),
+                Err(e) => failure_json(Some(k), e.code, &e.message),
+            },
+        )
         .collect();
     let body = json!({
         "flags": flags,

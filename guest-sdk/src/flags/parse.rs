@@ -54,6 +54,26 @@ impl<'a> At<'a> {
         })
     }
 
+    /// `v` (the value at `self`) as an object; else "expected {what}, got …".
+    fn object<'v>(
+        &self,
+        v: &'v Value,
+        what: &str,
+    ) -> Result<&'v Map<String, Value>, DefinitionError> {
+        match v {
+            Value::Object(map) => Ok(map),
+            other => self.fail(format!("expected {what}, got {}", describe_value(other))),
+        }
+    }
+
+    /// `v` (the value at `self`) as a list; else "expected {what}, got …".
+    fn array<'v>(&self, v: &'v Value, what: &str) -> Result<&'v [Value], DefinitionError> {
+        match v {
+            Value::Array(items) => Ok(items),
+            other => self.fail(format!("expected {what}, got {}", describe_value(other))),
+        }
+    }
+
     /// The value of `field` in `fields` (the object at `self`), which must be present.
     fn required<'v>(
         &self,
@@ -105,12 +125,7 @@ pub(super) fn from_slice(bytes: &[u8]) -> Result<FlagDefinition, DefinitionError
 /// [`FlagDefinition::from_json`].
 pub(super) fn from_value(value: &Value) -> Result<FlagDefinition, DefinitionError> {
     let root = At::Root;
-    let Value::Object(doc) = value else {
-        return root.fail(format!(
-            "expected a JSON object, got {}",
-            describe_value(value)
-        ));
-    };
+    let doc = root.object(value, "a JSON object")?;
     if let Some(key) = doc.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         return root.fail(format!(
             "unknown field {} (expected one of {})",
@@ -157,12 +172,7 @@ pub(super) fn from_value(value: &Value) -> Result<FlagDefinition, DefinitionErro
     let mut targeting = Vec::new();
     if let Some(rules) = doc.get("targeting") {
         let at = root.field("targeting");
-        let Value::Array(rules) = rules else {
-            return at.fail(format!(
-                "expected a list of rules, got {}",
-                describe_value(rules)
-            ));
-        };
+        let rules = at.array(rules, "a list of rules")?;
         targeting.reserve_exact(rules.len());
         for (i, r) in rules.iter().enumerate() {
             targeting.push(rule(&at.index(i), r, &variant_of)?);
@@ -172,12 +182,7 @@ pub(super) fn from_value(value: &Value) -> Result<FlagDefinition, DefinitionErro
     let mut rollout = Vec::new();
     if let Some(splits) = doc.get("rollout") {
         let at = root.field("rollout");
-        let Value::Array(splits) = splits else {
-            return at.fail(format!(
-                "expected a list of {{variant, weight}}, got {}",
-                describe_value(splits)
-            ));
-        };
+        let splits = at.array(splits, "a list of {variant, weight}")?;
         if splits.is_empty() {
             return at.fail("must not be empty (omit it instead)");
         }
@@ -185,12 +190,7 @@ pub(super) fn from_value(value: &Value) -> Result<FlagDefinition, DefinitionErro
         let mut total = 0u64;
         for (i, split) in splits.iter().enumerate() {
             let at = at.index(i);
-            let Value::Object(fields) = split else {
-                return at.fail(format!(
-                    "expected {{variant, weight}}, got {}",
-                    describe_value(split)
-                ));
-            };
+            let fields = at.object(split, "{variant, weight}")?;
             at.only_fields(fields, &["variant", "weight"])?;
             let variant = variant_of(&at.field("variant"), at.required(fields, "variant")?)?;
             let weight = match at.required(fields, "weight")? {
@@ -215,9 +215,7 @@ pub(super) fn from_value(value: &Value) -> Result<FlagDefinition, DefinitionErro
     let mut metadata = Vec::new();
     if let Some(meta) = doc.get("metadata") {
         let at = root.field("metadata");
-        let Value::Object(meta) = meta else {
-            return at.fail(format!("expected an object, got {}", describe_value(meta)));
-        };
+        let meta = at.object(meta, "an object")?;
         metadata.reserve_exact(meta.len());
         for (key, v) in meta {
             let value = match v {
@@ -261,12 +259,7 @@ fn variants(at: &At, v: &Value) -> Result<BTreeMap<String, FlagValue>, Definitio
         Kind::Object => "an object or array",
     };
 
-    let Value::Object(map) = v else {
-        return at.fail(format!(
-            "expected an object of name → value, got {}",
-            describe_value(v)
-        ));
-    };
+    let map = at.object(v, "an object of name → value")?;
     if map.is_empty() {
         return at.fail("must define at least one variant");
     }
@@ -330,12 +323,7 @@ fn rule(
     rule: &Value,
     variant_of: &dyn Fn(&At, &Value) -> Result<String, DefinitionError>,
 ) -> Result<Rule, DefinitionError> {
-    let Value::Object(fields) = rule else {
-        return at.fail(format!(
-            "expected a rule {{\"if\": [...], \"variant\": ...}}, got {}",
-            describe_value(rule)
-        ));
-    };
+    let fields = at.object(rule, r#"a rule {"if": [...], "variant": ...}"#)?;
     at.only_fields(fields, &["if", "variant"])?;
     let variant = variant_of(&at.field("variant"), at.required(fields, "variant")?)?;
     let if_at = at.field("if");
@@ -362,12 +350,7 @@ fn rule(
 
 /// A condition `{"attribute": name, "op": operator, "value": operand}`.
 fn condition(at: &At, c: &Value) -> Result<Condition, DefinitionError> {
-    let Value::Object(fields) = c else {
-        return at.fail(format!(
-            "expected a condition {{attribute, op, value}}, got {}",
-            describe_value(c)
-        ));
-    };
+    let fields = at.object(c, "a condition {attribute, op, value}")?;
     at.only_fields(fields, &["attribute", "op", "value"])?;
     let attribute = match at.required(fields, "attribute")? {
         Value::String(s) if !s.is_empty() => s.clone(),

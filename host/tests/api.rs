@@ -418,6 +418,14 @@ async fn bad_input_is_refused_and_changes_nothing() {
         .send()
         .await
         .unwrap();
+    error_code(r, StatusCode::UNSUPPORTED_MEDIA_TYPE).await;
+    let r = c
+        .post(format!("{base}/v1/cluster/members"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     error_code(r, StatusCode::BAD_REQUEST).await;
     let r = c
         .post(format!("{base}/v1/cluster/members"))

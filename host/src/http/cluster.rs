@@ -54,14 +54,19 @@ async fn relay(
             )
         })?;
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-    Ok(Some(
-        (
-            status,
-            [(header::CONTENT_TYPE, "application/json")],
-            Body::from(bytes),
-        )
-            .into_response(),
-    ))
+    let mut resp = (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from(bytes),
+    )
+        .into_response();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        // As every 503 of this API (`error.rs`): the leader's own header is
+        // not relayed, only its status and body.
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    }
+    Ok(Some(resp))
 }
 
 /// `POST /v1/cluster/members` `{"id":N,"addr":"http://host:port"}`
@@ -69,7 +74,9 @@ pub async fn add_member(
     State(node): State<Arc<Node>>,
     body: Result<Json<JoinRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let Json(req) = body.map_err(|e| ApiError::bad_request("invalid_body", e.body_text()))?;
+    // 415 without a JSON content type, 400 for a body that is not the
+    // expected JSON (axum's rejection carries the right status).
+    let Json(req) = body.map_err(|e| ApiError::new(e.status(), "invalid_body", e.body_text()))?;
     let addr = req.addr.trim_end_matches('/').to_owned();
     let valid = addr
         .strip_prefix("http://")

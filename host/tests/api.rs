@@ -177,6 +177,44 @@ async fn compare_and_set_and_create_only() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+
+    // If-Match: * — only if the key exists; a weak tag never matches.
+    let r = c
+        .put(&k)
+        .header("if-match", "*")
+        .body("3")
+        .send()
+        .await
+        .unwrap();
+    let e = error_code(r, StatusCode::PRECONDITION_FAILED).await;
+    assert_eq!(e["revision"], Value::Null, "absent: {e}");
+    let r = c.delete(&k).header("if-match", "*").send().await.unwrap();
+    error_code(r, StatusCode::PRECONDITION_FAILED).await;
+    assert_eq!(c.get(&k).send().await.unwrap().status(), 404);
+    let r = c.put(&k).body("4").send().await.unwrap();
+    let rev4 = r.json::<Value>().await.unwrap()["revision"]
+        .as_u64()
+        .unwrap();
+    let r = c
+        .put(&k)
+        .header("if-match", format!("W/\"{rev4}\""))
+        .body("5")
+        .send()
+        .await
+        .unwrap();
+    error_code(r, StatusCode::PRECONDITION_FAILED).await;
+    let r = c
+        .put(&k)
+        .header("if-match", "*")
+        .body("6")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(c.get(&k).send().await.unwrap().text().await.unwrap(), "6");
+    let r = c.delete(&k).header("if-match", "*").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+
     // Library API: the seed's four operations.
     let rev = node.set_custom_data("lib", b"v".to_vec()).await.unwrap();
     assert!(rev > rev1);

@@ -83,8 +83,18 @@ fn precondition(headers: &HeaderMap, allow_create_only: bool) -> Result<Precondi
             "invalid_precondition",
             "use either If-Match or If-None-Match, not both",
         )),
+        (Some(m), None) if m == "*" => Ok(Precondition::Present),
+        // If-Match compares strongly (RFC 9110 §13.1.1): a weak tag never
+        // matches, whatever the key holds (this server only sends strong ones).
+        (Some(m), None) if m.starts_with("W/") => Err(ApiError::new(
+            StatusCode::PRECONDITION_FAILED,
+            "precondition_failed",
+            format!(
+                "If-Match compares entity tags strongly: the weak tag {m} never matches; send the ETag as returned"
+            ),
+        )),
         (Some(m), None) => {
-            let bare = m.trim_start_matches("W/").trim_matches('"');
+            let bare = m.trim_matches('"');
             bare.parse::<u64>()
                 .map(Precondition::Revision)
                 .map_err(|_| {

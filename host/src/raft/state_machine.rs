@@ -355,6 +355,7 @@ impl StateMachineStore {
         let holds = match precondition {
             Precondition::None => true,
             Precondition::Absent => old.is_none(),
+            Precondition::Present => old.is_some(),
             Precondition::Revision(r) => current_rev == Some(r),
         };
         if !holds {

@@ -49,6 +49,8 @@ pub enum Precondition {
     Revision(u64),
     /// `If-None-Match: *`: the key must not exist (create only).
     Absent,
+    /// `If-Match: *`: the key must exist (update or delete only).
+    Present,
 }
 
 /// A replicated state-machine command (the `D` of the Raft log).

@@ -17,9 +17,13 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 async fn single_with(names: &[&str]) -> (tempfile::TempDir, Arc<Node>) {
+    single_with_limits(names, Limits::default()).await
+}
+
+async fn single_with_limits(names: &[&str], limits: Limits) -> (tempfile::TempDir, Arc<Node>) {
     let dir = tempfile::tempdir().unwrap();
     let plugins = plugins_dir(dir.path(), names);
-    let node = start_plugin_node(1, dir.path(), None, &plugins, Limits::default()).await;
+    let node = start_plugin_node(1, dir.path(), None, &plugins, limits).await;
     wait_converged(std::slice::from_ref(&node), 1).await;
     (dir, node)
 }
@@ -37,11 +41,19 @@ async fn status_of(c: &reqwest::Client, node: &Node, name: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runaway_plugins_are_stopped_and_the_node_keeps_serving() {
-    let (_dir, node) = single_with(&["looper", "membomb", "trapper", "flag_schema"]).await;
+    // A 1 s validate deadline rather than 50 ms: the memory bomb below must be
+    // stopped by its memory cap, which on a loaded machine can take longer
+    // than 50 ms to reach (it then counted as a timeout, not a trap).
+    let limits = Limits {
+        validate: Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let names = ["looper", "membomb", "trapper", "flag_schema"];
+    let (_dir, node) = single_with_limits(&names, limits).await;
     let c = client();
     let before = list_revision(&c, node.advertise()).await;
 
-    // Infinite loop: interrupted at the 50 ms deadline, the write is rejected.
+    // Infinite loop: interrupted at the deadline, the write is rejected.
     let t = Instant::now();
     let r = c
         .put(url(&node, "/v1/kv/loop/a"))

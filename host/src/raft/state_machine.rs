@@ -273,22 +273,24 @@ impl StateMachineStore {
     /// may already be purged up to the snapshot, so the entries to get there
     /// by re-applying can be gone.
     fn catch_up_with_snapshot_file(&mut self) -> Result<(), StorageError> {
-        let found = Self::read_snapshot_file(&self.snapshot_dir)
-            .map_err(|e| snap_err(ErrorVerb::Read, e))?;
-        if let Some((meta, data)) = found
-            && meta.last_log_id > self.last_applied
+        let read_err = |e| snap_err(ErrorVerb::Read, e);
+        // The header decides; the (large) data is read only when it is ahead.
+        let ahead = Self::read_snapshot_meta(&self.snapshot_dir)
+            .map_err(read_err)?
+            .is_some_and(|meta| meta.last_log_id > self.last_applied);
+        if !ahead {
+            return Ok(());
+        }
+        if let Some((meta, data)) =
+            Self::read_snapshot_file(&self.snapshot_dir).map_err(read_err)?
         {
             tracing::warn!(
                 snapshot = %meta.snapshot_id,
                 applied = ?self.last_applied,
                 "the state machine is behind its snapshot file (a crash mid-install?): loading it"
             );
-            let (rev, pairs) = decode_snapshot(&data).ok_or_else(|| {
-                snap_err(
-                    ErrorVerb::Read,
-                    std::io::Error::new(std::io::ErrorKind::InvalidData, "corrupt snapshot file"),
-                )
-            })?;
+            let (rev, pairs) =
+                decode_snapshot(&data).ok_or_else(|| read_err(corrupt_snapshot_file()))?;
             self.load_snapshot(&meta, rev, pairs)?;
         }
         Ok(())
@@ -457,25 +459,35 @@ impl StateMachineStore {
         Ok(true)
     }
 
-    /// The metadata of the snapshot in `dir/current`, read from its header only.
-    fn read_snapshot_meta(dir: &Path) -> std::io::Result<Option<SnapshotMeta>> {
-        let mut f = match std::fs::File::open(dir.join(CURRENT)) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "corrupt snapshot file");
+    /// `dir/current`, opened; `None` when no snapshot was written yet.
+    fn open_snapshot_file(dir: &Path) -> std::io::Result<Option<std::fs::File>> {
+        match std::fs::File::open(dir.join(CURRENT)) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads the header of a snapshot file, `[u64 meta len][meta]`, leaving
+    /// `f` at the start of the snapshot data.
+    fn read_snapshot_header(f: &mut std::fs::File) -> std::io::Result<SnapshotMeta> {
         let mut len_bytes = [0u8; 8];
         f.read_exact(&mut len_bytes)?;
         let meta_len = u64::from_be_bytes(len_bytes);
         if meta_len > f.metadata()?.len() {
-            return Err(bad());
+            return Err(corrupt_snapshot_file());
         }
-        let mut meta_bytes = vec![0u8; usize::try_from(meta_len).map_err(|_| bad())?];
+        let mut meta_bytes =
+            vec![0u8; usize::try_from(meta_len).map_err(|_| corrupt_snapshot_file())?];
         f.read_exact(&mut meta_bytes)?;
-        rmp_serde::from_slice(&meta_bytes)
-            .map(Some)
-            .map_err(|_| bad())
+        rmp_serde::from_slice(&meta_bytes).map_err(|_| corrupt_snapshot_file())
+    }
+
+    /// The metadata of the snapshot in `dir/current`, read from its header only.
+    fn read_snapshot_meta(dir: &Path) -> std::io::Result<Option<SnapshotMeta>> {
+        Self::open_snapshot_file(dir)?
+            .map(|mut f| Self::read_snapshot_header(&mut f))
+            .transpose()
     }
 
     /// Removes temp snapshot files a crash left behind (best effort).
@@ -493,23 +505,18 @@ impl StateMachineStore {
     }
 
     fn read_snapshot_file(dir: &Path) -> std::io::Result<Option<(SnapshotMeta, Vec<u8>)>> {
-        let bytes = match std::fs::read(dir.join(CURRENT)) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
+        let Some(mut f) = Self::open_snapshot_file(dir)? else {
+            return Ok(None);
         };
-        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "corrupt snapshot file");
-        let len_bytes: [u8; 8] = bytes
-            .get(..8)
-            .ok_or_else(bad)?
-            .try_into()
-            .map_err(|_| bad())?;
-        let meta_len = usize::try_from(u64::from_be_bytes(len_bytes)).map_err(|_| bad())?;
-        let meta_end = 8usize.checked_add(meta_len).ok_or_else(bad)?;
-        let meta: SnapshotMeta =
-            rmp_serde::from_slice(bytes.get(8..meta_end).ok_or_else(bad)?).map_err(|_| bad())?;
-        Ok(Some((meta, bytes[meta_end..].to_vec())))
+        let meta = Self::read_snapshot_header(&mut f)?;
+        let mut data = Vec::new();
+        f.read_to_end(&mut data)?;
+        Ok(Some((meta, data)))
     }
+}
+
+fn corrupt_snapshot_file() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, "corrupt snapshot file")
 }
 
 /// Snapshot data: `[u64 revision]` then a sequence of

@@ -126,16 +126,9 @@ impl PlainFlags {
     }
 }
 
-/// Every flag key known from local state, sorted.
-pub fn flag_keys(reader: &KvReader) -> Result<Vec<String>, EvaluationError> {
-    flag_keys_with(reader, &PlainFlags::read(reader))
-}
-
-/// [`flag_keys`] with `feature_flags` already parsed.
-pub fn flag_keys_with(
-    reader: &KvReader,
-    plain: &PlainFlags,
-) -> Result<Vec<String>, EvaluationError> {
+/// Every flag key known from local state, sorted (`plain`: `feature_flags`
+/// as read by [`PlainFlags::read`]).
+pub fn flag_keys(reader: &KvReader, plain: &PlainFlags) -> Result<Vec<String>, EvaluationError> {
     let mut keys = BTreeSet::new();
     for k in reader
         .list(FLAGS_PREFIX)

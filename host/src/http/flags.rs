@@ -29,9 +29,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::kv::wants_linearizable;
-use crate::flags::{
-    PlainFlags, bulk_etag, evaluate, evaluate_by_plugins, flag_keys_with, is_flag_key,
-};
+use crate::flags::{PlainFlags, bulk_etag, evaluate, evaluate_by_plugins, flag_keys, is_flag_key};
 use crate::node::Node;
 use crate::plugins::types::{ErrorCode, EvalContext, Evaluation, FlagValue, MetadataValue, Reason};
 
@@ -370,7 +368,7 @@ fn bulk(node: &Node, headers: &HeaderMap, context: &Value, ctx: &EvalContext) ->
     }
     // `feature_flags` is parsed once for the whole request, not once per flag.
     let plain = PlainFlags::read(reader);
-    let keys = match flag_keys_with(reader, &plain) {
+    let keys = match flag_keys(reader, &plain) {
         Ok(k) => k,
         Err(e) => return server_error(StatusCode::INTERNAL_SERVER_ERROR, e.message),
     };

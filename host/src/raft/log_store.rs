@@ -274,47 +274,47 @@ impl Writer {
             ops.push(op);
             callbacks.extend(cb);
         }
+        let result = self.write_ops(ops, callbacks.len());
+        for cb in callbacks {
+            cb.log_io_completed(result.clone().map_err(std::io::Error::other));
+        }
+    }
+
+    /// Writes `ops` (carrying `appends` appends) unless the store failed
+    /// before; a failure now marks it failed.
+    fn write_ops(&self, ops: Vec<Op>, appends: usize) -> Result<(), String> {
+        // Nothing more is written after a failure: the disk is a prefix of
+        // what openraft asked for, and must stay one.
         let failed_before = self.shared.lock().map_or_else(
             |_| Some("log store state poisoned".to_string()),
             |s| s.failed.clone(),
         );
-        let result = match failed_before {
-            // Nothing more is written after a failure: the disk is a prefix of
-            // what openraft asked for, and must stay one.
-            Some(e) => Err(format!("log store failed earlier: {e}")),
-            None => {
-                let mut written: Vec<LogId> = Vec::new();
-                match self.apply(ops, &mut written) {
-                    Ok(()) => {
-                        if let Ok(mut s) = self.shared.lock() {
-                            for id in &written {
-                                if s.pending.get(&id.index).is_some_and(|e| e.log_id == *id) {
-                                    s.pending.remove(&id.index);
-                                }
-                            }
-                        }
-                        Ok(())
-                    }
-                    Err(e) => {
-                        let e = e.to_string();
-                        tracing::error!(
-                            error = %e,
-                            appends = callbacks.len(),
-                            "raft log write failed; the log store refuses further work"
-                        );
-                        let mut s = self
-                            .shared
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner);
-                        s.failed = Some(e.clone());
-                        Err(e)
-                    }
+        if let Some(e) = failed_before {
+            return Err(failed_err(&e).to_string());
+        }
+        let mut written: Vec<LogId> = Vec::new();
+        if let Err(e) = self.apply(ops, &mut written) {
+            let e = e.to_string();
+            tracing::error!(
+                error = %e,
+                appends,
+                "raft log write failed; the log store refuses further work"
+            );
+            let mut s = self
+                .shared
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            s.failed = Some(e.clone());
+            return Err(e);
+        }
+        if let Ok(mut s) = self.shared.lock() {
+            for id in &written {
+                if s.pending.get(&id.index).is_some_and(|e| e.log_id == *id) {
+                    s.pending.remove(&id.index);
                 }
             }
-        };
-        for cb in callbacks {
-            cb.log_io_completed(result.clone().map_err(std::io::Error::other));
         }
+        Ok(())
     }
 
     fn apply(&self, ops: Vec<Op>, written: &mut Vec<LogId>) -> Result<(), fjall::Error> {

@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# A fresh clone gains nothing from incremental caches (2.5 GB of them).
+export CARGO_INCREMENTAL=0
+
 step() { printf '\n==> %s\n' "$*"; }
 
 step "toolchain and system packages"

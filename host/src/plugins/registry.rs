@@ -101,7 +101,7 @@ fn hook_name(h: &types::Hook) -> &'static str {
 /// The node's plugins.
 pub struct PluginHost {
     engine: Engine,
-    _ticker: EpochTicker,
+    ticker: EpochTicker,
     limits: Limits,
     reader: KvReader,
     logs: LogRing,
@@ -123,7 +123,7 @@ impl PluginHost {
             .map_err(|e| LoadError(format!("epoch thread: {e}")))?;
         let host = Arc::new(PluginHost {
             engine,
-            _ticker: ticker,
+            ticker,
             limits,
             reader,
             logs: LogRing::default(),
@@ -245,6 +245,7 @@ impl PluginHost {
             .map_err(|e| LoadError(format!("reading {}: {e}", file.display())))?;
         LoadedPlugin::load(
             &self.engine,
+            self.ticker.ticking(),
             &wasm,
             self.reader.clone(),
             self.logs.clone(),

@@ -16,7 +16,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 use super::bindings::{self, types};
 use super::host_api::{HostState, LogRing, linker};
-use super::limits::{Limits, ticks};
+use super::limits::{Limits, Ticking, ticks};
 use crate::raft::KvReader;
 
 /// Warm instances kept per plugin.
@@ -183,6 +183,7 @@ pub struct LoadedPlugin {
     /// Counters.
     pub stats: Stats,
     engine: Engine,
+    ticking: Ticking,
     pre: bindings::PluginPre<HostState>,
     reader: KvReader,
     logs: LogRing,
@@ -197,6 +198,7 @@ impl LoadedPlugin {
     /// `describe` on a first instance.
     pub fn load(
         engine: &Engine,
+        ticking: Ticking,
         wasm: &[u8],
         reader: KvReader,
         logs: LogRing,
@@ -219,6 +221,7 @@ impl LoadedPlugin {
             },
             stats: Stats::default(),
             engine: engine.clone(),
+            ticking,
             pre,
             reader,
             logs,
@@ -305,6 +308,8 @@ impl LoadedPlugin {
         f: impl FnOnce(&mut Store<HostState>, &bindings::Plugin) -> wasmtime::Result<R>,
     ) -> Result<R, CallError> {
         let started = Instant::now();
+        // The epoch advances only while some call holds this.
+        let _running = self.ticking.call();
         let (mut store, instance) = self.instance()?;
         store.set_epoch_deadline(ticks(deadline));
         let result = f(&mut store, &instance);

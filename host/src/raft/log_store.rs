@@ -19,9 +19,17 @@
 //! A leader does not wait for the report before it replicates (our openraft
 //! patch, `vendor/README.md`): its fsync and the followers' run at the same
 //! time, and replication reads the entries from the pending map meanwhile.
-//! Truncations, purges and the committed id go through the same queue, in
-//! order; until the writer has applied a truncation, readers do not see the
-//! truncated entries. The vote is fsynced before `save_vote` returns.
+//! Truncations and purges go through the same queue, in order; until the
+//! writer has applied a truncation, readers do not see the truncated
+//! entries. The vote is fsynced before `save_vote` returns.
+//!
+//! The committed log id does not wake the writer (that cost a thread
+//! wake-up, and often a preemption of the Raft task, on every commit): it
+//! is kept in memory and written with the writer's next group. It is an
+//! optimization for restarts (openraft re-learns the commit index from the
+//! leader), so being behind is harmless; it is never ahead of the entries
+//! on disk, because the writer takes it before it collects the appends
+//! queued so far, and `save_committed(c)` only follows the append of `c`.
 //!
 //! # Write errors
 //!
@@ -55,7 +63,6 @@ enum Op {
     Append(Vec<(LogId, Vec<u8>)>),
     Truncate(u64, u64),
     Purge(LogId),
-    Committed(Vec<u8>),
 }
 
 /// A queued op and, for an append, the callback to report its flush to.
@@ -69,6 +76,8 @@ struct Shared {
     /// Truncations queued but not yet applied to fjall: (ticket, from index).
     truncating: Vec<(u64, u64)>,
     next_ticket: u64,
+    /// The committed log id (encoded) not yet handed to the writer.
+    committed: Option<Vec<u8>>,
     /// Set when the writer failed to write a group: the store refuses all
     /// further work (its disk state is no longer what openraft believes).
     failed: Option<String>,
@@ -258,15 +267,19 @@ impl Writer {
             while self.hooks.hold.load(Ordering::SeqCst) {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
+            // Take the committed id before collecting the rest of the
+            // group: its entry's append was queued before it was saved, so
+            // that append is in this group or an earlier one.
+            let committed = self.shared.lock().ok().and_then(|mut s| s.committed.take());
             let mut group = vec![first];
             group.extend(rx.try_iter());
-            self.write_group(group);
+            self.write_group(group, committed);
         }
     }
 
     /// Applies one group and reports the flush of every append in it: all of
     /// them succeed or all of them get the error.
-    fn write_group(&self, group: Vec<Queued>) {
+    fn write_group(&self, group: Vec<Queued>, committed: Option<Vec<u8>>) {
         // Take every callback out first, so none is lost when an op fails.
         let mut ops = Vec::with_capacity(group.len());
         let mut callbacks = Vec::new();
@@ -274,7 +287,7 @@ impl Writer {
             ops.push(op);
             callbacks.extend(cb);
         }
-        let result = self.write_ops(ops, callbacks.len());
+        let result = self.write_ops(ops, committed, callbacks.len());
         for cb in callbacks {
             cb.log_io_completed(result.clone().map_err(std::io::Error::other));
         }
@@ -282,7 +295,12 @@ impl Writer {
 
     /// Writes `ops` (carrying `appends` appends) unless the store failed
     /// before; a failure now marks it failed.
-    fn write_ops(&self, ops: Vec<Op>, appends: usize) -> Result<(), String> {
+    fn write_ops(
+        &self,
+        ops: Vec<Op>,
+        committed: Option<Vec<u8>>,
+        appends: usize,
+    ) -> Result<(), String> {
         // Nothing more is written after a failure: the disk is a prefix of
         // what openraft asked for, and must stay one.
         let failed_before = self.shared.lock().map_or_else(
@@ -293,7 +311,7 @@ impl Writer {
             return Err(failed_err(&e).to_string());
         }
         let mut written: Vec<LogId> = Vec::new();
-        if let Err(e) = self.apply(ops, &mut written) {
+        if let Err(e) = self.apply(ops, committed, &mut written) {
             let e = e.to_string();
             tracing::error!(
                 error = %e,
@@ -317,7 +335,12 @@ impl Writer {
         Ok(())
     }
 
-    fn apply(&self, ops: Vec<Op>, written: &mut Vec<LogId>) -> Result<(), fjall::Error> {
+    fn apply(
+        &self,
+        ops: Vec<Op>,
+        committed: Option<Vec<u8>>,
+        written: &mut Vec<LogId>,
+    ) -> Result<(), fjall::Error> {
         let mut batch = self.db.batch();
         let mut sync = false;
         for op in ops {
@@ -329,7 +352,6 @@ impl Writer {
                     }
                     sync = true;
                 }
-                Op::Committed(bytes) => batch.insert(&self.meta, COMMITTED, bytes),
                 Op::Truncate(ticket, from) => {
                     std::mem::replace(&mut batch, self.db.batch()).commit()?;
                     #[cfg(test)]
@@ -351,6 +373,9 @@ impl Writer {
                     }
                 }
             }
+        }
+        if let Some(bytes) = committed {
+            batch.insert(&self.meta, COMMITTED, bytes);
         }
         batch.commit()?;
         if sync {
@@ -431,17 +456,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        self.check_writable()?;
+        let bytes = rmp_serde::to_vec(&committed).map_err(write_err)?;
+        let mut s = self.shared.lock().map_err(|_| poisoned())?;
+        s.check_writable()?;
         if let Some(c) = committed {
             self.committed_index.fetch_max(c.index, Ordering::Relaxed);
         }
-        self.send(
-            Op::Committed(rmp_serde::to_vec(&committed).map_err(write_err)?),
-            None,
-        )
+        s.committed = Some(bytes);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        let unwritten = self
+            .shared
+            .lock()
+            .map_err(|_| poisoned())?
+            .committed
+            .clone();
+        if let Some(bytes) = unwritten {
+            return rmp_serde::from_slice(&bytes).map_err(read_err);
+        }
         Ok(self.read_meta::<Option<LogId>>(COMMITTED)?.flatten())
     }
 
@@ -644,5 +678,52 @@ mod tests {
             .map(|e| e.log_id)
             .collect();
         assert_eq!(ids, vec![log_id(1, 1, 1), log_id(1, 1, 2), log_id(2, 1, 3)]);
+    }
+
+    /// The committed id does not wake the writer: it is readable at once and
+    /// reaches disk with the next group, never ahead of the entries there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_committed_id_is_written_with_the_next_group() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("db");
+        {
+            let db = Database::builder(&path).open().expect("open db");
+            let mut store = LogStore::open(&db).expect("open log store");
+            store
+                .blocking_append((1..=3).map(|i| blank_ent::<TypeConfig>(1, 1, i)))
+                .await
+                .expect("append");
+            store
+                .save_committed(Some(log_id(1, 1, 3)))
+                .await
+                .expect("save committed");
+            assert_eq!(
+                store.read_committed().await.expect("read"),
+                Some(log_id(1, 1, 3))
+            );
+            assert!(
+                store.shared.lock().unwrap().committed.is_some(),
+                "not written by itself"
+            );
+            store
+                .blocking_append([blank_ent::<TypeConfig>(1, 1, 4)])
+                .await
+                .expect("append");
+            assert!(store.shared.lock().unwrap().committed.is_none());
+            // A commit saved after the last group stays in memory only.
+            store
+                .save_committed(Some(log_id(1, 1, 4)))
+                .await
+                .expect("save committed");
+        }
+        let db = Database::builder(&path).open().expect("reopen db");
+        let mut store = LogStore::open(&db).expect("reopen log store");
+        assert_eq!(
+            store.read_committed().await.expect("read"),
+            Some(log_id(1, 1, 3))
+        );
+        assert_eq!(store.committed_index().load(Ordering::Relaxed), 3);
+        let state = store.get_log_state().await.expect("state");
+        assert_eq!(state.last_log_id, Some(log_id(1, 1, 4)));
     }
 }

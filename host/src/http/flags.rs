@@ -4,7 +4,8 @@
 //!   `POST /v1/flags/{key}/evaluate`);
 //! - `POST /ofrep/v1/evaluate/flags` — bulk, with `ETag` / `If-None-Match` → 304;
 //! - `GET /ofrep/v1/configuration` — provider configuration;
-//! - `GET /ofrep/v1/events` — SSE `refetchEvaluation` messages when flags change.
+//! - `GET /ofrep/v1/events` — SSE `refetchEvaluation` messages when flags change
+//!   (or may have: after lost events, or revisions a snapshot install skipped).
 //!
 //! Answers come from the node's applied state (a follower may trail the
 //! leader by a few milliseconds); `?consistency=linearizable` first waits
@@ -26,12 +27,13 @@ use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::{self, error::RecvError};
 
 use super::kv::wants_linearizable;
 use crate::flags::{PlainFlags, bulk_etag, evaluate, evaluate_by_plugins, flag_keys, is_flag_key};
 use crate::node::Node;
 use crate::plugins::types::{ErrorCode, EvalContext, Evaluation, FlagValue, MetadataValue, Reason};
+use crate::raft::Change;
 
 /// Query parameters of evaluation requests.
 #[derive(Debug, Deserialize)]
@@ -401,32 +403,75 @@ pub async fn configuration() -> Response {
 }
 
 /// `GET /ofrep/v1/events`: one `refetchEvaluation` message per committed
-/// change of a flag key (and one after any lost events), so OFREP clients
-/// re-fetch. As OFREP ADR-0008 specifies, the SSE `event:` field is always
-/// `message` (providers, and a browser `EventSource`'s `onmessage`, dispatch
-/// on the JSON `data.type`), and `id:` is the change's revision.
+/// change of a flag key, one after any lost events, and one when revisions
+/// were skipped (a snapshot install replaced them, flag keys possibly among
+/// them), so OFREP clients re-fetch. As OFREP ADR-0008 specifies, the SSE
+/// `event:` field is always `message` (providers, and a browser
+/// `EventSource`'s `onmessage`, dispatch on the JSON `data.type`), and `id:`
+/// is the change's revision.
 pub async fn events(
     State(node): State<Arc<Node>>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let rx = node.reader().subscribe();
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
+    let reader = node.reader();
+    // Read before subscribing: a change committed in between shows up as a
+    // gap (one extra refetch), never as nothing.
+    let last = reader.revision_now();
+    let refetch = Refetch {
+        rx: reader.subscribe(),
+        last: Some(last),
+    };
+    let stream = futures::stream::unfold(refetch, Refetch::next);
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+/// A `refetchEvaluation` message; `revision` is `None` after lost events.
+fn refetch_event(revision: Option<u64>) -> Event {
+    let data = json!({ "type": "refetchEvaluation", "revision": revision });
+    let event = Event::default().event("message").data(data.to_string());
+    match revision {
+        Some(rev) => event.id(rev.to_string()),
+        None => event,
+    }
+}
+
+/// One `GET /ofrep/v1/events` stream: the node's changes, and the last
+/// revision seen (revisions are contiguous, except across a snapshot install).
+struct Refetch {
+    rx: broadcast::Receiver<Arc<Change>>,
+    /// `None` after lost events, until the next change.
+    last: Option<u64>,
+}
+
+impl Refetch {
+    /// Whether `c` calls for a refetch: it changed a flag key, or the
+    /// revisions before it were skipped (a snapshot install replaced them,
+    /// and flag keys may have changed with them).
+    fn take(&mut self, c: &Change) -> bool {
+        let skipped = self
+            .last
+            .is_some_and(|last| c.revision > last.saturating_add(1));
+        if self.last.is_none_or(|last| c.revision > last) {
+            self.last = Some(c.revision);
+        }
+        skipped || is_flag_key(&c.key)
+    }
+
+    async fn next(mut self) -> Option<(Result<Event, Infallible>, Self)> {
         loop {
-            let revision = match rx.recv().await {
-                Ok(c) if is_flag_key(&c.key) => Some(c.revision),
+            let revision = match self.rx.recv().await {
+                Ok(c) if self.take(&c) => Some(c.revision),
                 Ok(_) => continue,
-                // Events were lost: the safe answer is "re-fetch".
-                Err(RecvError::Lagged(_)) => None,
+                // Events were lost: the safe answer is "re-fetch", which
+                // covers whatever they skipped too.
+                Err(RecvError::Lagged(_)) => {
+                    self.last = None;
+                    None
+                }
                 Err(RecvError::Closed) => return None,
             };
-            let data = json!({ "type": "refetchEvaluation", "revision": revision });
-            let mut event = Event::default().event("message").data(data.to_string());
-            if let Some(rev) = revision {
-                event = event.id(rev.to_string());
-            }
-            return Some((Ok(event), rx));
+            return Some((Ok(refetch_event(revision)), self));
         }
-    });
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    }
 }
 
 #[cfg(test)]
@@ -471,6 +516,77 @@ mod tests {
         e.variant = None;
         let v = serde_json::to_value(success("k", &e)).unwrap();
         assert!(v.get("variant").is_none(), "{v}");
+    }
+
+    fn change(revision: u64, key: &str) -> Arc<Change> {
+        Arc::new(Change {
+            revision,
+            key: key.into(),
+            old: None,
+            new: None,
+            replayed: false,
+        })
+    }
+
+    /// The messages of an events stream that starts after revision `last`
+    /// and is fed `changes` through a channel holding at most `capacity`.
+    async fn refetches(last: u64, capacity: usize, changes: &[(u64, &str)]) -> Vec<String> {
+        let (tx, rx) = broadcast::channel(capacity);
+        for (revision, key) in changes {
+            tx.send(change(*revision, key)).unwrap();
+        }
+        drop(tx);
+        let refetch = Refetch {
+            rx,
+            last: Some(last),
+        };
+        let stream = futures::stream::unfold(refetch, Refetch::next);
+        let out: Vec<_> = futures::StreamExt::collect(stream).await;
+        out.into_iter()
+            .map(|e| format!("{:?}", e.unwrap()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn skipped_revisions_ask_for_a_refetch() {
+        let got = refetches(0, 16, &[(1, "flags/a"), (2, "other"), (5, "other")]).await;
+        // 1 is a flag, 2 is not, 5 skips 3 and 4 (a snapshot install): they may have been flags.
+        assert_eq!(got.len(), 2, "{got:#?}");
+        assert!(got[0].contains(r"id: 1\n"), "{}", got[0]);
+        assert!(got[1].contains(r"id: 5\n"), "{}", got[1]);
+        for e in &got {
+            assert!(e.contains("event: message"), "{e}");
+            assert!(e.contains(r#"\"type\":\"refetchEvaluation\""#), "{e}");
+        }
+        assert!(got[1].contains(r#"\"revision\":5"#), "{}", got[1]);
+    }
+
+    #[tokio::test]
+    async fn contiguous_non_flag_changes_ask_for_nothing() {
+        let got = refetches(
+            3,
+            16,
+            &[(4, "other"), (5, "feature_flags"), (6, "other"), (7, "x")],
+        )
+        .await;
+        assert_eq!(got.len(), 1, "{got:#?}");
+        assert!(got[0].contains(r"id: 5\n"), "{}", got[0]);
+    }
+
+    #[tokio::test]
+    async fn lost_events_ask_for_one_refetch_without_a_revision() {
+        // The channel keeps 2: 1 and 2 are lost, 3 follows the loss (not a
+        // gap of its own), 7 skips 4..=6.
+        let got = refetches(
+            0,
+            2,
+            &[(1, "flags/a"), (2, "other"), (3, "other"), (7, "other")],
+        )
+        .await;
+        assert_eq!(got.len(), 2, "{got:#?}");
+        assert!(!got[0].contains("id:"), "{}", got[0]);
+        assert!(got[0].contains(r#"\"revision\":null"#), "{}", got[0]);
+        assert!(got[1].contains(r"id: 7\n"), "{}", got[1]);
     }
 
     #[test]

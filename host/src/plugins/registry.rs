@@ -2,8 +2,14 @@
 //! `--plugins-dir` (hot reload by polling the directory), running validators
 //! before a proposal, dispatching committed changes to reactors off the apply
 //! path, routing flag evaluations, and reporting status.
+//!
+//! Reactors see every change the node commits, unless they fall behind
+//! (events dropped and counted) or the node installs a snapshot: that replaces
+//! the key space and skips revisions, whose changes cannot be delivered; the
+//! skipped range is logged and counted (`skipped_revisions`).
 
 use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -16,7 +22,7 @@ use wasmtime::Engine;
 use super::bindings::types;
 use super::host_api::{LogLine, LogRing};
 use super::limits::{EpochTicker, Limits};
-use super::runtime::{CallError, LoadError, LoadedPlugin, StatsView, engine};
+use super::runtime::{CallError, LoadError, LoadedPlugin, Stats, StatsView, engine};
 use crate::flags::{FEATURE_FLAGS, FLAGS_PREFIX};
 use crate::raft::{Change, KvReader};
 
@@ -96,6 +102,48 @@ fn hook_name(h: &types::Hook) -> &'static str {
         types::Hook::OnChange => "on-change",
         types::Hook::Evaluate => "evaluate",
     }
+}
+
+/// Follows the revisions of the changes dispatched to reactors. They are
+/// contiguous, except across a snapshot install, which replaces the key space
+/// and skips every revision in between.
+#[derive(Debug)]
+struct Continuity {
+    /// The last revision seen; `None` after lost events, until the next one.
+    last: Option<u64>,
+}
+
+impl Continuity {
+    /// Follows on from revision `last`.
+    fn after(last: u64) -> Self {
+        Continuity { last: Some(last) }
+    }
+
+    /// Records `revision`; returns the revisions skipped right before it.
+    fn skipped_before(&mut self, revision: u64) -> Option<RangeInclusive<u64>> {
+        let gap = self
+            .last
+            .map(|last| last.saturating_add(1)..=revision.saturating_sub(1))
+            .filter(|gap| !gap.is_empty());
+        if self.last.is_none_or(|last| revision > last) {
+            self.last = Some(revision);
+        }
+        gap
+    }
+
+    /// The change stream lost events (counted as dropped): the next change
+    /// starts over rather than being reported as a gap too.
+    fn lost(&mut self) {
+        self.last = None;
+    }
+}
+
+/// How many revisions `gap` holds.
+fn gap_len(gap: &RangeInclusive<u64>) -> u64 {
+    if gap.is_empty() {
+        return 0;
+    }
+    (gap.end() - gap.start()).saturating_add(1)
 }
 
 /// The node's plugins.
@@ -292,29 +340,57 @@ impl PluginHost {
 
     /// Feeds committed changes to reactors until the change stream closes.
     /// Changes re-applied while the node replays its log at startup were
-    /// delivered before the restart and are skipped.
+    /// delivered before the restart and are skipped. Revisions a snapshot
+    /// install skipped are logged and counted.
     pub fn dispatch_changes(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let mut rx = self.reader.subscribe();
+        // Read after subscribing: every later revision arrives, so the first
+        // change is never mistaken for a gap.
+        let mut seen = Continuity::after(self.reader.revision_now());
         let host = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
                 let event = rx.recv().await;
                 let Some(h) = host.upgrade() else { return };
                 match event {
-                    Ok(change) if change.replayed => {}
-                    Ok(change) => h.deliver(change),
-                    Err(RecvError::Lagged(n)) => {
-                        tracing::warn!(dropped = n, "on-change dispatch lagged; events dropped");
-                        for p in h.snapshot().iter() {
-                            if p.has_hook(types::Hook::OnChange) {
-                                p.stats.dropped(n);
-                            }
+                    Ok(change) => {
+                        if let Some(gap) = seen.skipped_before(change.revision) {
+                            h.skipped(gap);
                         }
+                        if !change.replayed {
+                            h.deliver(change);
+                        }
+                    }
+                    Err(RecvError::Lagged(n)) => {
+                        seen.lost();
+                        tracing::warn!(dropped = n, "on-change dispatch lagged; events dropped");
+                        h.reactor_stats(|s| s.dropped(n));
                     }
                     Err(RecvError::Closed) => return,
                 }
             }
         })
+    }
+
+    /// Applies `f` to the counters of every plugin with an on-change hook.
+    fn reactor_stats(&self, f: impl Fn(&Stats)) {
+        for p in self.snapshot().iter() {
+            if p.has_hook(types::Hook::OnChange) {
+                f(&p.stats);
+            }
+        }
+    }
+
+    /// Reports revisions a snapshot install replaced: no reactor saw them.
+    fn skipped(&self, gap: RangeInclusive<u64>) {
+        let n = gap_len(&gap);
+        tracing::warn!(
+            from = gap.start(),
+            to = gap.end(),
+            skipped = n,
+            "a snapshot install replaced changes; on-change plugins never saw them"
+        );
+        self.reactor_stats(|s| s.skipped(n));
     }
 
     fn deliver(&self, change: Arc<Change>) {
@@ -447,5 +523,53 @@ impl PluginHost {
             }
         }));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_revision_jump_is_a_gap() {
+        let mut seen = Continuity::after(0);
+        assert_eq!(seen.skipped_before(1), None);
+        assert_eq!(seen.skipped_before(2), None);
+        // A snapshot install replaced 3 and 4.
+        assert_eq!(seen.skipped_before(5), Some(3..=4));
+        assert_eq!(seen.skipped_before(6), None);
+        assert_eq!(seen.skipped_before(8), Some(7..=7));
+    }
+
+    #[test]
+    fn revisions_already_seen_are_no_gap() {
+        // Subscribed before reading the revision: changes up to it may still arrive.
+        let mut seen = Continuity::after(10);
+        assert_eq!(seen.skipped_before(9), None);
+        assert_eq!(seen.skipped_before(10), None);
+        assert_eq!(seen.skipped_before(11), None);
+        assert_eq!(seen.skipped_before(13), Some(12..=12));
+    }
+
+    #[test]
+    fn lost_events_are_not_a_gap_but_later_jumps_are() {
+        let mut seen = Continuity::after(3);
+        seen.lost();
+        assert_eq!(seen.skipped_before(40), None);
+        assert_eq!(seen.skipped_before(41), None);
+        assert_eq!(seen.skipped_before(100), Some(42..=99));
+    }
+
+    #[test]
+    fn extreme_revisions_do_not_panic() {
+        let mut seen = Continuity::after(u64::MAX);
+        assert_eq!(seen.skipped_before(u64::MAX), None);
+        assert_eq!(seen.skipped_before(0), None);
+        let mut seen = Continuity::after(0);
+        let gap = seen.skipped_before(u64::MAX).unwrap();
+        assert_eq!(gap, 1..=u64::MAX - 1);
+        assert_eq!(gap_len(&gap), u64::MAX - 1);
+        assert_eq!(gap_len(&(3..=4)), 2);
+        assert_eq!(gap_len(&RangeInclusive::new(5, 4)), 0);
     }
 }

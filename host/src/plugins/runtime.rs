@@ -79,6 +79,7 @@ pub struct Stats {
     traps: AtomicU64,
     timeouts: AtomicU64,
     dropped_events: AtomicU64,
+    skipped_revisions: AtomicU64,
     nanos: AtomicU64,
     consecutive_failures: AtomicU64,
 }
@@ -94,8 +95,12 @@ pub struct StatsView {
     pub traps: u64,
     /// Calls interrupted by their deadline.
     pub timeouts: u64,
-    /// on-change events dropped because the plugin's queue was full.
+    /// on-change events dropped because the plugin's queue was full or the
+    /// node's dispatch fell behind.
     pub dropped_events: u64,
+    /// Revisions the on-change hook never saw because the node installed a
+    /// snapshot that replaced them (whatever their keys: they are gone).
+    pub skipped_revisions: u64,
     /// Mean wall time per call, in microseconds.
     pub mean_call_us: f64,
 }
@@ -111,6 +116,7 @@ impl Stats {
             traps: self.traps.load(Ordering::Relaxed),
             timeouts: self.timeouts.load(Ordering::Relaxed),
             dropped_events: self.dropped_events.load(Ordering::Relaxed),
+            skipped_revisions: self.skipped_revisions.load(Ordering::Relaxed),
             mean_call_us: if calls == 0 {
                 0.0
             } else {
@@ -127,6 +133,11 @@ impl Stats {
     /// Counts dropped on-change events.
     pub fn dropped(&self, n: u64) {
         self.dropped_events.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts revisions a snapshot install skipped.
+    pub fn skipped(&self, n: u64) {
+        self.skipped_revisions.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Whether the plugin failed its last few calls in a row.
@@ -374,7 +385,7 @@ impl LoadedPlugin {
 
 #[cfg(test)]
 mod tests {
-    use super::{check_name, prefix_of_joined};
+    use super::{Stats, check_name, prefix_of_joined};
 
     #[test]
     fn plugin_names() {
@@ -416,5 +427,18 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn skipped_revisions_are_counted_apart_from_dropped_events() {
+        let stats = Stats::default();
+        stats.dropped(2);
+        stats.skipped(3);
+        stats.skipped(4);
+        let view = stats.view();
+        assert_eq!(view.dropped_events, 2);
+        assert_eq!(view.skipped_revisions, 7);
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["skipped_revisions"], 7, "{json}");
     }
 }

@@ -175,6 +175,8 @@ impl RaftLogStorage<TypeConfig> for Gated {
 struct Router {
     nodes: Arc<StdMutex<HashMap<NodeId, Raft>>>,
     isolated: Arc<StdMutex<BTreeSet<NodeId>>>,
+    /// AppendEntries requests delivered, by target.
+    appends: Arc<StdMutex<HashMap<NodeId, u64>>>,
 }
 
 struct Link {
@@ -186,6 +188,10 @@ struct Link {
 impl Router {
     fn isolate(&self, id: NodeId) {
         self.isolated.lock().unwrap().insert(id);
+    }
+
+    fn appends_to(&self, id: NodeId) -> u64 {
+        self.appends.lock().unwrap().get(&id).copied().unwrap_or(0)
     }
 
     /// The node at `to`, unless either end is isolated.
@@ -244,6 +250,13 @@ impl RaftNetwork<TypeConfig> for Link {
         _option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
         let raft = self.raft().ok_or_else(|| self.cut())?;
+        *self
+            .router
+            .appends
+            .lock()
+            .unwrap()
+            .entry(self.to)
+            .or_default() += 1;
         raft.append_entries(rpc).await.map_err(|e| self.remote(e))
     }
 
@@ -318,10 +331,18 @@ impl Cluster {
 
     /// Heartbeats every 50 ms, election timeouts between `min` and `max` ms.
     async fn start_with(election_timeout_min: u64, election_timeout_max: u64) -> Cluster {
+        Cluster::start_tuned(50, election_timeout_min, election_timeout_max).await
+    }
+
+    async fn start_tuned(
+        heartbeat_interval: u64,
+        election_timeout_min: u64,
+        election_timeout_max: u64,
+    ) -> Cluster {
         let router = Router::default();
         let config = Arc::new(
             openraft::Config {
-                heartbeat_interval: 50,
+                heartbeat_interval,
                 election_timeout_min,
                 election_timeout_max,
                 ..Default::default()
@@ -505,6 +526,53 @@ async fn a_crashed_leader_leads_again_only_after_an_election() {
         }
     }
     cluster.logs[0].open().await;
+    cluster.shutdown().await;
+}
+
+/// A new commit index reaches followers on the next AppendEntries when one
+/// follows soon (the vendored patch of `replication/mod.rs`), instead of in a
+/// heartbeat of its own per commit, and in a heartbeat when none follows —
+/// long before the periodic one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_ride_on_the_next_append_or_a_prompt_heartbeat() {
+    // Periodic heartbeats every 2 s: none fall inside the test.
+    let cluster = Cluster::start_tuned(2_000, 5_000, 6_000).await;
+    let leader = &cluster.rafts[0];
+    leader.client_write(put("warm-up")).await.expect("write");
+    wait_applied(
+        &cluster.readers[1],
+        leader.metrics().borrow().last_log_index.unwrap(),
+    )
+    .await;
+
+    const WRITES: u64 = 40;
+    let before = cluster.router.appends_to(2);
+    let mut last = 0;
+    for i in 0..WRITES {
+        last = leader
+            .client_write(put(&format!("k{i}")))
+            .await
+            .expect("write")
+            .log_id
+            .index;
+    }
+    // The last commit reaches the follower without any further write, well
+    // before the next periodic heartbeat (2 s).
+    let started = std::time::Instant::now();
+    while cluster.readers[1].applied_index() < last {
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "the last commit did not reach the follower promptly"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // One AppendEntries per write, plus a few heartbeats where the next
+    // write was late; a heartbeat per commit would make it 2 per write.
+    let sent = cluster.router.appends_to(2) - before;
+    assert!(
+        sent < WRITES * 3 / 2,
+        "{sent} AppendEntries to a follower for {WRITES} writes"
+    );
     cluster.shutdown().await;
 }
 

@@ -63,6 +63,11 @@ use crate::StorageError;
 use crate::StorageIOError;
 use crate::Vote;
 
+/// flagstone patch: how long a newly committed index may wait for an
+/// AppendEntries with entries to carry it to a follower before a heartbeat
+/// does.
+const COMMIT_PROPAGATION_DELAY: Duration = Duration::from_micros(500);
+
 /// The handle to a spawned replication stream.
 pub(crate) struct ReplicationHandle<C>
 where C: RaftTypeConfig
@@ -142,6 +147,11 @@ where
     /// Next replication action to run.
     next_action: Option<Data<C>>,
 
+    /// flagstone patch: when a commit index is known that no RPC has carried
+    /// to the follower yet, the time by which a heartbeat carries it, unless
+    /// an AppendEntries with entries does so first.
+    commit_deadline: Option<InstantOf<C>>,
+
     /// Appropriate number of entries to send.
     /// This is only used by AppendEntries RPC.
     entries_hint: ReplicationHint,
@@ -197,6 +207,7 @@ where
             rx_event,
             weak_tx_event: tx_event.downgrade(),
             next_action: None,
+            commit_deadline: None,
             entries_hint: Default::default(),
         };
 
@@ -224,6 +235,11 @@ where
             tracing::debug!(replication_data = display(&d), "{} send replication RPC", func_name!());
 
             let request_id = d.request_id();
+
+            // Every AppendEntries carries the commit index.
+            if matches!(d, Data::Heartbeat | Data::Logs(_)) {
+                self.commit_deadline = None;
+            }
 
             let res = match d {
                 Data::Heartbeat => {
@@ -630,9 +646,29 @@ where
         // If there is next action to run, do not block waiting for events,
         // instead, just try the best to drain all events.
         if self.next_action.is_none() {
-            let event =
-                self.rx_event.recv().await.ok_or(ReplicationClosed::new("rx_repl is closed in drain_event()"))?;
-            self.process_event(event);
+            match self.commit_deadline.clone() {
+                None => {
+                    let event = self
+                        .rx_event
+                        .recv()
+                        .await
+                        .ok_or(ReplicationClosed::new("rx_repl is closed in drain_event()"))?;
+                    self.process_event(event);
+                }
+                Some(deadline) => {
+                    let now = C::now();
+                    let left = if deadline > now { deadline - now } else { Duration::ZERO };
+                    select! {
+                        _ = C::sleep(left) => {
+                            self.next_action = Some(Data::new_heartbeat());
+                        }
+                        recv_res = self.rx_event.recv() => {
+                            let event = recv_res.ok_or(ReplicationClosed::new("rx_repl is closed in drain_event()"))?;
+                            self.process_event(event);
+                        }
+                    }
+                }
+            }
         }
 
         // Returning from process_event(), next_action is never None.
@@ -679,9 +715,12 @@ where
 
                 self.committed = c;
 
-                // If there is no action, fill in an heartbeat action to send committed index.
-                if self.next_action.is_none() {
-                    self.next_action = Some(Data::new_heartbeat());
+                // flagstone patch: do not send a heartbeat for every commit at
+                // once; the next AppendEntries (usually the next write, well
+                // within the delay) carries the commit index, and a heartbeat
+                // does so if none comes by the deadline.
+                if self.next_action.is_none() && self.commit_deadline.is_none() {
+                    self.commit_deadline = Some(C::now() + COMMIT_PROPAGATION_DELAY);
                 }
             }
             Replicate::Heartbeat => {

@@ -671,7 +671,8 @@ where
             }
         }
 
-        // Returning from process_event(), next_action is never None.
+        // flagstone patch: next_action may still be None here (a commit
+        // waiting for its deadline); the caller then drains again.
 
         self.try_drain_events().await?;
 

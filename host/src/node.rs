@@ -58,6 +58,11 @@ pub struct RaftTuning {
     pub snapshot_every: u64,
     /// Entries kept in the log behind the last snapshot, for lagging followers.
     pub keep_behind_snapshot: u64,
+    /// Largest body a `/raft/*` request may have (default 64 MiB). A larger
+    /// AppendEntries is refused with 413 and its sender retries with fewer
+    /// entries; snapshot chunks are at most half of it. Keep it well above
+    /// one log entry (a write batch: up to ~5 MiB).
+    pub rpc_body_limit: usize,
 }
 
 impl Default for RaftTuning {
@@ -67,6 +72,7 @@ impl Default for RaftTuning {
             election_timeout_ms: (400, 800),
             snapshot_every: 10_000,
             keep_behind_snapshot: 1_000,
+            rpc_body_limit: 64 * 1024 * 1024,
         }
     }
 }
@@ -170,6 +176,7 @@ pub struct Node {
     read_index: ReadIndexBatcher,
     batcher: WriteBatcher,
     forwarder: Forwarder,
+    rpc_body_limit: usize,
     leader_read_index: ReadIndexBatcher,
     shutdown_tx: watch::Sender<bool>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
@@ -236,7 +243,7 @@ impl Node {
             election_timeout_max: tuning.election_timeout_ms.1,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(tuning.snapshot_every),
             max_in_snapshot_log_to_keep: tuning.keep_behind_snapshot,
-            snapshot_max_chunk_size: 1024 * 1024,
+            snapshot_max_chunk_size: (1024 * 1024).min(tuning.rpc_body_limit as u64 / 2).max(1),
             ..Default::default()
         }
         .validate()
@@ -265,6 +272,7 @@ impl Node {
             read_index: ReadIndexBatcher::default(),
             batcher: WriteBatcher::new(crate::batcher::DEFAULT_INFLIGHT),
             forwarder: Forwarder::default(),
+            rpc_body_limit: config.raft.rpc_body_limit,
             leader_read_index: ReadIndexBatcher::default(),
             shutdown_tx,
             tasks: std::sync::Mutex::new(Vec::new()),
@@ -363,6 +371,11 @@ impl Node {
     /// The socket address the HTTP server is bound to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Largest body a `/raft/*` request may have (see [`RaftTuning`]).
+    pub fn rpc_body_limit(&self) -> usize {
+        self.rpc_body_limit
     }
 
     /// The URL other nodes use to reach this node.

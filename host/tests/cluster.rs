@@ -273,3 +273,47 @@ async fn late_joiner_catches_up_through_snapshot_and_members_can_be_removed() {
         n.shutdown().await;
     }
 }
+
+/// A catch-up larger than the peers' Raft RPC body limit still happens: the
+/// follower refuses the big AppendEntries with 413 and the leader resends the
+/// entries in smaller parts. A body over the limit gets a JSON 413.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_over_the_rpc_body_limit_is_sent_in_parts() {
+    let dir = tempfile::tempdir().unwrap();
+    let tuning = RaftTuning {
+        rpc_body_limit: 256 * 1024,
+        ..fast_tuning()
+    };
+    let n1 = start_node(1, dir.path(), None, tuning.clone()).await;
+    wait_converged(std::slice::from_ref(&n1), 1).await;
+    // 40 entries of 16 KiB: 640 KiB for a new member to catch up on.
+    for i in 0..40 {
+        n1.set_custom_data(&format!("big/{i:02}"), vec![b'x'; 16 * 1024])
+            .await
+            .unwrap();
+    }
+    let n2 = start_node(2, dir.path(), Some(n1.advertise()), tuning).await;
+    wait_converged(&[n1.clone(), n2.clone()], 2).await;
+    wait_for("node 2 to catch up", Duration::from_secs(20), || async {
+        let k = n2.list_custom_data_keys("big/").await.unwrap();
+        (k.len() == 40).then_some(())
+    })
+    .await;
+    assert_eq!(
+        n2.get_custom_data("big/39").await.unwrap(),
+        Some(vec![b'x'; 16 * 1024])
+    );
+
+    let r = client()
+        .post(url(&n1, "/raft/append"))
+        .header("content-type", "application/msgpack")
+        .body(vec![0u8; 300 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rpc_body_too_large", "{body}");
+    n2.shutdown().await;
+    n1.shutdown().await;
+}

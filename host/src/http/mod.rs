@@ -35,7 +35,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/forward", post(raft_rpc::forward))
         .route("/forward-batch", post(raft_rpc::forward_batch))
         .route("/read-index", post(raft_rpc::read_index))
-        .layer(DefaultBodyLimit::disable());
+        .layer(DefaultBodyLimit::max(node.rpc_body_limit()));
     Router::new()
         .route("/v1/kv", get(kv::list))
         .route("/v1/kv/", any(kv::empty_key))

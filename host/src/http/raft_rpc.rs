@@ -1,6 +1,7 @@
 //! `/raft/*`: the node-to-node endpoints. Bodies are MessagePack; a body that
-//! does not decode gets 400 with the JSON error, never a panic. These routes
-//! have no body-size limit (a batch of entries can exceed 1 MiB).
+//! does not decode gets 400 with the JSON error, never a panic. A body over
+//! the node's `rpc_body_limit` (default 64 MiB) gets 413: an AppendEntries
+//! sender then retries with fewer entries (`raft/network.rs`).
 //!
 //! - `append`, `vote`, `snapshot`: openraft RPCs (client: `raft/network.rs`).
 //! - `forward-batch`: a follower forwards client writes to the leader
@@ -13,7 +14,8 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::header;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -24,8 +26,21 @@ use crate::raft::follower_read::ReadIndexRequest;
 use crate::raft::network::MSGPACK;
 use crate::raft::{Command, NodeId, TypeConfig};
 
-fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    rmp_serde::from_slice(body).map_err(|e| {
+/// The request's MessagePack body as `T`: 413 over the body limit, 400 for
+/// a body that cannot be read or decoded.
+fn decode<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "rpc_body_too_large",
+                format!("Raft RPC body over this node's limit: {}", e.body_text()),
+            )
+        } else {
+            ApiError::bad_request("invalid_rpc_body", e.body_text())
+        }
+    })?;
+    rmp_serde::from_slice(&body).map_err(|e| {
         ApiError::bad_request(
             "invalid_rpc_body",
             format!("cannot decode MessagePack body: {e}"),
@@ -37,7 +52,7 @@ fn reply<T: Serialize>(value: &T) -> Response {
     match rmp_serde::to_vec(value) {
         Ok(bytes) => ([(header::CONTENT_TYPE, MSGPACK)], bytes).into_response(),
         Err(e) => ApiError::new(
-            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            StatusCode::INTERNAL_SERVER_ERROR,
             "encode_failed",
             e.to_string(),
         )
@@ -46,26 +61,38 @@ fn reply<T: Serialize>(value: &T) -> Response {
 }
 
 /// `POST /raft/append`
-pub async fn append(State(node): State<Arc<Node>>, body: Bytes) -> Result<Response, ApiError> {
-    let req: openraft::raft::AppendEntriesRequest<TypeConfig> = decode(&body)?;
+pub async fn append(
+    State(node): State<Arc<Node>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: openraft::raft::AppendEntriesRequest<TypeConfig> = decode(body)?;
     Ok(reply(&node.raft().append_entries(req).await))
 }
 
 /// `POST /raft/vote`
-pub async fn vote(State(node): State<Arc<Node>>, body: Bytes) -> Result<Response, ApiError> {
-    let req: openraft::raft::VoteRequest<NodeId> = decode(&body)?;
+pub async fn vote(
+    State(node): State<Arc<Node>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: openraft::raft::VoteRequest<NodeId> = decode(body)?;
     Ok(reply(&node.raft().vote(req).await))
 }
 
 /// `POST /raft/snapshot` (one chunk of a snapshot)
-pub async fn snapshot(State(node): State<Arc<Node>>, body: Bytes) -> Result<Response, ApiError> {
-    let req: openraft::raft::InstallSnapshotRequest<TypeConfig> = decode(&body)?;
+pub async fn snapshot(
+    State(node): State<Arc<Node>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: openraft::raft::InstallSnapshotRequest<TypeConfig> = decode(body)?;
     Ok(reply(&node.raft().install_snapshot(req).await))
 }
 
 /// `POST /raft/forward`: validate and propose one write a follower forwarded.
-pub async fn forward(State(node): State<Arc<Node>>, body: Bytes) -> Result<Response, ApiError> {
-    let cmd: Command = decode(&body)?;
+pub async fn forward(
+    State(node): State<Arc<Node>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let cmd: Command = decode(body)?;
     Ok(reply(&node.write_local(cmd).await))
 }
 
@@ -74,9 +101,9 @@ pub async fn forward(State(node): State<Arc<Node>>, body: Bytes) -> Result<Respo
 /// write, in order.
 pub async fn forward_batch(
     State(node): State<Arc<Node>>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let cmds: Vec<Command> = decode(&body)?;
+    let cmds: Vec<Command> = decode(body)?;
     let answers = futures::future::join_all(cmds.into_iter().map(|c| node.write_local(c))).await;
     Ok(reply(&answers))
 }
@@ -84,7 +111,10 @@ pub async fn forward_batch(
 /// `POST /raft/read-index`: confirm leadership and return the read index. The
 /// body is the follower's [`ReadIndexRequest`] (nil from older nodes: they get
 /// the heartbeat-round confirmation).
-pub async fn read_index(State(node): State<Arc<Node>>, body: Bytes) -> Result<Response, ApiError> {
-    let req: Option<ReadIndexRequest> = decode(&body)?;
+pub async fn read_index(
+    State(node): State<Arc<Node>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: Option<ReadIndexRequest> = decode(body)?;
     Ok(reply(&node.read_index_for_peer(req).await))
 }

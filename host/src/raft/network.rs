@@ -1,10 +1,13 @@
 //! Raft RPC client: sends AppendEntries, Vote and InstallSnapshot to peers as
 //! MessagePack over HTTP (`POST {peer}/raft/{append,vote,snapshot}`), over one
 //! pooled keep-alive HTTP client per node. The server side is `http/raft_rpc.rs`.
+//! An AppendEntries the peer refuses as too large (413) becomes openraft's
+//! `PayloadTooLarge` with half the entries, so it is retried in smaller parts.
 
 use openraft::BasicNode;
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -54,11 +57,15 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 type RpcResult<T, E> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
 
 impl PeerConnection {
+    /// One RPC. `entries` is the number of log entries `req` carries: when
+    /// the peer refuses the body as too large (413) and there is more than
+    /// one, openraft is asked to retry with half as many.
     async fn call<Req, Resp, E>(
         &self,
         path: &str,
         req: &Req,
         option: &RPCOption,
+        entries: usize,
     ) -> RpcResult<Resp, E>
     where
         Req: Serialize,
@@ -86,6 +93,11 @@ impl PeerConnection {
             .bytes()
             .await
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        if status == reqwest::StatusCode::PAYLOAD_TOO_LARGE && entries > 1 {
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint((entries / 2) as u64),
+            ));
+        }
         if !status.is_success() {
             let msg = format!(
                 "peer answered {status}: {}",
@@ -107,7 +119,8 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
-        self.call("append", &rpc, &option).await
+        let entries = rpc.entries.len();
+        self.call("append", &rpc, &option, entries).await
     }
 
     async fn install_snapshot(
@@ -115,7 +128,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        self.call("snapshot", &rpc, &option).await
+        self.call("snapshot", &rpc, &option, 0).await
     }
 
     async fn vote(
@@ -123,6 +136,6 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
-        self.call("vote", &rpc, &option).await
+        self.call("vote", &rpc, &option, 0).await
     }
 }

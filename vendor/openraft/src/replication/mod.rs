@@ -152,6 +152,9 @@ where
     /// an AppendEntries with entries does so first.
     commit_deadline: Option<InstantOf<C>>,
 
+    /// flagstone patch: the commit index the last AppendEntries carried.
+    sent_committed: Option<LogId<C::NodeId>>,
+
     /// Appropriate number of entries to send.
     /// This is only used by AppendEntries RPC.
     entries_hint: ReplicationHint,
@@ -208,6 +211,7 @@ where
             weak_tx_event: tx_event.downgrade(),
             next_action: None,
             commit_deadline: None,
+            sent_committed: None,
             entries_hint: Default::default(),
         };
 
@@ -459,6 +463,7 @@ where
             leader_commit: self.committed.clone(),
             entries: logs,
         };
+        self.sent_committed = self.committed.clone();
 
         // Send the payload.
         tracing::debug!(
@@ -646,6 +651,11 @@ where
         // If there is next action to run, do not block waiting for events,
         // instead, just try the best to drain all events.
         if self.next_action.is_none() {
+            // flagstone patch: whatever the order of events, a commit index
+            // no AppendEntries has carried yet gets its deadline.
+            if self.commit_deadline.is_none() && self.committed > self.sent_committed {
+                self.commit_deadline = Some(C::now() + COMMIT_PROPAGATION_DELAY);
+            }
             match self.commit_deadline.clone() {
                 None => {
                     let event = self

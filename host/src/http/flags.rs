@@ -34,6 +34,7 @@ use crate::flags::{PlainFlags, bulk_etag, evaluate, evaluate_by_plugins, flag_ke
 use crate::node::Node;
 use crate::plugins::types::{ErrorCode, EvalContext, Evaluation, FlagValue, MetadataValue, Reason};
 use crate::raft::Change;
+use crate::raft::history::Continuity;
 
 /// Query parameters of evaluation requests.
 #[derive(Debug, Deserialize)]
@@ -415,10 +416,10 @@ pub async fn events(
     let reader = node.reader();
     // Read before subscribing: a change committed in between shows up as a
     // gap (one extra refetch), never as nothing.
-    let last = reader.revision_now();
+    let seen = Continuity::after(reader.revision_now());
     let refetch = Refetch {
         rx: reader.subscribe(),
-        last: Some(last),
+        seen,
     };
     let stream = futures::stream::unfold(refetch, Refetch::next);
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
@@ -434,12 +435,11 @@ fn refetch_event(revision: Option<u64>) -> Event {
     }
 }
 
-/// One `GET /ofrep/v1/events` stream: the node's changes, and the last
-/// revision seen (revisions are contiguous, except across a snapshot install).
+/// One `GET /ofrep/v1/events` stream: the node's changes, and where in their
+/// revisions it is (contiguous, except across a snapshot install).
 struct Refetch {
     rx: broadcast::Receiver<Arc<Change>>,
-    /// `None` after lost events, until the next change.
-    last: Option<u64>,
+    seen: Continuity,
 }
 
 impl Refetch {
@@ -447,12 +447,7 @@ impl Refetch {
     /// revisions before it were skipped (a snapshot install replaced them,
     /// and flag keys may have changed with them).
     fn take(&mut self, c: &Change) -> bool {
-        let skipped = self
-            .last
-            .is_some_and(|last| c.revision > last.saturating_add(1));
-        if self.last.is_none_or(|last| c.revision > last) {
-            self.last = Some(c.revision);
-        }
+        let skipped = self.seen.skipped_before(c.revision).is_some();
         skipped || is_flag_key(&c.key)
     }
 
@@ -464,7 +459,7 @@ impl Refetch {
                 // Events were lost: the safe answer is "re-fetch", which
                 // covers whatever they skipped too.
                 Err(RecvError::Lagged(_)) => {
-                    self.last = None;
+                    self.seen.lost();
                     None
                 }
                 Err(RecvError::Closed) => return None,
@@ -477,6 +472,7 @@ impl Refetch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::test_support::{change, sse_texts};
 
     fn eval(value: FlagValue) -> Evaluation {
         Evaluation {
@@ -518,16 +514,6 @@ mod tests {
         assert!(v.get("variant").is_none(), "{v}");
     }
 
-    fn change(revision: u64, key: &str) -> Arc<Change> {
-        Arc::new(Change {
-            revision,
-            key: key.into(),
-            old: None,
-            new: None,
-            replayed: false,
-        })
-    }
-
     /// The messages of an events stream that starts after revision `last`
     /// and is fed `changes` through a channel holding at most `capacity`.
     async fn refetches(last: u64, capacity: usize, changes: &[(u64, &str)]) -> Vec<String> {
@@ -538,13 +524,9 @@ mod tests {
         drop(tx);
         let refetch = Refetch {
             rx,
-            last: Some(last),
+            seen: Continuity::after(last),
         };
-        let stream = futures::stream::unfold(refetch, Refetch::next);
-        let out: Vec<_> = futures::StreamExt::collect(stream).await;
-        out.into_iter()
-            .map(|e| format!("{:?}", e.unwrap()))
-            .collect()
+        sse_texts(futures::stream::unfold(refetch, Refetch::next)).await
     }
 
     #[tokio::test]

@@ -61,3 +61,35 @@ pub fn router(node: Arc<Node>) -> Router {
         .method_not_allowed_fallback(error::method_not_allowed)
         .with_state(node)
 }
+
+/// Helpers shared by the unit tests of the SSE streams (`watch.rs`, `flags.rs`).
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::convert::Infallible;
+    use std::sync::Arc;
+
+    use axum::response::sse::Event;
+    use futures::{Stream, StreamExt};
+
+    use crate::raft::Change;
+
+    /// A committed change of `key` at `revision` (values left out).
+    pub fn change(revision: u64, key: &str) -> Arc<Change> {
+        Arc::new(Change {
+            revision,
+            key: key.into(),
+            old: None,
+            new: None,
+            replayed: false,
+        })
+    }
+
+    /// Every event of `stream`, in its debug form (the SSE text is in it).
+    pub async fn sse_texts(stream: impl Stream<Item = Result<Event, Infallible>>) -> Vec<String> {
+        let events: Vec<_> = stream.collect().await;
+        events
+            .into_iter()
+            .map(|e| format!("{:?}", e.unwrap()))
+            .collect()
+    }
+}

@@ -187,16 +187,7 @@ pub async fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn change(revision: u64, key: &str) -> Arc<Change> {
-        Arc::new(Change {
-            revision,
-            key: key.into(),
-            old: None,
-            new: None,
-            replayed: false,
-        })
-    }
+    use crate::http::test_support::{change, sse_texts};
 
     async fn events(backlog: Vec<Arc<Change>>, last: u64, prefix: &str) -> Vec<String> {
         let watch = Watch {
@@ -205,11 +196,7 @@ mod tests {
             last,
             prefix: prefix.into(),
         };
-        let stream = futures::stream::unfold(watch, Watch::next);
-        let out: Vec<_> = futures::StreamExt::collect(stream).await;
-        out.into_iter()
-            .map(|e| format!("{:?}", e.unwrap()))
-            .collect()
+        sse_texts(futures::stream::unfold(watch, Watch::next)).await
     }
 
     #[tokio::test]

@@ -5,13 +5,59 @@
 //! History is kept in memory, bounded by a number of changes: after a
 //! restart or a snapshot install, only changes after that point are
 //! available, and an older `since` is answered with [`Compacted`].
+//!
+//! [`Continuity`] follows a live stream's revisions and names the ones a
+//! snapshot install skipped (reactor dispatch and OFREP events use it).
 
 use std::collections::VecDeque;
+use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
 
 use super::state_machine::Change;
+
+/// Follows the revisions of a stream of changes (reactor dispatch, OFREP
+/// events). They are contiguous, except across a snapshot install, which
+/// replaces the key space and skips every revision in between.
+#[derive(Debug)]
+pub struct Continuity {
+    /// The last revision seen; `None` after lost events, until the next one.
+    last: Option<u64>,
+}
+
+impl Continuity {
+    /// Follows on from revision `last`.
+    pub fn after(last: u64) -> Self {
+        Continuity { last: Some(last) }
+    }
+
+    /// Records `revision`; returns the revisions skipped right before it.
+    pub fn skipped_before(&mut self, revision: u64) -> Option<RangeInclusive<u64>> {
+        let gap = self
+            .last
+            .map(|last| last.saturating_add(1)..=revision.saturating_sub(1))
+            .filter(|gap| !gap.is_empty());
+        if self.last.is_none_or(|last| revision > last) {
+            self.last = Some(revision);
+        }
+        gap
+    }
+
+    /// The stream lost events (`RecvError::Lagged`, reported on its own):
+    /// the next change starts over rather than being reported as a gap too.
+    pub fn lost(&mut self) {
+        self.last = None;
+    }
+}
+
+/// How many revisions `gap` holds.
+pub fn gap_len(gap: &RangeInclusive<u64>) -> u64 {
+    if gap.is_empty() {
+        return 0;
+    }
+    (gap.end() - gap.start()).saturating_add(1)
+}
 
 /// Already-applied changes to replay, then the live stream of later ones.
 pub type Resume = (Vec<Arc<Change>>, broadcast::Receiver<Arc<Change>>);
@@ -171,5 +217,48 @@ mod tests {
         assert_eq!(revs, vec![12, 14, 15]);
         h.reset(20);
         assert_eq!(h.watch_from(15).unwrap_err().horizon, 20);
+    }
+
+    #[test]
+    fn a_revision_jump_is_a_gap() {
+        let mut seen = Continuity::after(0);
+        assert_eq!(seen.skipped_before(1), None);
+        assert_eq!(seen.skipped_before(2), None);
+        // A snapshot install replaced 3 and 4.
+        assert_eq!(seen.skipped_before(5), Some(3..=4));
+        assert_eq!(seen.skipped_before(6), None);
+        assert_eq!(seen.skipped_before(8), Some(7..=7));
+    }
+
+    #[test]
+    fn revisions_already_seen_are_no_gap() {
+        // Subscribed before reading the revision: changes up to it may still arrive.
+        let mut seen = Continuity::after(10);
+        assert_eq!(seen.skipped_before(9), None);
+        assert_eq!(seen.skipped_before(10), None);
+        assert_eq!(seen.skipped_before(11), None);
+        assert_eq!(seen.skipped_before(13), Some(12..=12));
+    }
+
+    #[test]
+    fn lost_events_are_not_a_gap_but_later_jumps_are() {
+        let mut seen = Continuity::after(3);
+        seen.lost();
+        assert_eq!(seen.skipped_before(40), None);
+        assert_eq!(seen.skipped_before(41), None);
+        assert_eq!(seen.skipped_before(100), Some(42..=99));
+    }
+
+    #[test]
+    fn extreme_revisions_do_not_panic() {
+        let mut seen = Continuity::after(u64::MAX);
+        assert_eq!(seen.skipped_before(u64::MAX), None);
+        assert_eq!(seen.skipped_before(0), None);
+        let mut seen = Continuity::after(0);
+        let gap = seen.skipped_before(u64::MAX).unwrap();
+        assert_eq!(gap, 1..=u64::MAX - 1);
+        assert_eq!(gap_len(&gap), u64::MAX - 1);
+        assert_eq!(gap_len(&(3..=4)), 2);
+        assert_eq!(gap_len(&RangeInclusive::new(5, 4)), 0);
     }
 }

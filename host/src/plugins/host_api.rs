@@ -177,11 +177,7 @@ fn cut_message(mut message: String) -> String {
         return message;
     }
     let full = message.len();
-    let mut end = MAX_LOG_MESSAGE;
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    message.truncate(end);
+    message.truncate(message.floor_char_boundary(MAX_LOG_MESSAGE));
     message.push_str(&format!("… ({full} bytes)"));
     message
 }

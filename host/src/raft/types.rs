@@ -150,10 +150,7 @@ impl ValueRecord {
         // At most u16::MAX bytes, cut at a character boundary so the record
         // always decodes (HTTP only lets short ASCII content types through;
         // the library API takes any string).
-        let mut ct_len = ct.len().min(u16::MAX as usize);
-        while !ct.is_char_boundary(ct_len) {
-            ct_len -= 1;
-        }
+        let ct_len = ct.floor_char_boundary(u16::MAX as usize);
         let ct = ct.as_bytes();
         let mut out = Vec::with_capacity(HEADER + ct_len + self.value.len());
         out.push(RECORD_FORMAT);

@@ -224,9 +224,14 @@ impl LogStore {
             .map_err(|_| write_err(std::io::Error::other("log writer thread has stopped")))
     }
 
+    /// The state shared with the writer thread.
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Shared>, StorageError> {
+        self.shared.lock().map_err(|_| poisoned())
+    }
+
     /// An error if the store has failed, for calls that write.
     fn check_writable(&self) -> Result<(), StorageError> {
-        self.shared.lock().map_err(|_| poisoned())?.check_writable()
+        self.lock()?.check_writable()
     }
 
     /// The last entry in fjall below `before` (exclusive), if any.
@@ -392,7 +397,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
     ) -> Result<Vec<Entry>, StorageError> {
         // Hold the lock while reading fjall so the writer cannot move an entry
         // from `pending` to fjall (or finish a truncation) half-way through.
-        let s = self.shared.lock().map_err(|_| poisoned())?;
+        let s = self.lock()?;
         s.check_readable()?;
         let hidden_from = s.hidden_from();
         let mut out: BTreeMap<u64, Entry> = BTreeMap::new();
@@ -421,7 +426,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged_log_id = self.read_meta::<LogId>(PURGED)?;
         let (pending_last, hidden_from) = {
-            let s = self.shared.lock().map_err(|_| poisoned())?;
+            let s = self.lock()?;
             s.check_readable()?;
             (
                 s.pending.last_key_value().map(|(_, e)| e.log_id),
@@ -457,7 +462,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         let bytes = rmp_serde::to_vec(&committed).map_err(write_err)?;
-        let mut s = self.shared.lock().map_err(|_| poisoned())?;
+        let mut s = self.lock()?;
         s.check_writable()?;
         if let Some(c) = committed {
             self.committed_index.fetch_max(c.index, Ordering::Relaxed);
@@ -467,12 +472,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        let unwritten = self
-            .shared
-            .lock()
-            .map_err(|_| poisoned())?
-            .committed
-            .clone();
+        let unwritten = self.lock()?.committed.clone();
         if let Some(bytes) = unwritten {
             return rmp_serde::from_slice(&bytes).map_err(read_err);
         }
@@ -494,7 +494,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             encoded.push((e.log_id, rmp_serde::to_vec(e).map_err(write_err)?));
         }
         {
-            let mut s = self.shared.lock().map_err(|_| poisoned())?;
+            let mut s = self.lock()?;
             s.check_writable()?;
             for e in entries {
                 s.pending.insert(e.log_id.index, e);
@@ -507,7 +507,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Removing a suffix needs no fsync of its own: if it is lost in a crash the
         // log is as it was before, which was valid; the next append's fsync covers it.
         let ticket = {
-            let mut s = self.shared.lock().map_err(|_| poisoned())?;
+            let mut s = self.lock()?;
             s.check_writable()?;
             s.pending.split_off(&log_id.index);
             s.next_ticket += 1;

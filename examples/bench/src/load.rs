@@ -27,6 +27,9 @@ pub struct Stats {
     pub p99_us: u64,
     /// Requests that failed (non-2xx or transport error).
     pub errors: u64,
+    /// CPU time (user + system) the system's server processes spent per
+    /// successful request, µs, warm-up included on both sides of the division.
+    pub cpu_us_per_op: f64,
 }
 
 async fn client_loop(
@@ -35,7 +38,7 @@ async fn client_loop(
     make: MakeRequest,
     warmup_until: Instant,
     until: Instant,
-) -> Result<(Histogram<u64>, u64, u64)> {
+) -> Result<(Histogram<u64>, u64, u64, u64)> {
     let stream = tokio::net::TcpStream::connect(addr)
         .await
         .with_context(|| format!("connect {addr}"))?;
@@ -45,7 +48,7 @@ async fn client_loop(
         let _ = conn.await;
     });
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let (mut ok, mut errors) = (0u64, 0u64);
+    let (mut ok, mut errors, mut warm) = (0u64, 0u64, 0u64);
     let mut seq = 0u64;
     loop {
         let now = Instant::now();
@@ -68,6 +71,7 @@ async fn client_loop(
             Err(_) => false,
         };
         if started < warmup_until {
+            warm += u64::from(good);
             continue;
         }
         if good {
@@ -77,7 +81,7 @@ async fn client_loop(
             errors += 1;
         }
     }
-    Ok((hist, ok, errors))
+    Ok((hist, ok, errors, warm))
 }
 
 /// The raw outcome of one run, mergeable with others.
@@ -86,6 +90,10 @@ pub struct Run {
     ok: u64,
     errors: u64,
     measured: Duration,
+    /// Successful requests, warm-up included.
+    all_ok: u64,
+    /// Server CPU ticks (1/100 s) over the whole run, warm-up included.
+    cpu_ticks: u64,
 }
 
 impl Stats {
@@ -93,29 +101,36 @@ impl Stats {
     pub fn from_runs(runs: &[Run]) -> Result<Stats> {
         let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
         let (mut ok, mut errors, mut measured) = (0, 0, Duration::ZERO);
+        let (mut all_ok, mut cpu_ticks) = (0, 0);
         for r in runs {
             total.add(&r.hist)?;
             ok += r.ok;
             errors += r.errors;
             measured += r.measured;
+            all_ok += r.all_ok;
+            cpu_ticks += r.cpu_ticks;
         }
         Ok(Stats {
             ops_per_sec: ok as f64 / measured.as_secs_f64().max(1e-9),
             p50_us: total.value_at_quantile(0.50),
             p99_us: total.value_at_quantile(0.99),
             errors,
+            cpu_us_per_op: cpu_ticks as f64 * 10_000.0 / all_ok.max(1) as f64,
         })
     }
 }
 
-/// Runs `clients` clients against `addr` for `warmup` + `measure`.
+/// Runs `clients` clients against `addr` for `warmup` + `measure`;
+/// `cpu_ticks()` tells the servers' CPU time so far (1/100 s).
 pub async fn run(
     addr: SocketAddr,
     clients: usize,
     warmup: Duration,
     measure: Duration,
     make: MakeRequest,
+    cpu_ticks: impl Fn() -> u64,
 ) -> Result<Run> {
+    let cpu_before = cpu_ticks();
     let start = Instant::now();
     let warmup_until = start + warmup;
     let until = warmup_until + measure;
@@ -130,18 +145,21 @@ pub async fn run(
         )));
     }
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let (mut ok, mut errors) = (0, 0);
+    let (mut ok, mut errors, mut warm) = (0, 0, 0);
     for t in tasks {
-        let (h, o, e) = t.await??;
+        let (h, o, e, w) = t.await??;
         hist.add(&h)?;
         ok += o;
         errors += e;
+        warm += w;
     }
     Ok(Run {
         hist,
         ok,
         errors,
         measured: measure,
+        all_ok: ok + warm,
+        cpu_ticks: cpu_ticks().saturating_sub(cpu_before),
     })
 }
 

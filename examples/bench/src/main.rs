@@ -162,6 +162,8 @@ struct Bench<'a> {
     measure: Duration,
     /// Every server process of both systems.
     servers: Vec<&'a cluster::Proc>,
+    /// The server processes of each system (flagstone's, then etcd's if run).
+    systems: Vec<Vec<&'a cluster::Proc>>,
     /// How long each scenario waited for the servers to go quiet.
     waited: std::sync::Mutex<Vec<f64>>,
 }
@@ -215,9 +217,11 @@ impl Bench<'_> {
         let warmup = self.warmup / ROUNDS;
         let (mut ra, mut rb) = (Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
-            ra.push(load::run(a.0, clients, warmup, slice, a.1.clone()).await?);
+            let ticks = || self.system_cpu_ticks(a.0);
+            ra.push(load::run(a.0, clients, warmup, slice, a.1.clone(), ticks).await?);
             if let Some((addr, make)) = &b {
-                rb.push(load::run(*addr, clients, warmup, slice, make.clone()).await?);
+                let ticks = || self.system_cpu_ticks(*addr);
+                rb.push(load::run(*addr, clients, warmup, slice, make.clone(), ticks).await?);
             }
         }
         let b = if b.is_some() {
@@ -226,6 +230,15 @@ impl Bench<'_> {
             None
         };
         Ok((Stats::from_runs(&ra)?, b))
+    }
+
+    /// CPU time so far (1/100 s) of all server processes of the system that
+    /// serves `addr`: what one request costs that system as a whole.
+    fn system_cpu_ticks(&self, addr: SocketAddr) -> u64 {
+        self.systems
+            .iter()
+            .find(|procs| procs.iter().any(|p| p.addr == addr))
+            .map_or(0, |procs| procs.iter().map(|p| p.cpu_ticks()).sum())
     }
 
     /// [`Bench::paired`] with both sides present.
@@ -257,8 +270,8 @@ fn fmt(s: &Stats) -> String {
         String::new()
     };
     format!(
-        "{:>9.0}/s  p50 {:>6} µs  p99 {:>7} µs{err}",
-        s.ops_per_sec, s.p50_us, s.p99_us
+        "{:>9.0}/s  p50 {:>6} µs  p99 {:>7} µs  cpu {:>5.1} µs/op{err}",
+        s.ops_per_sec, s.p50_us, s.p99_us, s.cpu_us_per_op
     )
 }
 
@@ -396,6 +409,9 @@ fn main() -> Result<()> {
             .iter()
             .chain(etcd.iter().flat_map(|(p, _)| p.iter()))
             .collect(),
+        systems: std::iter::once(fs.iter().collect())
+            .chain(etcd.iter().map(|(p, _)| p.iter().collect()))
+            .collect(),
         waited: Default::default(),
     };
 
@@ -523,6 +539,10 @@ fn main() -> Result<()> {
             .map(|s| format!("{s:.1} s"))
             .collect::<Vec<_>>()
             .join(", ")
+    );
+    println!(
+        "cpu µs/op: CPU time (user + system) of the system's three server processes per \
+         successful request, warm-up included (the load generator is not counted)"
     );
     println!("resident memory per node (MiB), idle → after the run:");
     println!(

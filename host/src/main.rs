@@ -9,6 +9,16 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use flagstone::NodeConfig;
 
+/// jemalloc instead of glibc's malloc. Under 64 concurrent writers, a third
+/// of the leader's malloc time was glibc's slow paths (`malloc_consolidate`,
+/// `unlink_chunk`), the largest caller hyper reserving its 8 KiB read buffer
+/// per request: a request that large makes glibc coalesce its fastbins. With
+/// jemalloc the three nodes spend 66 instead of 80-99 µs of CPU per write
+/// (BENCHMARKS.md, item 23); idle RSS goes from 41 to 46 MiB per node.
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "flagstone",

@@ -13,8 +13,9 @@ step() { printf '\n==> %s\n' "$*"; }
 step "toolchain and system packages"
 rustup target add wasm32-wasip2
 rustup component add rustfmt clippy 2>/dev/null || true
+# make and gcc build jemalloc (tikv-jemalloc-sys), the binary's allocator.
 missing=()
-for tool in curl python3; do
+for tool in curl python3 make gcc; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if ((${#missing[@]})); then

@@ -71,6 +71,10 @@ struct ServeArgs {
     /// Linear memory cap per plugin instance, in MiB.
     #[arg(long, default_value_t = 32)]
     plugin_memory_mib: usize,
+    /// Memory for decoded values of recently read or written keys, in MiB
+    /// (0: off). Point reads of cached keys skip the storage engine.
+    #[arg(long, default_value_t = 32)]
+    read_cache_mib: u64,
     /// Async worker threads (default: one per CPU). Fewer is faster when
     /// several nodes share a small machine.
     #[arg(long, env = "FLAGSTONE_THREADS", value_parser = clap::value_parser!(u64).range(1..=1024))]
@@ -140,6 +144,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.plugin_limits.evaluate = Duration::from_millis(args.evaluate_timeout_ms);
     config.plugin_limits.on_change = Duration::from_millis(args.on_change_timeout_ms);
     config.plugin_limits.memory_bytes = args.plugin_memory_mib * 1024 * 1024;
+    config.read_cache_bytes = args.read_cache_mib.saturating_mul(1024 * 1024);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;

@@ -104,6 +104,8 @@ pub struct NodeConfig {
     /// Where compiled plugins are cached (default `<data_dir>/plugin-cache`);
     /// safe to share between nodes.
     pub plugin_cache_dir: Option<PathBuf>,
+    /// Bytes of decoded records of hot keys kept for point reads (0: none).
+    pub read_cache_bytes: u64,
 }
 
 impl NodeConfig {
@@ -121,6 +123,7 @@ impl NodeConfig {
             plugin_cache_dir: None,
             watch_history: crate::raft::history::DEFAULT_HISTORY,
             watch_buffer: crate::raft::state_machine::CHANGE_CHANNEL_CAPACITY,
+            read_cache_bytes: crate::raft::record_cache::DEFAULT_READ_CACHE_BYTES,
         }
     }
 }
@@ -200,6 +203,7 @@ impl Node {
         let (mut log_store, mut state_machine) = open_storage(&config.data_dir)?;
         state_machine.set_history_capacity(config.watch_history);
         state_machine.set_watch_buffer(config.watch_buffer);
+        state_machine.set_read_cache(config.read_cache_bytes);
         let fresh = {
             use openraft::storage::RaftLogStorage;
             let state = log_store
@@ -451,7 +455,7 @@ impl Node {
     /// Reads `key` from this node's applied state.
     pub async fn get_custom_data(&self, key: &str) -> Result<Option<Vec<u8>>, ReadError> {
         validate_key(key)?;
-        Ok(self.reader.get(key)?.map(|r| r.value))
+        Ok(self.reader.get(key)?.map(|r| r.value.clone()))
     }
 
     /// Deletes `key`; returns whether it existed.
@@ -515,7 +519,7 @@ impl Node {
         &self,
         key: &str,
         linearizable: bool,
-    ) -> Result<Option<ValueRecord>, ReadError> {
+    ) -> Result<Option<Arc<ValueRecord>>, ReadError> {
         validate_key(key)?;
         if linearizable {
             self.read_barrier().await?;
@@ -646,8 +650,8 @@ impl Node {
             .get(key)
             .map_err(|e| WriteError::Unavailable(e.to_string()))?
             .map(|r| wit::Entry {
-                value: r.value,
-                content_type: r.content_type,
+                value: r.value.clone(),
+                content_type: r.content_type.clone(),
                 revision: r.revision,
             });
         let (value, content_type) = match cmd {

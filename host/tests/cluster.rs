@@ -117,7 +117,7 @@ async fn compare_and_set_from_every_node_loses_no_update() {
             for _ in 0..PER_NODE {
                 loop {
                     let cur = n.get("global_counter", true).await.unwrap().unwrap();
-                    let v: u64 = String::from_utf8(cur.value).unwrap().parse().unwrap();
+                    let v: u64 = std::str::from_utf8(&cur.value).unwrap().parse().unwrap();
                     let opts = PutOptions {
                         content_type: None,
                         precondition: Precondition::Revision(cur.revision),

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use axum::Json;
 use std::time::Duration;
 
-use axum::body::{Body, BodyDataStream};
+use axum::body::{Body, BodyDataStream, Bytes};
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -22,7 +22,7 @@ use serde_json::json;
 use super::error::ApiError;
 use crate::keys::{MAX_VALUE_BYTES, validate_key};
 use crate::node::{Node, PutOptions};
-use crate::raft::Precondition;
+use crate::raft::{Precondition, ValueRecord};
 
 /// Query parameters of reads.
 #[derive(Debug, Deserialize, Default)]
@@ -231,11 +231,22 @@ pub async fn get(
         .as_deref()
         .and_then(|c| HeaderValue::from_str(c).ok())
         .unwrap_or(HeaderValue::from_static("application/octet-stream"));
-    let mut resp = record.value.into_response();
+    let revision = record.revision;
+    // The body borrows the (possibly cached) record's bytes: no copy.
+    let mut resp = Body::from(Bytes::from_owner(RecordValue(record))).into_response();
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, content_type);
-    h.insert(header::ETAG, etag(record.revision));
+    h.insert(header::ETAG, etag(revision));
     Ok(resp)
+}
+
+/// A record's value as a response body.
+struct RecordValue(Arc<ValueRecord>);
+
+impl AsRef<[u8]> for RecordValue {
+    fn as_ref(&self) -> &[u8] {
+        &self.0.value
+    }
 }
 
 /// `DELETE /v1/kv/{key}`

@@ -98,8 +98,8 @@ impl store::Host for HostState {
         }
         let record = self.reader.get(&key).ok().flatten()?;
         Some(types::Entry {
-            value: record.value,
-            content_type: record.content_type,
+            value: record.value.clone(),
+            content_type: record.content_type.clone(),
             revision: record.revision,
         })
     }

@@ -9,6 +9,7 @@ pub mod follower_read;
 pub mod history;
 pub mod log_store;
 pub mod network;
+pub mod record_cache;
 pub mod state_machine;
 pub mod types;
 

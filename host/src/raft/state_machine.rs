@@ -25,6 +25,7 @@ use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, Stora
 use tokio::sync::broadcast;
 
 use super::history::{Compacted, DEFAULT_HISTORY, History, Resume};
+use super::record_cache::{DEFAULT_READ_CACHE_BYTES, RecordCache};
 
 use super::types::{
     Command, CommandResult, Entry, LogId, Precondition, SnapshotMeta, StorageError,
@@ -87,6 +88,7 @@ fn snap_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageErro
 #[derive(Clone)]
 pub struct KvReader {
     kv: Keyspace,
+    cache: Arc<RecordCache>,
     applied: Arc<AtomicU64>,
     revision: Arc<AtomicU64>,
     history: History,
@@ -97,19 +99,27 @@ pub struct KvReader {
 #[error("local read failed: {0}")]
 pub struct ReadError(String);
 
+/// Reads and decodes the record of `key` from `kv` (no cache).
+fn load_record(kv: &Keyspace, key: &str) -> Result<Option<ValueRecord>, ReadError> {
+    match kv.get(key).map_err(|e| ReadError(e.to_string()))? {
+        None => Ok(None),
+        Some(bytes) => ValueRecord::decode(&bytes)
+            .map(Some)
+            .map_err(|e| ReadError(e.to_string())),
+    }
+}
+
 impl KvReader {
     /// The value stored under `key`, if any.
-    pub fn get(&self, key: &str) -> Result<Option<ValueRecord>, ReadError> {
-        match self.kv.get(key).map_err(|e| ReadError(e.to_string()))? {
-            None => Ok(None),
-            Some(bytes) => ValueRecord::decode(&bytes)
-                .map(Some)
-                .map_err(|e| ReadError(e.to_string())),
-        }
+    pub fn get(&self, key: &str) -> Result<Option<Arc<ValueRecord>>, ReadError> {
+        self.cache.get(key, || load_record(&self.kv, key))
     }
 
     /// The revision of `key` without copying its value.
     pub fn revision(&self, key: &str) -> Result<Option<u64>, ReadError> {
+        if let Some(record) = self.cache.cached(key) {
+            return Ok(Some(record.revision));
+        }
         match self.kv.get(key).map_err(|e| ReadError(e.to_string()))? {
             None => Ok(None),
             Some(bytes) => ValueRecord::decode_revision(&bytes)
@@ -165,6 +175,8 @@ pub struct StateMachineStore {
     rev: u64,
     revision: Arc<AtomicU64>,
     history: History,
+    /// Decoded records of hot keys; updated here, around every commit.
+    cache: Arc<RecordCache>,
     snapshot_seq: u64,
     replay_until: u64,
 }
@@ -179,6 +191,12 @@ impl StateMachineStore {
     /// any reader subscribes.
     pub fn set_watch_buffer(&mut self, capacity: usize) {
         self.history.set_channel_capacity(capacity);
+    }
+
+    /// Bytes of decoded records kept for reads (0: none). Call before any
+    /// [`StateMachineStore::reader`] is taken.
+    pub fn set_read_cache(&mut self, bytes: u64) {
+        self.cache = Arc::new(RecordCache::new(bytes));
     }
 
     /// Marks changes up to `index` (the commit index stored before a restart)
@@ -228,6 +246,7 @@ impl StateMachineStore {
             rev,
             revision: Arc::new(AtomicU64::new(rev)),
             history,
+            cache: Arc::new(RecordCache::new(DEFAULT_READ_CACHE_BYTES)),
             snapshot_seq: 0,
             replay_until: 0,
         };
@@ -257,7 +276,9 @@ impl StateMachineStore {
         batch.insert(&self.meta, MEMBERSHIP, encode_meta(&self.membership)?);
         self.rev = rev;
         batch.insert(&self.meta, REVISION, encode_meta(&self.rev)?);
+        let update = self.cache.begin();
         batch.commit().map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        update.finish([], true);
         let index = meta.last_log_id.map_or(0, |l| l.index);
         self.applied.store(index, Ordering::Release);
         self.revision.store(rev, Ordering::Release);
@@ -300,6 +321,7 @@ impl StateMachineStore {
     pub fn reader(&self) -> KvReader {
         KvReader {
             kv: self.kv.clone(),
+            cache: self.cache.clone(),
             applied: self.applied.clone(),
             revision: self.revision.clone(),
             history: self.history.clone(),
@@ -319,12 +341,9 @@ impl StateMachineStore {
         if let Some(v) = overlay.get(key) {
             return Ok(v.clone());
         }
-        match self.kv.get(key).map_err(|e| sm_err(ErrorVerb::Read, e))? {
-            None => Ok(None),
-            Some(bytes) => ValueRecord::decode(&bytes)
-                .map(|r| Some(Arc::new(r)))
-                .map_err(|e| sm_err(ErrorVerb::Read, e)),
-        }
+        self.cache
+            .get(key, || load_record(&self.kv, key))
+            .map_err(|e| sm_err(ErrorVerb::Read, e))
     }
 
     fn apply_command(
@@ -645,7 +664,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         batch.insert(&self.meta, LAST_APPLIED, encode_meta(&self.last_applied)?);
         batch.insert(&self.meta, MEMBERSHIP, encode_meta(&self.membership)?);
         batch.insert(&self.meta, REVISION, encode_meta(&self.rev)?);
+        // The cache holds the new records before the applied index moves: a
+        // linearizable read that waits for the index must not find old ones.
+        let update = self.cache.begin();
         batch.commit().map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        update.finish(overlay.iter().map(|(k, v)| (k.as_str(), v.as_ref())), false);
         self.revision.store(self.rev, Ordering::Release);
         if let Some(l) = self.last_applied {
             self.applied.store(l.index, Ordering::Release);
@@ -745,6 +768,83 @@ mod tests {
             last_membership: StoredMembership::default(),
             snapshot_id: format!("1-{index}"),
         }
+    }
+
+    fn put_entry(index: u64, key: &str, value: &str) -> Entry {
+        Entry {
+            log_id: openraft::testing::log_id(1, 1, index),
+            payload: EntryPayload::Normal(Command::Put {
+                key: key.into(),
+                value: value.as_bytes().to_vec(),
+                content_type: None,
+                precondition: Precondition::None,
+            }),
+        }
+    }
+
+    /// Reads go through the record cache: every apply and snapshot install
+    /// must leave it agreeing with the key space, or a read (served from
+    /// the cache once the key was read) would return an old value.
+    #[tokio::test]
+    async fn reads_see_every_apply_and_install_through_the_cache() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = Database::builder(dir.path().join("db")).open().expect("db");
+        let mut sm = StateMachineStore::open(&db, dir.path()).expect("open");
+        let reader = sm.reader();
+        let value = |key: &str| reader.get(key).unwrap().map(|r| r.value.clone());
+
+        sm.apply([put_entry(1, "k", "v1"), put_entry(2, "other", "o1")])
+            .await
+            .unwrap();
+        assert_eq!(value("k").as_deref(), Some(&b"v1"[..]));
+        assert!(sm.cache.cached("k").is_some(), "the write was cached");
+        sm.apply([put_entry(3, "k", "v2")]).await.unwrap();
+        assert_eq!(value("k").as_deref(), Some(&b"v2"[..]));
+        assert_eq!(reader.revision("k").unwrap(), Some(3));
+        let delete = Entry {
+            log_id: openraft::testing::log_id(1, 1, 4),
+            payload: EntryPayload::Normal(Command::Delete {
+                key: "k".into(),
+                precondition: Precondition::None,
+            }),
+        };
+        sm.apply([delete]).await.unwrap();
+        assert_eq!(value("k"), None);
+        assert_eq!(reader.revision("k").unwrap(), None);
+        // A precondition sees the cached current record too.
+        sm.apply([put_entry(5, "k", "v3")]).await.unwrap();
+        let cas = Entry {
+            log_id: openraft::testing::log_id(1, 1, 6),
+            payload: EntryPayload::Normal(Command::Put {
+                key: "k".into(),
+                value: b"v4".to_vec(),
+                content_type: None,
+                precondition: Precondition::Revision(4),
+            }),
+        };
+        let results = sm.apply([cas]).await.unwrap();
+        assert!(matches!(
+            results[..],
+            [CommandResult::PreconditionFailed { current: Some(5) }]
+        ));
+
+        // An install replaces the key space: cached keys it lacks are gone.
+        assert_eq!(value("other").as_deref(), Some(&b"o1"[..]));
+        let rec = ValueRecord {
+            revision: 9,
+            create_revision: 9,
+            version: 1,
+            content_type: None,
+            value: b"snap".to_vec(),
+        }
+        .encode();
+        let mut data = 9u64.to_be_bytes().to_vec();
+        encode_pair(&mut data, b"k", &rec);
+        sm.install_snapshot(&meta(20), Box::new(Cursor::new(data)))
+            .await
+            .unwrap();
+        assert_eq!(value("other"), None);
+        assert_eq!(value("k").as_deref(), Some(&b"snap"[..]));
     }
 
     /// A crash after an install's snapshot file was written but before its

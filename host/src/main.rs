@@ -14,7 +14,7 @@ use flagstone::NodeConfig;
 /// `unlink_chunk`), the largest caller hyper reserving its 8 KiB read buffer
 /// per request: a request that large makes glibc coalesce its fastbins. With
 /// jemalloc the three nodes spend 66 instead of 80-99 µs of CPU per write
-/// (BENCHMARKS.md, item 23); idle RSS goes from 41 to 46 MiB per node.
+/// (BENCHMARKS.md, item 24); idle RSS goes from 41 to 46 MiB per node.
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

@@ -3,7 +3,7 @@
 //! A point read of a hot key skips the LSM lookup (the memtable's skip list,
 //! then each table's filter, index and data block) and the record decode. On
 //! a store that has taken many writes that lookup is most of a local read's
-//! own CPU time (BENCHMARKS.md, item 24).
+//! own CPU time (BENCHMARKS.md, item 25).
 //!
 //! # Never stale
 //!

@@ -83,6 +83,25 @@ async fn forms_replicates_and_forwards() {
     }
     assert!(listings.iter().all(|l| *l == listings[0]));
 
+    // Overwriting a key every node has just read (and so caches) is seen by
+    // all: each node's state machine updates its record cache as it applies.
+    let r = c
+        .put(url(&leader_of(&nodes, leader), "/v1/kv/from/2"))
+        .header("content-type", "text/plain")
+        .body("overwritten")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for n in &nodes {
+        let r = c
+            .get(url(n, "/v1/kv/from/2?consistency=linearizable"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.text().await.unwrap(), "overwritten", "node {}", n.id());
+    }
+
     // Deleting through a follower is seen by all.
     let f = follower_of(&nodes, leader);
     let r = c.delete(url(&f, "/v1/kv/from/1")).send().await.unwrap();

@@ -255,7 +255,7 @@ impl Node {
         let raft = Raft::new(
             config.id,
             Arc::new(raft_config),
-            Network::new(peers.http().clone()),
+            Network,
             log_store,
             state_machine,
         )

@@ -1,9 +1,18 @@
 //! Raft RPC client: sends AppendEntries, Vote and InstallSnapshot to peers as
-//! MessagePack over HTTP (`POST {peer}/raft/{append,vote,snapshot}`), over one
-//! pooled keep-alive HTTP client per node. The server side is `http/raft_rpc.rs`.
+//! MessagePack over HTTP (`POST {peer}/raft/{append,vote,snapshot}`), each
+//! peer over a keep-alive HTTP/1.1 connection of its own (hyper's client
+//! connection, without a pool in between). The server side is
+//! `http/raft_rpc.rs`.
 //! An AppendEntries the peer refuses as too large (413) becomes openraft's
 //! `PayloadTooLarge` with half the entries, so it is retried in smaller parts.
 
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Request, StatusCode, Uri, header};
+use hyper_util::rt::TokioIo;
 use openraft::BasicNode;
 use openraft::error::{
     InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
@@ -22,24 +31,21 @@ use super::types::{NodeId, TypeConfig};
 /// Content type of Raft RPC bodies.
 pub const MSGPACK: &str = "application/msgpack";
 
-/// Creates one [`PeerConnection`] per target; all share a pooled HTTP client.
-#[derive(Clone)]
-pub struct Network {
-    client: reqwest::Client,
-}
+/// How long connecting to a peer may take before it counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-impl Network {
-    /// A network over `client` (which keeps connections alive between RPCs).
-    pub fn new(client: reqwest::Client) -> Self {
-        Network { client }
-    }
-}
+/// Creates one [`PeerConnection`] per target.
+#[derive(Clone, Default)]
+pub struct Network;
 
-/// RPC endpoint for one peer.
+/// RPC endpoint for one peer: one keep-alive HTTP/1.1 connection, opened on
+/// first use and again after any failure. openraft sends one RPC at a time
+/// per endpoint, so one connection is all it needs.
 pub struct PeerConnection {
-    client: reqwest::Client,
     target: NodeId,
-    addr: String,
+    /// `host:port` of the peer (from its advertised URL), or why it is unusable.
+    authority: Result<String, String>,
+    conn: Option<SendRequest<Full<Bytes>>>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -47,22 +53,103 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerConnection {
         PeerConnection {
-            client: self.client.clone(),
             target,
-            addr: node.addr.trim_end_matches('/').to_owned(),
+            authority: authority_of(&node.addr),
+            conn: None,
         }
     }
 }
 
+/// `host:port` of an advertised `http://host:port` URL.
+fn authority_of(addr: &str) -> Result<String, String> {
+    let uri: Uri = addr
+        .parse()
+        .map_err(|e| format!("peer address {addr:?}: {e}"))?;
+    if uri.scheme_str().is_some_and(|s| s != "http") {
+        return Err(format!("peer address {addr:?}: only http:// is supported"));
+    }
+    let authority = uri
+        .authority()
+        .ok_or_else(|| format!("peer address {addr:?} has no host"))?;
+    Ok(match authority.port() {
+        Some(_) => authority.as_str().to_owned(),
+        None => format!("{}:80", authority.host()),
+    })
+}
+
 type RpcResult<T, E> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
 
+/// A transport failure of one attempt: before anything was sent (connect),
+/// or after.
+enum Failure {
+    Connect(std::io::Error),
+    Exchange(std::io::Error),
+}
+
 impl PeerConnection {
+    async fn connect(authority: &str) -> std::io::Result<SendRequest<Full<Bytes>>> {
+        let stream =
+            tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(authority))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+                })??;
+        stream.set_nodelay(true)?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(std::io::Error::other)?;
+        // Ends when the connection closes, which dropping `sender` does.
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+
+    /// One request on the kept connection (a new one if there is none or it
+    /// closed); the connection is kept only after a complete answer.
+    async fn exchange(
+        &mut self,
+        authority: &str,
+        path: &'static str,
+        body: Bytes,
+        ttl: Duration,
+    ) -> Result<(StatusCode, Bytes), Failure> {
+        let mut sender = match self.conn.take().filter(|c| !c.is_closed()) {
+            Some(s) => s,
+            None => Self::connect(authority).await.map_err(Failure::Connect)?,
+        };
+        let request = Request::post(path)
+            .header(header::HOST, authority)
+            .header(header::CONTENT_TYPE, MSGPACK)
+            .body(Full::new(body))
+            .map_err(|e| Failure::Exchange(std::io::Error::other(e)))?;
+        let answer = tokio::time::timeout(ttl, async {
+            sender.ready().await?;
+            let resp = sender.send_request(request).await?;
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await?.to_bytes();
+            Ok::<_, hyper::Error>((status, bytes))
+        })
+        .await;
+        match answer {
+            Ok(Ok(answer)) => {
+                self.conn = Some(sender);
+                Ok(answer)
+            }
+            Ok(Err(e)) => Err(Failure::Exchange(std::io::Error::other(e))),
+            Err(_) => Err(Failure::Exchange(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {ttl:?}"),
+            ))),
+        }
+    }
+
     /// One RPC. `entries` is the number of log entries `req` carries: when
     /// the peer refuses the body as too large (413) and there is more than
     /// one, openraft is asked to retry with half as many.
     async fn call<Req, Resp, E>(
-        &self,
-        path: &str,
+        &mut self,
+        path: &'static str,
         req: &Req,
         option: &RPCOption,
         entries: usize,
@@ -72,28 +159,34 @@ impl PeerConnection {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let body = rmp_serde::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let resp = self
-            .client
-            .post(format!("{}/raft/{path}", self.addr))
-            .header(reqwest::header::CONTENT_TYPE, MSGPACK)
-            .timeout(option.hard_ttl())
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| {
-                if e.is_connect() {
-                    RPCError::Unreachable(Unreachable::new(&e))
-                } else {
-                    RPCError::Network(NetworkError::new(&e))
-                }
-            })?;
-        let status = resp.status();
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        if status == reqwest::StatusCode::PAYLOAD_TOO_LARGE && entries > 1 {
+        let authority = match &self.authority {
+            Ok(a) => a.clone(),
+            Err(msg) => {
+                return Err(RPCError::Unreachable(Unreachable::new(
+                    &std::io::Error::other(msg.clone()),
+                )));
+            }
+        };
+        let body = Bytes::from(
+            rmp_serde::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?,
+        );
+        let reused = self.conn.as_ref().is_some_and(|c| !c.is_closed());
+        let mut result = self
+            .exchange(&authority, path, body.clone(), option.hard_ttl())
+            .await;
+        // A kept connection the peer closed meanwhile (it restarted, or timed
+        // the connection out) fails without an answer: try once more on a new
+        // one. Raft RPCs may be delivered twice.
+        if reused && matches!(result, Err(Failure::Exchange(_))) {
+            result = self
+                .exchange(&authority, path, body, option.hard_ttl())
+                .await;
+        }
+        let (status, bytes) = result.map_err(|f| match f {
+            Failure::Connect(e) => RPCError::Unreachable(Unreachable::new(&e)),
+            Failure::Exchange(e) => RPCError::Network(NetworkError::new(&e)),
+        })?;
+        if status == StatusCode::PAYLOAD_TOO_LARGE && entries > 1 {
             return Err(RPCError::PayloadTooLarge(
                 PayloadTooLarge::new_entries_hint((entries / 2) as u64),
             ));
@@ -120,7 +213,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
         let entries = rpc.entries.len();
-        self.call("append", &rpc, &option, entries).await
+        self.call("/raft/append", &rpc, &option, entries).await
     }
 
     async fn install_snapshot(
@@ -128,7 +221,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        self.call("snapshot", &rpc, &option, 0).await
+        self.call("/raft/snapshot", &rpc, &option, 0).await
     }
 
     async fn vote(
@@ -136,6 +229,34 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
-        self.call("vote", &rpc, &option, 0).await
+        self.call("/raft/vote", &rpc, &option, 0).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::authority_of;
+
+    #[test]
+    fn peer_addresses_give_host_and_port() {
+        assert_eq!(
+            authority_of("http://127.0.0.1:8080").unwrap(),
+            "127.0.0.1:8080"
+        );
+        assert_eq!(
+            authority_of("http://127.0.0.1:8080/").unwrap(),
+            "127.0.0.1:8080"
+        );
+        assert_eq!(authority_of("http://[::1]:9000").unwrap(), "[::1]:9000");
+        assert_eq!(
+            authority_of("http://node-2.internal").unwrap(),
+            "node-2.internal:80"
+        );
+        assert!(
+            authority_of("https://127.0.0.1:8080").is_err(),
+            "no TLS client"
+        );
+        assert!(authority_of("http://").is_err());
+        assert!(authority_of("not a url").is_err());
     }
 }

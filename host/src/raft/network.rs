@@ -80,10 +80,11 @@ fn authority_of(addr: &str) -> Result<String, String> {
 type RpcResult<T, E> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
 
 /// A transport failure of one attempt: before anything was sent (connect),
-/// or after.
+/// after (exchange), or no answer in time.
 enum Failure {
     Connect(std::io::Error),
     Exchange(std::io::Error),
+    Timeout(std::io::Error),
 }
 
 impl PeerConnection {
@@ -137,7 +138,7 @@ impl PeerConnection {
                 Ok(answer)
             }
             Ok(Err(e)) => Err(Failure::Exchange(std::io::Error::other(e))),
-            Err(_) => Err(Failure::Exchange(std::io::Error::new(
+            Err(_) => Err(Failure::Timeout(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 format!("no answer within {ttl:?}"),
             ))),
@@ -175,8 +176,9 @@ impl PeerConnection {
             .exchange(&authority, path, body.clone(), option.hard_ttl())
             .await;
         // A kept connection the peer closed meanwhile (it restarted, or timed
-        // the connection out) fails without an answer: try once more on a new
-        // one. Raft RPCs may be delivered twice.
+        // the connection out) fails at once, without an answer: try once more
+        // on a new one. Raft RPCs may be delivered twice. (A timeout is not
+        // retried: the peer is slow or gone, and openraft decides what next.)
         if reused && matches!(result, Err(Failure::Exchange(_))) {
             result = self
                 .exchange(&authority, path, body, option.hard_ttl())
@@ -184,7 +186,7 @@ impl PeerConnection {
         }
         let (status, bytes) = result.map_err(|f| match f {
             Failure::Connect(e) => RPCError::Unreachable(Unreachable::new(&e)),
-            Failure::Exchange(e) => RPCError::Network(NetworkError::new(&e)),
+            Failure::Exchange(e) | Failure::Timeout(e) => RPCError::Network(NetworkError::new(&e)),
         })?;
         if status == StatusCode::PAYLOAD_TOO_LARGE && entries > 1 {
             return Err(RPCError::PayloadTooLarge(

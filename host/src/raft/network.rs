@@ -88,13 +88,13 @@ enum Failure {
 }
 
 impl PeerConnection {
-    async fn connect(authority: &str) -> std::io::Result<SendRequest<Full<Bytes>>> {
-        let stream =
-            tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(authority))
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
-                })??;
+    async fn connect(authority: &str, ttl: Duration) -> std::io::Result<SendRequest<Full<Bytes>>> {
+        let limit = CONNECT_TIMEOUT.min(ttl);
+        let stream = tokio::time::timeout(limit, tokio::net::TcpStream::connect(authority))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+            })??;
         stream.set_nodelay(true)?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
@@ -117,7 +117,9 @@ impl PeerConnection {
     ) -> Result<(StatusCode, Bytes), Failure> {
         let mut sender = match self.conn.take().filter(|c| !c.is_closed()) {
             Some(s) => s,
-            None => Self::connect(authority).await.map_err(Failure::Connect)?,
+            None => Self::connect(authority, ttl)
+                .await
+                .map_err(Failure::Connect)?,
         };
         let request = Request::post(path)
             .header(header::HOST, authority)

@@ -9,8 +9,9 @@
 //!
 //! The state machine is the only writer of `kv`, and it updates the cache
 //! itself: [`RecordCache::begin`] before it commits a batch, then
-//! [`Update::finish`] with every key the batch wrote, after the commit and
-//! before it advances the applied index. So a reader that waits for an
+//! [`Update::finish`] with every key the batch wrote (or
+//! [`Update::finish_replacing_all`] after a snapshot install), after the
+//! commit and before it advances the applied index. So a reader that waits for an
 //! applied index (a linearizable read) or that saw a change published finds
 //! the new record in the cache or nothing.
 //!
@@ -142,21 +143,20 @@ impl Drop for Update<'_> {
 }
 
 impl Update<'_> {
+    /// Ends the update (once, whichever way) with `apply` to the records.
+    fn end(mut self, apply: impl FnOnce(&Cache<String, Arc<ValueRecord>, RecordWeight>)) {
+        if let Some(cache) = self.cache.take() {
+            cache.end(apply);
+        }
+    }
+
     /// The update is committed: `written` holds each key it wrote with its
-    /// new record (`None`: deleted). With `clear`, the whole key space was
-    /// replaced (a snapshot install) and every cached record is dropped.
+    /// new record (`None`: deleted).
     pub fn finish<'k>(
-        mut self,
+        self,
         written: impl IntoIterator<Item = (&'k str, Option<&'k Arc<ValueRecord>>)>,
-        clear: bool,
     ) {
-        let Some(cache) = self.cache.take() else {
-            return;
-        };
-        cache.end(|records| {
-            if clear {
-                records.clear();
-            }
+        self.end(|records| {
             for (key, record) in written {
                 match record {
                     Some(r) => records.insert(key.to_owned(), r.clone()),
@@ -166,6 +166,12 @@ impl Update<'_> {
                 }
             }
         });
+    }
+
+    /// The update is committed and replaced the whole key space (a snapshot
+    /// install): every cached record is dropped.
+    pub fn finish_replacing_all(self) {
+        self.end(|records| records.clear());
     }
 }
 
@@ -207,14 +213,12 @@ mod tests {
             cache.get(k, || Loaded::Ok(Some(record(1, k)))).unwrap();
         }
         let new = Arc::new(record(2, "a2"));
-        cache
-            .begin()
-            .finish([("a", Some(&new)), ("b", None)], false);
+        cache.begin().finish([("a", Some(&new)), ("b", None)]);
         let a = cache.get("a", || -> Loaded { panic!("cached") }).unwrap();
         assert_eq!(a.unwrap().value, b"a2");
         let b = cache.get("b", || Loaded::Ok(None)).unwrap();
         assert!(b.is_none(), "a deleted key is not served from the cache");
-        cache.begin().finish([], true);
+        cache.begin().finish_replacing_all();
         let c = cache
             .get("c", || Loaded::Ok(Some(record(3, "c3"))))
             .unwrap();
@@ -229,7 +233,7 @@ mod tests {
         // the reader's load did not see): its fill must be dropped.
         let got = cache
             .get("k", || {
-                cache.begin().finish([], false);
+                cache.begin().finish([]);
                 Loaded::Ok(Some(record(1, "old")))
             })
             .unwrap();
@@ -244,7 +248,7 @@ mod tests {
         cache
             .get("k", || Loaded::Ok(Some(record(1, "old"))))
             .unwrap();
-        update.finish([], false);
+        update.finish([]);
         let got = cache
             .get("k", || Loaded::Ok(Some(record(2, "new"))))
             .unwrap();

@@ -278,7 +278,7 @@ impl StateMachineStore {
         batch.insert(&self.meta, REVISION, encode_meta(&self.rev)?);
         let update = self.cache.begin();
         batch.commit().map_err(|e| sm_err(ErrorVerb::Write, e))?;
-        update.finish([], true);
+        update.finish_replacing_all();
         let index = meta.last_log_id.map_or(0, |l| l.index);
         self.applied.store(index, Ordering::Release);
         self.revision.store(rev, Ordering::Release);
@@ -668,7 +668,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // linearizable read that waits for the index must not find old ones.
         let update = self.cache.begin();
         batch.commit().map_err(|e| sm_err(ErrorVerb::Write, e))?;
-        update.finish(overlay.iter().map(|(k, v)| (k.as_str(), v.as_ref())), false);
+        update.finish(overlay.iter().map(|(k, v)| (k.as_str(), v.as_ref())));
         self.revision.store(self.rev, Ordering::Release);
         if let Some(l) = self.last_applied {
             self.applied.store(l.index, Ordering::Release);

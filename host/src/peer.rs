@@ -65,11 +65,6 @@ impl PeerClient {
         Ok(PeerClient { http })
     }
 
-    /// The underlying HTTP client (shared with the Raft network).
-    pub fn http(&self) -> &reqwest::Client {
-        &self.http
-    }
-
     async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         url: String,

@@ -109,13 +109,13 @@ impl PeerConnection {
     /// One request on the kept connection (a new one if there is none or it
     /// closed); the connection is kept only after a complete answer.
     async fn exchange(
-        &mut self,
+        conn: &mut Option<SendRequest<Full<Bytes>>>,
         authority: &str,
         path: &'static str,
         body: Bytes,
         ttl: Duration,
     ) -> Result<(StatusCode, Bytes), Failure> {
-        let mut sender = match self.conn.take().filter(|c| !c.is_closed()) {
+        let mut sender = match conn.take().filter(|c| !c.is_closed()) {
             Some(s) => s,
             None => Self::connect(authority, ttl)
                 .await
@@ -136,7 +136,7 @@ impl PeerConnection {
         .await;
         match answer {
             Ok(Ok(answer)) => {
-                self.conn = Some(sender);
+                *conn = Some(sender);
                 Ok(answer)
             }
             Ok(Err(e)) => Err(Failure::Exchange(std::io::Error::other(e))),
@@ -162,8 +162,13 @@ impl PeerConnection {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let authority = match &self.authority {
-            Ok(a) => a.clone(),
+        let PeerConnection {
+            target,
+            authority,
+            conn,
+        } = self;
+        let authority = match authority {
+            Ok(a) => a.as_str(),
             Err(msg) => {
                 return Err(RPCError::Unreachable(Unreachable::new(
                     &std::io::Error::other(msg.clone()),
@@ -173,18 +178,15 @@ impl PeerConnection {
         let body = Bytes::from(
             rmp_serde::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?,
         );
-        let reused = self.conn.as_ref().is_some_and(|c| !c.is_closed());
-        let mut result = self
-            .exchange(&authority, path, body.clone(), option.hard_ttl())
-            .await;
+        let reused = conn.as_ref().is_some_and(|c| !c.is_closed());
+        let ttl = option.hard_ttl();
+        let mut result = Self::exchange(conn, authority, path, body.clone(), ttl).await;
         // A kept connection the peer closed meanwhile (it restarted, or timed
         // the connection out) fails at once, without an answer: try once more
         // on a new one. Raft RPCs may be delivered twice. (A timeout is not
         // retried: the peer is slow or gone, and openraft decides what next.)
         if reused && matches!(result, Err(Failure::Exchange(_))) {
-            result = self
-                .exchange(&authority, path, body, option.hard_ttl())
-                .await;
+            result = Self::exchange(conn, authority, path, body, ttl).await;
         }
         let (status, bytes) = result.map_err(|f| match f {
             Failure::Connect(e) => RPCError::Unreachable(Unreachable::new(&e)),
@@ -206,7 +208,7 @@ impl PeerConnection {
         }
         let result: Result<Resp, RaftError<NodeId, E>> =
             rmp_serde::from_slice(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(*target, e)))
     }
 }
 

@@ -160,8 +160,6 @@ impl Etcd {
 struct Bench<'a> {
     warmup: Duration,
     measure: Duration,
-    /// Every server process of both systems.
-    servers: Vec<&'a cluster::Proc>,
     /// The server processes of each system (flagstone's, then etcd's if run).
     systems: Vec<Vec<&'a cluster::Proc>>,
     /// How long each scenario waited for the servers to go quiet.
@@ -185,11 +183,10 @@ impl Bench<'_> {
     async fn settle(&self) {
         let started = std::time::Instant::now();
         while started.elapsed() < QUIET_MAX {
-            let before: Vec<u64> = self.servers.iter().map(|p| p.cpu_ticks()).collect();
+            let before: Vec<u64> = self.servers().map(|p| p.cpu_ticks()).collect();
             tokio::time::sleep(QUIET_WINDOW).await;
             let busiest = self
-                .servers
-                .iter()
+                .servers()
                 .zip(before)
                 .map(|(p, b)| p.cpu_ticks().saturating_sub(b))
                 .max()
@@ -230,6 +227,11 @@ impl Bench<'_> {
             None
         };
         Ok((Stats::from_runs(&ra)?, b))
+    }
+
+    /// Every server process of both systems.
+    fn servers(&self) -> impl Iterator<Item = &cluster::Proc> {
+        self.systems.iter().flatten().copied()
     }
 
     /// CPU time so far (1/100 s) of all server processes of the system that
@@ -405,10 +407,6 @@ fn main() -> Result<()> {
     let bench = Bench {
         warmup: Duration::from_secs(1),
         measure: Duration::from_secs(args.seconds),
-        servers: fs
-            .iter()
-            .chain(etcd.iter().flat_map(|(p, _)| p.iter()))
-            .collect(),
         systems: std::iter::once(fs.iter().collect())
             .chain(etcd.iter().map(|(p, _)| p.iter().collect()))
             .collect(),

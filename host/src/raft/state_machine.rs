@@ -770,16 +770,24 @@ mod tests {
         }
     }
 
-    fn put_entry(index: u64, key: &str, value: &str) -> Entry {
+    fn entry(index: u64, cmd: Command) -> Entry {
         Entry {
             log_id: openraft::testing::log_id(1, 1, index),
-            payload: EntryPayload::Normal(Command::Put {
-                key: key.into(),
-                value: value.as_bytes().to_vec(),
-                content_type: None,
-                precondition: Precondition::None,
-            }),
+            payload: EntryPayload::Normal(cmd),
         }
+    }
+
+    fn put(key: &str, value: &str, precondition: Precondition) -> Command {
+        Command::Put {
+            key: key.into(),
+            value: value.as_bytes().to_vec(),
+            content_type: None,
+            precondition,
+        }
+    }
+
+    fn put_entry(index: u64, key: &str, value: &str) -> Entry {
+        entry(index, put(key, value, Precondition::None))
     }
 
     /// Reads go through the record cache: every apply and snapshot install
@@ -801,27 +809,19 @@ mod tests {
         sm.apply([put_entry(3, "k", "v2")]).await.unwrap();
         assert_eq!(value("k").as_deref(), Some(&b"v2"[..]));
         assert_eq!(reader.revision("k").unwrap(), Some(3));
-        let delete = Entry {
-            log_id: openraft::testing::log_id(1, 1, 4),
-            payload: EntryPayload::Normal(Command::Delete {
+        let delete = entry(
+            4,
+            Command::Delete {
                 key: "k".into(),
                 precondition: Precondition::None,
-            }),
-        };
+            },
+        );
         sm.apply([delete]).await.unwrap();
         assert_eq!(value("k"), None);
         assert_eq!(reader.revision("k").unwrap(), None);
         // A precondition sees the cached current record too.
         sm.apply([put_entry(5, "k", "v3")]).await.unwrap();
-        let cas = Entry {
-            log_id: openraft::testing::log_id(1, 1, 6),
-            payload: EntryPayload::Normal(Command::Put {
-                key: "k".into(),
-                value: b"v4".to_vec(),
-                content_type: None,
-                precondition: Precondition::Revision(4),
-            }),
-        };
+        let cas = entry(6, put("k", "v4", Precondition::Revision(4)));
         let results = sm.apply([cas]).await.unwrap();
         assert!(matches!(
             results[..],

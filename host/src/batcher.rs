@@ -107,14 +107,43 @@ impl WriteBatcher {
                 |cmds| propose_batch(propose, cmds),
             )
             .await
-            .unwrap_or_else(|| {
-                Err(WriteError::Unavailable(
-                    "the request proposing this write's batch was cancelled; \
-                     it may or may not have been applied"
-                        .into(),
-                ))
-            })
+            .unwrap_or_else(cancelled)
     }
+
+    /// Proposes `cmds` (writes that arrived together, such as a follower's
+    /// forwarded batch) in the same proposal as far as the batch limits
+    /// allow, with others waiting at the same time; one result per write,
+    /// in order.
+    pub async fn submit_all<F, Fut>(
+        &self,
+        cmds: Vec<Command>,
+        propose: F,
+    ) -> Vec<Result<CommandResult, WriteError>>
+    where
+        F: Fn(Command) -> Fut,
+        Fut: Future<Output = Result<CommandResult, WriteError>>,
+    {
+        let propose = &propose;
+        self.writes
+            .call_all(
+                cmds,
+                |q| batch_len(q, |c| c),
+                |cmds| propose_batch(propose, cmds),
+            )
+            .await
+            .into_iter()
+            .map(|answer| answer.unwrap_or_else(cancelled))
+            .collect()
+    }
+}
+
+/// The answer of a write whose proposal's runner was dropped.
+fn cancelled() -> Result<CommandResult, WriteError> {
+    Err(WriteError::Unavailable(
+        "the request proposing this write's batch was cancelled; \
+         it may or may not have been applied"
+            .into(),
+    ))
 }
 
 #[cfg(test)]

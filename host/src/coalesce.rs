@@ -68,31 +68,72 @@ impl<T, R> Coalescer<T, R> {
         F: Fn(Vec<T>) -> Fut,
         Fut: Future<Output = Vec<R>>,
     {
-        let mut item = item;
-        let mut handed_slot = false;
-        loop {
-            let (tx, rx) = oneshot::channel();
-            let lead = {
-                let mut q = self.lock();
+        let mut answers = self.call_all(vec![item], cut, run).await;
+        answers.pop().flatten()
+    }
+
+    /// Submits several items at once and waits for every answer, in order.
+    /// They are queued together, so they share a batch as far as `cut`
+    /// allows: a runner never starts a batch with the first of them while
+    /// the rest are not queued yet (a list that arrived in one request
+    /// becomes one batch, not one lone item and then the others).
+    pub async fn call_all<C, F, Fut>(&self, items: Vec<T>, cut: C, run: F) -> Vec<Option<R>>
+    where
+        C: Fn(&[T]) -> usize,
+        F: Fn(Vec<T>) -> Fut,
+        Fut: Future<Output = Vec<R>>,
+    {
+        let mut waiting = Vec::with_capacity(items.len());
+        let lead = {
+            let mut q = self.lock();
+            for item in items {
+                let (tx, rx) = oneshot::channel();
                 q.items.push(item);
                 q.replies.push(tx);
-                if handed_slot {
-                    true
-                } else if q.running < self.max_inflight {
-                    q.running += 1;
-                    true
-                } else {
-                    false
-                }
-            };
-            if lead {
-                self.lead(&cut, &run).await;
+                waiting.push(rx);
             }
+            let lead = !waiting.is_empty() && q.running < self.max_inflight;
+            if lead {
+                q.running += 1;
+            }
+            lead
+        };
+        if lead {
+            self.lead(&cut, &run).await;
+        }
+        let mut answers = Vec::with_capacity(waiting.len());
+        for rx in waiting {
+            answers.push(self.answer(rx, &cut, &run).await);
+        }
+        answers
+    }
+
+    /// Waits for the answer behind `rx`; handed a dropped runner's slot
+    /// (with its own item back), queues the item again and runs batches.
+    async fn answer<C, F, Fut>(
+        &self,
+        mut rx: oneshot::Receiver<Msg<T, R>>,
+        cut: &C,
+        run: &F,
+    ) -> Option<R>
+    where
+        C: Fn(&[T]) -> usize,
+        F: Fn(Vec<T>) -> Fut,
+        Fut: Future<Output = Vec<R>>,
+    {
+        loop {
             match rx.await {
                 Ok(Msg::Done(answer)) => return Some(answer),
-                Ok(Msg::Lead(back)) => {
-                    item = back;
-                    handed_slot = true;
+                Ok(Msg::Lead(item)) => {
+                    // The slot came with the message: `running` already counts it.
+                    let (tx, next) = oneshot::channel();
+                    {
+                        let mut q = self.lock();
+                        q.items.push(item);
+                        q.replies.push(tx);
+                    }
+                    self.lead(cut, run).await;
+                    rx = next;
                 }
                 Err(_) => return None,
             }
@@ -196,6 +237,25 @@ mod tests {
         }
         let n = batches.load(Ordering::SeqCst);
         assert!(n < 50, "{n} batches for 50 calls: nothing was shared");
+    }
+
+    #[tokio::test]
+    async fn items_submitted_together_form_one_batch() {
+        let c = Coalescer::<u32, u32>::new(1);
+        let batches = Arc::new(AtomicUsize::new(0));
+        let run = echo_slowly(batches.clone(), Duration::from_millis(1));
+        let got = c.call_all(vec![1, 2, 3, 4], |q| q.len(), &run).await;
+        assert_eq!(got, vec![Some(10), Some(20), Some(30), Some(40)]);
+        assert_eq!(
+            batches.load(Ordering::SeqCst),
+            1,
+            "the idle coalescer split the list"
+        );
+        // `cut` still bounds the batches; answers stay in order.
+        let got = c.call_all(vec![5, 6, 7], |q| q.len().min(2), &run).await;
+        assert_eq!(got, vec![Some(50), Some(60), Some(70)]);
+        assert_eq!(batches.load(Ordering::SeqCst), 3);
+        assert_eq!(c.call_all(vec![], |q| q.len(), &run).await, vec![]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

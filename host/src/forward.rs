@@ -10,9 +10,14 @@ use crate::error::WriteError;
 use crate::peer::PeerClient;
 use crate::raft::{Command, CommandResult};
 
-/// Forward batches in flight at once: while one is being committed, the next
-/// is already on its way, so the leader never waits for a follower's round trip.
-const FORWARDS_IN_FLIGHT: usize = 2;
+/// Forward batches in flight at once. One: the leader proposes each forward
+/// as one entry (`Node::write_local_all`), so writes that queue here while a
+/// forward is out all travel, and commit, together. With two, each forward
+/// carried about half as many writes and the leader made twice the entries
+/// (17 instead of 31 writes per entry at 64 clients, BENCHMARKS item 28), and
+/// per-entry work (fsyncs, AppendEntries, apply) costs more than the idle
+/// round trip saves on this CPU-bound path.
+const FORWARDS_IN_FLIGHT: usize = 1;
 
 type Answer = Result<CommandResult, WriteError>;
 

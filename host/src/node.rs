@@ -604,19 +604,65 @@ impl Node {
     /// plugins run here, between the checks and the proposal; concurrent
     /// writes are then proposed together (see `batcher.rs`).
     pub async fn write_local(&self, cmd: Command) -> Result<CommandResult, WriteError> {
+        self.admit(&cmd).await?;
+        self.batcher.submit(cmd, |c| self.propose(c)).await
+    }
+
+    /// [`Node::write_local`] for writes that arrived together (a follower's
+    /// forwarded batch): each is checked and validated on its own, and those
+    /// admitted are queued for proposal at once, so they share one entry
+    /// instead of the first going alone. One result per write, in order.
+    pub async fn write_local_all(
+        &self,
+        cmds: Vec<Command>,
+    ) -> Vec<Result<CommandResult, WriteError>> {
+        // Validated concurrently: a validator on the blocking pool (one
+        // that once timed out) does not hold up the others.
+        let verdicts = futures::future::join_all(cmds.iter().map(|c| self.admit(c))).await;
+        let mut answers = Vec::with_capacity(cmds.len());
+        let mut admitted = Vec::with_capacity(cmds.len());
+        for (cmd, verdict) in cmds.into_iter().zip(verdicts) {
+            match verdict {
+                Ok(()) => {
+                    answers.push(None);
+                    admitted.push(cmd);
+                }
+                Err(e) => answers.push(Some(Err(e))),
+            }
+        }
+        let mut results = self
+            .batcher
+            .submit_all(admitted, |c| self.propose(c))
+            .await
+            .into_iter();
+        answers
+            .into_iter()
+            .map(|answer| {
+                answer.or_else(|| results.next()).unwrap_or_else(|| {
+                    Err(WriteError::Unavailable(
+                        "a write of the batch got no answer".into(),
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// The checks a write passes before it is proposed: a single key within
+    /// the key rules, a value within the size limit, and every matching
+    /// validator plugin's approval.
+    async fn admit(&self, cmd: &Command) -> Result<(), WriteError> {
         let Some(key) = cmd.key() else {
             return Err(WriteError::InvalidKey(
                 "batches are formed by the leader only".into(),
             ));
         };
         validate_key(key)?;
-        if let Command::Put { value, .. } = &cmd
+        if let Command::Put { value, .. } = cmd
             && value.len() > MAX_VALUE_BYTES
         {
             return Err(WriteError::ValueTooLarge(value.len()));
         }
-        self.run_validators(&cmd).await?;
-        self.batcher.submit(cmd, |c| self.propose(c)).await
+        self.run_validators(cmd).await
     }
 
     async fn propose(&self, cmd: Command) -> Result<CommandResult, WriteError> {

@@ -561,10 +561,18 @@ async fn forwarded_writes_in_both_wire_shapes() {
         put("", "empty key"),
         put("new/b", "three"),
     ];
+    let applied_before = node.cluster_info().applied_index;
     let r = post("forward-batch", rmp_serde::to_vec(&cmds).unwrap())
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // The batch's admitted writes share one log entry: the idle leader does
+    // not propose the first alone and the rest after it.
+    assert_eq!(
+        node.cluster_info().applied_index,
+        applied_before + 1,
+        "entries appended for one forwarded batch"
+    );
     let answers: Vec<Result<CommandResult, WriteError>> =
         rmp_serde::from_slice(&r.bytes().await.unwrap()).unwrap();
     assert_eq!(answers.len(), 3);

@@ -104,8 +104,7 @@ pub async fn forward_batch(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let cmds: Vec<Command> = decode(body)?;
-    let answers = futures::future::join_all(cmds.into_iter().map(|c| node.write_local(c))).await;
-    Ok(reply(&answers))
+    Ok(reply(&node.write_local_all(cmds).await))
 }
 
 /// `POST /raft/read-index`: confirm leadership and return the read index. The

@@ -23,6 +23,18 @@
 //! writer has applied a truncation, readers do not see the truncated
 //! entries. The vote is fsynced before `save_vote` returns.
 //!
+//! # The tail in memory
+//!
+//! Once flushed, an entry stays in memory too, among the newest
+//! [`RECENT_BYTES`] of entries (`Shared::recent`). openraft reads every entry
+//! back soon after its append: each replication task to send it, the Raft
+//! core to apply it once committed. A read that starts inside the
+//! entries held in memory (unflushed and recent together are one
+//! contiguous run of the log: only a prefix leaves by trimming or purging,
+//! only a suffix by truncation) is answered from memory, without the fjall
+//! range read and the MessagePack decode of every entry; reads further back
+//! (a follower catching up) go to fjall.
+//!
 //! The committed log id does not wake the writer (that cost a thread
 //! wake-up, and often a preemption of the Raft task, on every commit): it
 //! is kept in memory and written with the writer's next group. It is an
@@ -72,7 +84,11 @@ type Queued = (Op, Option<LogFlushed<TypeConfig>>);
 #[derive(Default)]
 struct Shared {
     /// Appended entries not yet known to be in fjall.
-    pending: BTreeMap<u64, Entry>,
+    pending: BTreeMap<u64, Kept>,
+    /// The newest flushed entries (see "The tail in memory").
+    recent: BTreeMap<u64, Kept>,
+    /// Encoded bytes of the entries in `recent`.
+    recent_bytes: usize,
     /// Truncations queued but not yet applied to fjall: (ticket, from index).
     truncating: Vec<(u64, u64)>,
     next_ticket: u64,
@@ -83,7 +99,71 @@ struct Shared {
     failed: Option<String>,
 }
 
+/// An entry held in memory, with the size of its encoding.
+struct Kept {
+    entry: Entry,
+    bytes: usize,
+}
+
+/// How many bytes of flushed entries (encoded) stay in memory. openraft reads
+/// an entry back within milliseconds of its append; 2 MiB hold a few hundred
+/// group-commit entries, a third of a second at the heaviest write load
+/// measured (BENCHMARKS item 30). A follower further behind reads from fjall.
+pub const RECENT_BYTES: usize = 2 * 1024 * 1024;
+
 impl Shared {
+    /// The first index of the entries held in memory (unflushed or recent).
+    fn first_in_memory(&self) -> Option<u64> {
+        let recent = self.recent.first_key_value().map(|(i, _)| *i);
+        let pending = self.pending.first_key_value().map(|(i, _)| *i);
+        match (recent, pending) {
+            (Some(r), Some(p)) => Some(r.min(p)),
+            (r, p) => r.or(p),
+        }
+    }
+
+    /// `id` was written to fjall: its entry, if still the one appended
+    /// there, moves from `pending` to `recent`, which keeps its newest
+    /// [`RECENT_BYTES`].
+    fn flushed(&mut self, id: &LogId) {
+        // Superseded (truncated, then appended again) since it was queued.
+        let current = self.pending.get(&id.index);
+        if current.is_none_or(|k| k.entry.log_id != *id) {
+            return;
+        }
+        if let Some(kept) = self.pending.remove(&id.index) {
+            self.recent_bytes += kept.bytes;
+            if let Some(old) = self.recent.insert(id.index, kept) {
+                self.recent_bytes -= old.bytes;
+            }
+        }
+        while self.recent_bytes > RECENT_BYTES {
+            match self.recent.pop_first() {
+                Some((_, k)) => self.recent_bytes -= k.bytes,
+                None => break,
+            }
+        }
+    }
+
+    /// Drops the in-memory entries from `index` on (a truncation).
+    fn forget_from(&mut self, index: u64) {
+        self.pending.split_off(&index);
+        for (_, k) in self.recent.split_off(&index) {
+            self.recent_bytes -= k.bytes;
+        }
+    }
+
+    /// Drops the in-memory entries up to `index` (a purge).
+    fn forget_upto(&mut self, index: u64) {
+        self.pending.retain(|i, _| *i > index);
+        while let Some(first) = self.recent.first_entry() {
+            if *first.key() > index {
+                break;
+            }
+            self.recent_bytes -= first.remove().bytes;
+        }
+    }
+
     fn hidden_from(&self) -> Option<u64> {
         self.truncating.iter().map(|(_, i)| *i).min()
     }
@@ -332,9 +412,7 @@ impl Writer {
         }
         if let Ok(mut s) = self.shared.lock() {
             for id in &written {
-                if s.pending.get(&id.index).is_some_and(|e| e.log_id == *id) {
-                    s.pending.remove(&id.index);
-                }
+                s.flushed(id);
             }
         }
         Ok(())
@@ -399,10 +477,30 @@ impl RaftLogReader<TypeConfig> for LogStore {
         // from `pending` to fjall (or finish a truncation) half-way through.
         let s = self.lock()?;
         s.check_readable()?;
+        let start = match range.start_bound() {
+            Bound::Included(i) => Some(*i),
+            Bound::Excluded(i) => i.checked_add(1),
+            Bound::Unbounded => None,
+        };
+        let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
+        if let (Some(start), Some(first)) = (start, s.first_in_memory())
+            && start >= first
+        {
+            // Entirely within the entries held in memory.
+            let mut out: Vec<Entry> = s
+                .recent
+                .range(bounds)
+                .map(|(_, k)| k.entry.clone())
+                .collect();
+            out.extend(s.pending.range(bounds).map(|(_, k)| k.entry.clone()));
+            return Ok(out);
+        }
         let hidden_from = s.hidden_from();
         let mut out: BTreeMap<u64, Entry> = BTreeMap::new();
-        let bounds = (to_bound(range.start_bound()), to_bound(range.end_bound()));
-        for item in self.log.range(bounds) {
+        for item in self
+            .log
+            .range((to_bound(range.start_bound()), to_bound(range.end_bound())))
+        {
             let (_, value) = item.into_inner().map_err(read_err)?;
             let entry: Entry = rmp_serde::from_slice(&value).map_err(read_err)?;
             if hidden_from.is_some_and(|h| entry.log_id.index >= h) {
@@ -410,11 +508,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
             }
             out.insert(entry.log_id.index, entry);
         }
-        for (i, e) in s
-            .pending
-            .range((range.start_bound().cloned(), range.end_bound().cloned()))
-        {
-            out.insert(*i, e.clone());
+        for (i, k) in s.pending.range(bounds) {
+            out.insert(*i, k.entry.clone());
         }
         Ok(out.into_values().collect())
     }
@@ -429,7 +524,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let s = self.lock()?;
             s.check_readable()?;
             (
-                s.pending.last_key_value().map(|(_, e)| e.log_id),
+                s.pending.last_key_value().map(|(_, k)| k.entry.log_id),
                 s.hidden_from(),
             )
         };
@@ -496,8 +591,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         {
             let mut s = self.lock()?;
             s.check_writable()?;
-            for e in entries {
-                s.pending.insert(e.log_id.index, e);
+            for (entry, (_, bytes)) in entries.into_iter().zip(&encoded) {
+                let bytes = bytes.len();
+                s.pending.insert(entry.log_id.index, Kept { entry, bytes });
             }
         }
         self.send(Op::Append(encoded), Some(callback))
@@ -509,7 +605,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let ticket = {
             let mut s = self.lock()?;
             s.check_writable()?;
-            s.pending.split_off(&log_id.index);
+            s.forget_from(log_id.index);
             s.next_ticket += 1;
             let t = s.next_ticket;
             s.truncating.push((t, log_id.index));
@@ -524,7 +620,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .insert(PURGED, rmp_serde::to_vec(&log_id).map_err(write_err)?)
             .map_err(write_err)?;
         if let Ok(mut s) = self.shared.lock() {
-            s.pending.retain(|i, _| *i > log_id.index);
+            s.forget_upto(log_id.index);
         }
         self.send(Op::Purge(log_id), None)
     }
@@ -588,7 +684,7 @@ mod tests {
                 .unwrap()
                 .pending
                 .get(&3)
-                .is_some_and(|e| e.log_id == log_id(2, 1, 3));
+                .is_some_and(|k| k.entry.log_id == log_id(2, 1, 3));
             if queued {
                 break;
             }
@@ -725,5 +821,82 @@ mod tests {
         assert_eq!(store.committed_index().load(Ordering::Relaxed), 3);
         let state = store.get_log_state().await.expect("state");
         assert_eq!(state.last_log_id, Some(log_id(1, 1, 4)));
+    }
+
+    /// An entry with `len` bytes of value.
+    fn put_ent(term: u64, index: u64, len: usize) -> Entry {
+        Entry {
+            log_id: log_id(term, 1, index),
+            payload: openraft::EntryPayload::Normal(crate::raft::Command::Put {
+                key: format!("k{index}"),
+                value: vec![b'v'; len],
+                content_type: None,
+                precondition: Default::default(),
+            }),
+        }
+    }
+
+    fn indexes(entries: &[Entry]) -> Vec<(u64, u64)> {
+        entries
+            .iter()
+            .map(|e| (e.log_id.leader_id.term, e.log_id.index))
+            .collect()
+    }
+
+    /// Reads of the log's tail come from memory: they still answer after the
+    /// entries were removed from fjall behind the store's back, and follow
+    /// truncations and purges; the tail held is bounded, and reads from
+    /// before it go to fjall.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_tail_is_read_from_memory() {
+        let (_dir, mut store) = open();
+        store
+            .blocking_append((1..=4).map(|i| put_ent(1, i, 10)))
+            .await
+            .expect("append");
+        for i in 1..=4 {
+            store.log.remove(index_key(i)).expect("remove from fjall");
+        }
+        let read = store.try_get_log_entries(2..).await.expect("read");
+        assert_eq!(indexes(&read), vec![(1, 2), (1, 3), (1, 4)]);
+
+        // A truncation hides the suffix at once; new entries replace it.
+        store.truncate(log_id(1, 1, 3)).await.expect("truncate");
+        let read = store.try_get_log_entries(1..).await.expect("read");
+        assert_eq!(indexes(&read), vec![(1, 1), (1, 2)]);
+        store
+            .blocking_append([put_ent(2, 3, 10)])
+            .await
+            .expect("append");
+        let read = store.try_get_log_entries(1..=3).await.expect("read");
+        assert_eq!(indexes(&read), vec![(1, 1), (1, 2), (2, 3)]);
+
+        // A purge drops the prefix from memory too.
+        store.purge(log_id(1, 1, 1)).await.expect("purge");
+        assert_eq!(
+            store.shared.lock().unwrap().first_in_memory(),
+            Some(2),
+            "purged entries stay in memory"
+        );
+
+        // Past RECENT_BYTES, the oldest flushed entries leave memory; reading
+        // them goes to fjall (where the first ones were removed above).
+        let big = RECENT_BYTES / 4;
+        store
+            .blocking_append((4..=9).map(|i| put_ent(2, i, big)))
+            .await
+            .expect("append");
+        let (first, held) = {
+            let s = store.shared.lock().unwrap();
+            (s.first_in_memory(), s.recent_bytes)
+        };
+        assert!(held <= RECENT_BYTES, "{held} bytes held");
+        assert!(first.is_some_and(|f| f > 4), "first in memory: {first:?}");
+        let read = store.try_get_log_entries(2..=5).await.expect("read");
+        assert_eq!(
+            indexes(&read),
+            vec![(2, 3), (2, 4), (2, 5)],
+            "from fjall: entry 2 was removed from it, 3.. were written"
+        );
     }
 }

@@ -486,13 +486,16 @@ impl RaftLogReader<TypeConfig> for LogStore {
         if let (Some(start), Some(first)) = (start, s.first_in_memory())
             && start >= first
         {
-            // Entirely within the entries held in memory.
+            // Entirely within the entries held in memory. Every recent entry
+            // precedes every pending one: the writer flushes in append order,
+            // and a truncation drops the recent entries it cuts off.
             let mut out: Vec<Entry> = s
                 .recent
                 .range(bounds)
                 .map(|(_, k)| k.entry.clone())
                 .collect();
             out.extend(s.pending.range(bounds).map(|(_, k)| k.entry.clone()));
+            debug_assert!(out.is_sorted_by_key(|e| e.log_id.index));
             return Ok(out);
         }
         let hidden_from = s.hidden_from();

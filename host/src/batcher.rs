@@ -99,14 +99,9 @@ impl WriteBatcher {
         F: Fn(Command) -> Fut,
         Fut: Future<Output = Result<CommandResult, WriteError>>,
     {
-        let propose = &propose;
-        self.writes
-            .call(
-                cmd,
-                |q| batch_len(q, |c| c),
-                |cmds| propose_batch(propose, cmds),
-            )
+        self.submit_all(vec![cmd], propose)
             .await
+            .pop()
             .unwrap_or_else(cancelled)
     }
 

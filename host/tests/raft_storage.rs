@@ -557,33 +557,44 @@ async fn commits_ride_on_the_next_append_or_a_prompt_heartbeat() {
         "follower never caught up"
     );
 
+    // One AppendEntries per write, plus a heartbeat where the next write came
+    // later than the ride delay; a heartbeat per commit would make it 2 per
+    // write (75 for 40 before the patch). A write is late only when the
+    // machine is busy (other tests run alongside), so a round over the bound
+    // is measured again, up to three times: without the patch every round
+    // fails.
     const WRITES: u64 = 40;
-    let before = cluster.router.appends_to(2);
-    let mut last = 0;
-    for i in 0..WRITES {
-        last = leader
-            .client_write(put(&format!("k{i}")))
-            .await
-            .expect("write")
-            .log_id
-            .index;
+    let mut rounds = Vec::new();
+    for round in 0..3 {
+        let before = cluster.router.appends_to(2);
+        let mut last = 0;
+        for i in 0..WRITES {
+            last = leader
+                .client_write(put(&format!("r{round}-k{i}")))
+                .await
+                .expect("write")
+                .log_id
+                .index;
+        }
+        // The last commit reaches the follower without any further write, well
+        // before the next periodic heartbeat (2 s).
+        let started = std::time::Instant::now();
+        while cluster.readers[1].applied_index() < last {
+            assert!(
+                started.elapsed() < Duration::from_millis(500),
+                "the last commit did not reach the follower promptly"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let sent = cluster.router.appends_to(2) - before;
+        rounds.push(sent);
+        if sent < WRITES * 3 / 2 {
+            break;
+        }
     }
-    // The last commit reaches the follower without any further write, well
-    // before the next periodic heartbeat (2 s).
-    let started = std::time::Instant::now();
-    while cluster.readers[1].applied_index() < last {
-        assert!(
-            started.elapsed() < Duration::from_millis(500),
-            "the last commit did not reach the follower promptly"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    // One AppendEntries per write, plus a few heartbeats where the next
-    // write was late; a heartbeat per commit would make it 2 per write.
-    let sent = cluster.router.appends_to(2) - before;
     assert!(
-        sent < WRITES * 3 / 2,
-        "{sent} AppendEntries to a follower for {WRITES} writes"
+        rounds.last().is_some_and(|&sent| sent < WRITES * 3 / 2),
+        "AppendEntries to a follower for {WRITES} writes, per round: {rounds:?}"
     );
     cluster.shutdown().await;
 }

@@ -49,6 +49,7 @@ use serde_json::Value;
 
 use crate::{FlagValue, MetadataValue};
 
+mod fast;
 mod parse;
 
 /// The key prefix of rich flag definitions: flag `new_ui` lives under `flags/new_ui`.
@@ -312,7 +313,12 @@ impl FlagDefinition {
     /// }
     /// ```
     pub fn parse(bytes: &[u8]) -> Result<Self, DefinitionError> {
-        parse::from_slice(bytes)
+        // A typed read for valid definitions; anything else is read again as a
+        // JSON tree, which names what is wrong and where.
+        match fast::from_slice(bytes) {
+            Some(def) => Ok(def),
+            None => parse::from_slice(bytes),
+        }
     }
 
     /// Validates an already-parsed JSON document.

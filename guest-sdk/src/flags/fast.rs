@@ -20,6 +20,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 use serde_json::{Number, Value};
 
+use super::parse::Kind;
 use super::{Condition, FlagDefinition, FlagState, Op, Rule, SemverOp, Split, parse_semver};
 use crate::{FlagValue, MetadataValue};
 
@@ -152,15 +153,6 @@ pub(super) fn from_slice(bytes: &[u8]) -> Option<FlagDefinition> {
         rollout,
         metadata,
     })
-}
-
-/// The kinds of variant values, which must all agree.
-#[derive(PartialEq, Clone, Copy)]
-enum Kind {
-    Bool,
-    Text,
-    Number,
-    Object,
 }
 
 /// What kind of JSON value `raw` is, from its first character.

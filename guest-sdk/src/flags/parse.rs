@@ -244,14 +244,16 @@ pub(super) fn from_value(value: &Value) -> Result<FlagDefinition, DefinitionErro
 }
 
 /// `variants`: a non-empty object of name → value, all values of one kind.
+/// The kinds of variant values, which must all agree (also `fast.rs`).
+#[derive(PartialEq, Clone, Copy)]
+pub(super) enum Kind {
+    Bool,
+    Text,
+    Number,
+    Object,
+}
+
 fn variants(at: &At, v: &Value) -> Result<BTreeMap<String, FlagValue>, DefinitionError> {
-    #[derive(PartialEq, Clone, Copy)]
-    enum Kind {
-        Bool,
-        Text,
-        Number,
-        Object,
-    }
     let kind_name = |k: Kind| match k {
         Kind::Bool => "a boolean",
         Kind::Text => "a string",

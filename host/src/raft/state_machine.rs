@@ -762,6 +762,22 @@ mod tests {
         assert!(decode_pairs(&[0, 0, 0, 9, 1]).is_none());
     }
 
+    /// Snapshot data at revision `rev` holding `key`, created and last written
+    /// at `rev`.
+    fn one_record_snapshot(rev: u64, key: &[u8], value: &[u8]) -> Vec<u8> {
+        let rec = ValueRecord {
+            revision: rev,
+            create_revision: rev,
+            version: 1,
+            content_type: None,
+            value: value.to_vec(),
+        }
+        .encode();
+        let mut data = rev.to_be_bytes().to_vec();
+        encode_pair(&mut data, key, &rec);
+        data
+    }
+
     fn meta(index: u64) -> SnapshotMeta {
         SnapshotMeta {
             last_log_id: Some(openraft::testing::log_id(1, 1, index)),
@@ -830,16 +846,7 @@ mod tests {
 
         // An install replaces the key space: cached keys it lacks are gone.
         assert_eq!(value("other").as_deref(), Some(&b"o1"[..]));
-        let rec = ValueRecord {
-            revision: 9,
-            create_revision: 9,
-            version: 1,
-            content_type: None,
-            value: b"snap".to_vec(),
-        }
-        .encode();
-        let mut data = 9u64.to_be_bytes().to_vec();
-        encode_pair(&mut data, b"k", &rec);
+        let data = one_record_snapshot(9, b"k", b"snap");
         sm.install_snapshot(&meta(20), Box::new(Cursor::new(data)))
             .await
             .unwrap();
@@ -856,16 +863,7 @@ mod tests {
         let db = Database::builder(dir.path().join("db")).open().expect("db");
         let sm = StateMachineStore::open(&db, dir.path()).expect("open");
         assert_eq!(sm.last_applied, None);
-        let rec = ValueRecord {
-            revision: 5,
-            create_revision: 5,
-            version: 1,
-            content_type: None,
-            value: b"from the snapshot".to_vec(),
-        }
-        .encode();
-        let mut data = 5u64.to_be_bytes().to_vec();
-        encode_pair(&mut data, b"k", &rec);
+        let data = one_record_snapshot(5, b"k", b"from the snapshot");
         StateMachineStore::write_snapshot_file(
             &sm.snapshot_dir,
             &sm.snapshot_lock,

@@ -4,13 +4,21 @@
 //!
 //! A caller queues its item. If fewer than `max_inflight` runners are active
 //! it becomes one: it takes a batch from the queue (every item in it arrived
-//! before the batch started), runs it, hands each item its answer, and goes
-//! on until the queue is empty. Other callers just wait for their answer.
+//! before the batch started), runs it, hands each item its answer, and passes
+//! its runner slot to the caller of the first item still queued, which runs
+//! the next batch. Other callers just wait for their answer (or the slot).
 //!
-//! A runner is an ordinary caller's future, so it can be dropped mid-batch
-//! (an HTTP handler whose client went away). The items of that batch then get
-//! no answer (their outcome is unknown), and the runner's slot passes to the
-//! next waiting caller, so nothing queued behind it waits forever.
+//! A runner runs one batch, not the queue until it is empty: a runner is an
+//! ordinary caller's future (an HTTP handler), and one that went on while new
+//! items kept arriving would hold its own caller's answer back for as long as
+//! the load lasted (under steady load, one client's request never returned).
+//! Passing the slot costs one wake-up per batch, of a caller that waits
+//! anyway; it is sent last, so Tokio runs that caller next on this worker.
+//!
+//! A runner's future can be dropped mid-batch (an HTTP handler whose client
+//! went away). The items of that batch then get no answer (their outcome is
+//! unknown), and the runner's slot passes on in the same way, so nothing
+//! queued behind it waits forever.
 
 use std::future::Future;
 use std::sync::Mutex;
@@ -21,8 +29,9 @@ use tokio::sync::oneshot;
 enum Msg<T, R> {
     /// The answer to its item.
     Done(R),
-    /// A runner was dropped: take its slot (and your item back).
-    Lead(T),
+    /// The runner slot is yours: run the next batch. The item stays first in
+    /// the queue; its answer comes on the receiver.
+    Lead(oneshot::Receiver<Msg<T, R>>),
 }
 
 type Reply<T, R> = oneshot::Sender<Msg<T, R>>;
@@ -108,8 +117,8 @@ impl<T, R> Coalescer<T, R> {
         answers
     }
 
-    /// Waits for the answer behind `rx`; handed a dropped runner's slot
-    /// (with its own item back), queues the item again and runs batches.
+    /// Waits for the answer behind `rx`; handed the runner slot, runs a
+    /// batch (which holds this item: it is first in the queue) and waits on.
     async fn answer<C, F, Fut>(
         &self,
         mut rx: oneshot::Receiver<Msg<T, R>>,
@@ -124,14 +133,8 @@ impl<T, R> Coalescer<T, R> {
         loop {
             match rx.await {
                 Ok(Msg::Done(answer)) => return Some(answer),
-                Ok(Msg::Lead(item)) => {
+                Ok(Msg::Lead(next)) => {
                     // The slot came with the message: `running` already counts it.
-                    let (tx, next) = oneshot::channel();
-                    {
-                        let mut q = self.lock();
-                        q.items.push(item);
-                        q.replies.push(tx);
-                    }
                     self.lead(cut, run).await;
                     rx = next;
                 }
@@ -140,7 +143,7 @@ impl<T, R> Coalescer<T, R> {
         }
     }
 
-    /// Runs batches until the queue is empty, holding one runner slot.
+    /// Runs one batch holding a runner slot, then passes the slot on.
     async fn lead<C, F, Fut>(&self, cut: &C, run: &F)
     where
         C: Fn(&[T]) -> usize,
@@ -151,29 +154,44 @@ impl<T, R> Coalescer<T, R> {
             owner: self,
             held: true,
         };
-        loop {
-            let (items, replies) = {
-                let mut q = self.lock();
-                if q.items.is_empty() {
-                    q.running -= 1;
-                    slot.held = false;
-                    return;
-                }
-                let n = cut(&q.items).clamp(1, q.items.len());
-                let items: Vec<T> = q.items.drain(..n).collect();
-                let replies: Vec<Reply<T, R>> = q.replies.drain(..n).collect();
-                (items, replies)
-            };
-            let answers = run(items).await;
-            for (reply, answer) in replies.into_iter().zip(answers) {
-                let _ = reply.send(Msg::Done(answer));
+        let (items, replies) = {
+            let mut q = self.lock();
+            if q.items.is_empty() {
+                q.running -= 1;
+                slot.held = false;
+                return;
             }
+            let n = cut(&q.items).clamp(1, q.items.len());
+            let items: Vec<T> = q.items.drain(..n).collect();
+            let replies: Vec<Reply<T, R>> = q.replies.drain(..n).collect();
+            (items, replies)
+        };
+        let answers = run(items).await;
+        for (reply, answer) in replies.into_iter().zip(answers) {
+            let _ = reply.send(Msg::Done(answer));
         }
+        // `slot` passes the slot on as it drops.
     }
 }
 
-/// A runner slot; dropped while held (the runner's future was dropped), it
-/// passes to the first waiting caller that is still there.
+/// Hands the runner slot to the caller of the first queued item that is
+/// still waiting (items of callers that went away are dropped unanswered on
+/// the way); with none, the slot is released.
+fn pass_slot<T, R>(q: &mut Queue<T, R>) {
+    while !q.replies.is_empty() {
+        let (tx, rx) = oneshot::channel();
+        let first = std::mem::replace(&mut q.replies[0], tx);
+        if first.send(Msg::Lead(rx)).is_ok() {
+            return;
+        }
+        q.items.remove(0);
+        q.replies.remove(0);
+    }
+    q.running -= 1;
+}
+
+/// A runner slot; as it drops (its batch done, or the runner's future
+/// dropped mid-batch) it passes to the first waiting caller.
 struct Slot<'a, T, R> {
     owner: &'a Coalescer<T, R>,
     held: bool,
@@ -181,20 +199,9 @@ struct Slot<'a, T, R> {
 
 impl<T, R> Drop for Slot<'_, T, R> {
     fn drop(&mut self) {
-        if !self.held {
-            return;
+        if self.held {
+            pass_slot(&mut self.owner.lock());
         }
-        let mut q = self.owner.lock();
-        while !q.items.is_empty() {
-            let item = q.items.remove(0);
-            let reply = q.replies.remove(0);
-            match reply.send(Msg::Lead(item)) {
-                Ok(()) => return,
-                // That caller is gone too: its item is dropped unanswered.
-                Err(_) => continue,
-            }
-        }
-        q.running -= 1;
     }
 }
 
@@ -328,6 +335,61 @@ mod tests {
             .call(4, |q| q.len(), echo_slowly(batches, Duration::ZERO))
             .await;
         assert_eq!(after, Some(40));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_runner_answers_its_caller_while_later_batches_run() {
+        // Each batch waits for its own gate; the test opens them one by one.
+        let c = Arc::new(Coalescer::<u32, u32>::new(1));
+        let gates = Arc::new([
+            tokio::sync::Semaphore::new(0),
+            tokio::sync::Semaphore::new(0),
+        ]);
+        let started = Arc::new(AtomicUsize::new(0));
+        let call = |i: u32| {
+            let (c, gates, started) = (c.clone(), gates.clone(), started.clone());
+            tokio::spawn(async move {
+                let run = |items: Vec<u32>| {
+                    let n = started.fetch_add(1, Ordering::SeqCst);
+                    let gates = gates.clone();
+                    async move {
+                        let _ = gates[n.min(1)].acquire().await.unwrap();
+                        items
+                    }
+                };
+                c.call(i, |q| q.len(), run).await
+            })
+        };
+        let first = call(1);
+        while started.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // A second caller queues behind the running batch.
+        let second = call(2);
+        while c.lock().items.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        gates[0].add_permits(1);
+        // The first caller is answered although the second batch is still
+        // running (it used to run the queue until it was empty first).
+        let got = tokio::time::timeout(Duration::from_secs(5), first)
+            .await
+            .expect("the runner's own call returned while the next batch ran")
+            .unwrap();
+        assert_eq!(got, Some(1));
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while started.load(Ordering::SeqCst) < 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the second caller took the slot and started its batch");
+        gates[1].add_permits(1);
+        let got = tokio::time::timeout(Duration::from_secs(5), second)
+            .await
+            .expect("the second caller ran its batch")
+            .unwrap();
+        assert_eq!(got, Some(2));
     }
 
     #[tokio::test]

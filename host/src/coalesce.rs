@@ -306,9 +306,12 @@ mod tests {
                 .await
             })
         };
-        while batches.load(Ordering::SeqCst) == 0 {
-            tokio::task::yield_now().await;
-        }
+        within("the runner's batch starts", async {
+            while batches.load(Ordering::SeqCst) == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
         // Two callers queue behind the running batch.
         let waiters: Vec<_> = [2u32, 3]
             .into_iter()
@@ -361,35 +364,48 @@ mod tests {
             })
         };
         let first = call(1);
-        while started.load(Ordering::SeqCst) == 0 {
-            tokio::task::yield_now().await;
-        }
-        // A second caller queues behind the running batch.
-        let second = call(2);
-        while c.lock().items.is_empty() {
-            tokio::task::yield_now().await;
-        }
-        gates[0].add_permits(1);
-        // The first caller is answered although the second batch is still
-        // running (it used to run the queue until it was empty first).
-        let got = tokio::time::timeout(Duration::from_secs(5), first)
-            .await
-            .expect("the runner's own call returned while the next batch ran")
-            .unwrap();
-        assert_eq!(got, Some(1));
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while started.load(Ordering::SeqCst) < 2 {
+        within("the first batch starts", async {
+            while started.load(Ordering::SeqCst) == 0 {
                 tokio::task::yield_now().await;
             }
         })
-        .await
-        .expect("the second caller took the slot and started its batch");
+        .await;
+        // A second caller queues behind the running batch.
+        let second = call(2);
+        within("the second caller queues", async {
+            while c.lock().items.is_empty() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        gates[0].add_permits(1);
+        // The first caller is answered although the second batch is still
+        // running (it used to run the queue until it was empty first).
+        let got = within(
+            "the runner's own call returns while the next batch runs",
+            first,
+        )
+        .await;
+        assert_eq!(got.unwrap(), Some(1));
+        within(
+            "the second caller takes the slot and starts its batch",
+            async {
+                while started.load(Ordering::SeqCst) < 2 {
+                    tokio::task::yield_now().await;
+                }
+            },
+        )
+        .await;
         gates[1].add_permits(1);
-        let got = tokio::time::timeout(Duration::from_secs(5), second)
+        let got = within("the second caller runs its batch", second).await;
+        assert_eq!(got.unwrap(), Some(2));
+    }
+
+    /// `fut`'s output; fails the test, naming `what`, after 5 s.
+    async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(5), fut)
             .await
-            .expect("the second caller ran its batch")
-            .unwrap();
-        assert_eq!(got, Some(2));
+            .unwrap_or_else(|_| panic!("not within 5 s: {what}"))
     }
 
     #[tokio::test]

@@ -30,6 +30,9 @@ pub struct Stats {
     /// CPU time (user + system) the system's server processes spent per
     /// successful request, µs, warm-up included on both sides of the division.
     pub cpu_us_per_op: f64,
+    /// The same for this process, the load generator (its clients' share of
+    /// the machine, which the servers do not get).
+    pub client_cpu_us_per_op: f64,
 }
 
 async fn client_loop(
@@ -94,6 +97,8 @@ pub struct Run {
     all_ok: u64,
     /// Server CPU ticks (1/100 s) over the whole run, warm-up included.
     cpu_ticks: u64,
+    /// This process's CPU ticks over the same time.
+    client_cpu_ticks: u64,
 }
 
 impl Stats {
@@ -101,7 +106,7 @@ impl Stats {
     pub fn from_runs(runs: &[Run]) -> Result<Stats> {
         let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
         let (mut ok, mut errors, mut measured) = (0, 0, Duration::ZERO);
-        let (mut all_ok, mut cpu_ticks) = (0, 0);
+        let (mut all_ok, mut cpu_ticks, mut client_cpu_ticks) = (0, 0, 0);
         for r in runs {
             total.add(&r.hist)?;
             ok += r.ok;
@@ -109,13 +114,16 @@ impl Stats {
             measured += r.measured;
             all_ok += r.all_ok;
             cpu_ticks += r.cpu_ticks;
+            client_cpu_ticks += r.client_cpu_ticks;
         }
+        let per_op = |ticks: u64| ticks as f64 * 10_000.0 / all_ok.max(1) as f64;
         Ok(Stats {
             ops_per_sec: ok as f64 / measured.as_secs_f64().max(1e-9),
             p50_us: total.value_at_quantile(0.50),
             p99_us: total.value_at_quantile(0.99),
             errors,
-            cpu_us_per_op: cpu_ticks as f64 * 10_000.0 / all_ok.max(1) as f64,
+            cpu_us_per_op: per_op(cpu_ticks),
+            client_cpu_us_per_op: per_op(client_cpu_ticks),
         })
     }
 }
@@ -131,6 +139,7 @@ pub async fn run(
     cpu_ticks: impl Fn() -> u64,
 ) -> Result<Run> {
     let cpu_before = cpu_ticks();
+    let client_before = crate::cluster::cpu_ticks_of(std::process::id());
     let start = Instant::now();
     let warmup_until = start + warmup;
     let until = warmup_until + measure;
@@ -160,6 +169,8 @@ pub async fn run(
         measured: measure,
         all_ok: ok + warm,
         cpu_ticks: cpu_ticks().saturating_sub(cpu_before),
+        client_cpu_ticks: crate::cluster::cpu_ticks_of(std::process::id())
+            .saturating_sub(client_before),
     })
 }
 

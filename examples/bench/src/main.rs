@@ -272,8 +272,8 @@ fn fmt(s: &Stats) -> String {
         String::new()
     };
     format!(
-        "{:>9.0}/s  p50 {:>6} µs  p99 {:>7} µs  cpu {:>5.1} µs/op{err}",
-        s.ops_per_sec, s.p50_us, s.p99_us, s.cpu_us_per_op
+        "{:>9.0}/s  p50 {:>6} µs  p99 {:>7} µs  cpu {:>5.1} µs/op (client {:>4.1}){err}",
+        s.ops_per_sec, s.p50_us, s.p99_us, s.cpu_us_per_op, s.client_cpu_us_per_op
     )
 }
 
@@ -540,7 +540,8 @@ fn main() -> Result<()> {
     );
     println!(
         "cpu µs/op: CPU time (user + system) of the system's three server processes per \
-         successful request, warm-up included (the load generator is not counted)"
+         successful request, warm-up included; (client …): the load generator's own, which \
+         shares the same two cores"
     );
     println!("resident memory per node (MiB), idle → after the run:");
     println!(

@@ -150,15 +150,13 @@ impl<T, R> Coalescer<T, R> {
         F: Fn(Vec<T>) -> Fut,
         Fut: Future<Output = Vec<R>>,
     {
-        let mut slot = Slot {
-            owner: self,
-            held: true,
-        };
+        // Passes the slot on as it drops: after the batch, when the queue is
+        // empty, or when this future is dropped mid-batch.
+        let _slot = Slot { owner: self };
         let (items, replies) = {
             let mut q = self.lock();
             if q.items.is_empty() {
-                q.running -= 1;
-                slot.held = false;
+                // `q` drops before `_slot`, which takes the lock again.
                 return;
             }
             let n = cut(&q.items).clamp(1, q.items.len());
@@ -170,7 +168,6 @@ impl<T, R> Coalescer<T, R> {
         for (reply, answer) in replies.into_iter().zip(answers) {
             let _ = reply.send(Msg::Done(answer));
         }
-        // `slot` passes the slot on as it drops.
     }
 }
 
@@ -190,18 +187,15 @@ fn pass_slot<T, R>(q: &mut Queue<T, R>) {
     q.running -= 1;
 }
 
-/// A runner slot; as it drops (its batch done, or the runner's future
+/// A held runner slot; as it drops (its batch done, or the runner's future
 /// dropped mid-batch) it passes to the first waiting caller.
 struct Slot<'a, T, R> {
     owner: &'a Coalescer<T, R>,
-    held: bool,
 }
 
 impl<T, R> Drop for Slot<'_, T, R> {
     fn drop(&mut self) {
-        if self.held {
-            pass_slot(&mut self.owner.lock());
-        }
+        pass_slot(&mut self.owner.lock());
     }
 }
 

@@ -300,10 +300,8 @@ mod tests {
                 .await
             })
         };
-        within("the runner's batch starts", async {
-            while batches.load(Ordering::SeqCst) == 0 {
-                tokio::task::yield_now().await;
-            }
+        until("the runner's batch starts", || {
+            batches.load(Ordering::SeqCst) > 0
         })
         .await;
         // Two callers queue behind the running batch.
@@ -358,20 +356,13 @@ mod tests {
             })
         };
         let first = call(1);
-        within("the first batch starts", async {
-            while started.load(Ordering::SeqCst) == 0 {
-                tokio::task::yield_now().await;
-            }
+        until("the first batch starts", || {
+            started.load(Ordering::SeqCst) > 0
         })
         .await;
         // A second caller queues behind the running batch.
         let second = call(2);
-        within("the second caller queues", async {
-            while c.lock().items.is_empty() {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await;
+        until("the second caller queues", || !c.lock().items.is_empty()).await;
         gates[0].add_permits(1);
         // The first caller is answered although the second batch is still
         // running (it used to run the queue until it was empty first).
@@ -381,18 +372,24 @@ mod tests {
         )
         .await;
         assert_eq!(got.unwrap(), Some(1));
-        within(
+        until(
             "the second caller takes the slot and starts its batch",
-            async {
-                while started.load(Ordering::SeqCst) < 2 {
-                    tokio::task::yield_now().await;
-                }
-            },
+            || started.load(Ordering::SeqCst) >= 2,
         )
         .await;
         gates[1].add_permits(1);
         let got = within("the second caller runs its batch", second).await;
         assert_eq!(got.unwrap(), Some(2));
+    }
+
+    /// Yields until `holds()`; fails the test, naming `what`, after 5 s.
+    async fn until(what: &str, holds: impl Fn() -> bool) {
+        within(what, async {
+            while !holds() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
     }
 
     /// `fut`'s output; fails the test, naming `what`, after 5 s.

@@ -2,9 +2,11 @@
 //! on this machine (3 nodes each, 127.0.0.1, default fsync durability),
 //! driven by the same load generator with the same connections, key and
 //! value sizes. Prints throughput and p50/p99 per scenario and the ratio,
-//! then flagstone-only scenarios and resident memory per node.
+//! then flagstone-only scenarios, the machine's floor for a durable write
+//! (`floor.rs`) and resident memory per node.
 
 mod cluster;
+mod floor;
 mod load;
 
 use std::net::SocketAddr;
@@ -34,7 +36,7 @@ struct Args {
     #[arg(long)]
     no_etcd: bool,
     /// Run only the scenarios whose name contains this text (e.g. `writes`,
-    /// `linearizable`, `validator`, `OFREP`).
+    /// `linearizable`, `validator`, `OFREP`, `floor`).
     #[arg(long)]
     only: Option<String>,
     /// Keep the clusters running this many seconds before the scenarios
@@ -391,6 +393,30 @@ fn main() -> Result<()> {
         }
     }
 
+    // The floor too, before any server runs.
+    let mut floors = Vec::new();
+    let floor_scenarios: [(&str, floor::Measure); 2] = [
+        ("fdatasync of a 300-byte write, 1 writer", floor::fdatasync),
+        (
+            "replicated write, 1 client, no server software",
+            floor::replicated_write,
+        ),
+    ];
+    for (name, measure) in floor_scenarios {
+        if args
+            .only
+            .as_ref()
+            .is_none_or(|o| format!("floor: {name}").contains(o.as_str()))
+        {
+            let f = measure(
+                work.path(),
+                Duration::from_secs(1),
+                Duration::from_secs(args.seconds),
+            )?;
+            floors.push((name, f));
+        }
+    }
+
     let (fs, fs_leader) = cluster::flagstone(&bin, work.path(), &plugins, args.node_threads)?;
     let etcd = if args.no_etcd {
         None
@@ -514,6 +540,17 @@ fn main() -> Result<()> {
         }
         for (name, rate) in &in_process {
             println!("| {name:<42} | {rate:>9.0}/s | |");
+        }
+        if !floors.is_empty() {
+            println!();
+            println!("| the machine's floor (floor.rs) | result |");
+            println!("|---|---|");
+            for (name, f) in &floors {
+                println!(
+                    "| {name:<46} | {:>9.0}/s  p50 {:>6} µs  p99 {:>7} µs |",
+                    f.ops_per_sec, f.p50_us, f.p99_us
+                );
+            }
         }
         anyhow::Ok(())
     })?;

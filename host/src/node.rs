@@ -200,7 +200,7 @@ impl Node {
                 .clone()
                 .unwrap_or_else(|| local_addr.to_string()),
         );
-        let (mut log_store, mut state_machine) = open_storage(&config.data_dir)?;
+        let (mut log_store, mut state_machine) = open_storage(&config.data_dir, config.id)?;
         state_machine.set_history_capacity(config.watch_history);
         state_machine.set_watch_buffer(config.watch_buffer);
         state_machine.set_read_cache(config.read_cache_bytes);

@@ -35,9 +35,12 @@ pub enum OpenError {
     State(#[from] StorageError),
 }
 
-/// Opens the database under `data_dir` (created if missing) and returns the log
-/// store and state machine, which share one fjall journal.
-pub fn open_storage(data_dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
+/// Opens the database under `data_dir` (created if missing) for node `id` and
+/// returns the log store and state machine, which share one fjall journal.
+pub fn open_storage(
+    data_dir: &Path,
+    id: NodeId,
+) -> Result<(LogStore, StateMachineStore), OpenError> {
     let db_path = data_dir.join("db");
     let db_err = |source| OpenError::Database {
         path: db_path.display().to_string(),
@@ -45,7 +48,7 @@ pub fn open_storage(data_dir: &Path) -> Result<(LogStore, StateMachineStore), Op
     };
     std::fs::create_dir_all(data_dir).map_err(|e| db_err(fjall::Error::from(e)))?;
     let db = fjall::Database::builder(&db_path).open().map_err(db_err)?;
-    let log = LogStore::open(&db).map_err(db_err)?;
+    let log = LogStore::open(&db, id).map_err(db_err)?;
     let mut sm = StateMachineStore::open(&db, data_dir)?;
     sm.set_replay_until(
         log.committed_index()

@@ -724,10 +724,14 @@ mod tests {
 
     fn open() -> (tempfile::TempDir, LogStore) {
         let dir = tempfile::tempdir().expect("temp dir");
-        let db = Database::builder(dir.path().join("db"))
-            .open()
-            .expect("open db");
-        (dir, LogStore::open(&db, 1).expect("open log store"))
+        let store = store_at(dir.path(), 1);
+        (dir, store)
+    }
+
+    /// Node `id`'s log store on the database under `dir` (opened or reopened).
+    fn store_at(dir: &std::path::Path, id: NodeId) -> LogStore {
+        let db = Database::builder(dir.join("db")).open().expect("open db");
+        LogStore::open(&db, id).expect("open log store")
     }
 
     async fn wait_failed(store: &LogStore) {
@@ -829,38 +833,52 @@ mod tests {
     /// purge in one group).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_mixed_group_succeeds() {
-        let (_dir, mut store) = open();
+        let (_dir, store) = open();
+        let first = (1..=3).map(|i| blank_ent::<TypeConfig>(1, 1, i)).collect();
+        let ids =
+            append_truncate_append_held(&store, first, log_id(1, 1, 3), blank_ent(2, 1, 3)).await;
+        assert_eq!(ids, vec![log_id(1, 1, 1), log_id(1, 1, 2), log_id(2, 1, 3)]);
+    }
+
+    /// With the writer thread held, so all of it forms one group: appends
+    /// `first`, truncates from `cut`, appends `then`; then lets the writer
+    /// go and returns the log ids the store reads back.
+    async fn append_truncate_append_held(
+        store: &LogStore,
+        first: Vec<Entry>,
+        cut: LogId,
+        then: Entry,
+    ) -> Vec<LogId> {
         store.hooks.hold.store(true, Ordering::SeqCst);
+        let n = first.len();
         let mut appender = store.clone();
-        let first = tokio::spawn(async move {
-            appender
-                .blocking_append((1..=3).map(|i| blank_ent::<TypeConfig>(1, 1, i)))
-                .await
-        });
-        while store.shared.lock().unwrap().pending.len() < 3 {
+        let first = tokio::spawn(async move { appender.blocking_append(first).await });
+        while store.shared.lock().unwrap().pending.len() < n {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        store.truncate(log_id(1, 1, 3)).await.expect("truncate");
+        store.clone().truncate(cut).await.expect("truncate");
+        let index = then.log_id.index;
         let mut appender = store.clone();
-        let second = tokio::spawn(async move {
-            appender
-                .blocking_append([blank_ent::<TypeConfig>(2, 1, 3)])
-                .await
-        });
-        while !store.shared.lock().unwrap().pending.contains_key(&3) {
+        let second = tokio::spawn(async move { appender.blocking_append([then]).await });
+        while !store.shared.lock().unwrap().pending.contains_key(&index) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         store.hooks.hold.store(false, Ordering::SeqCst);
         first.await.expect("task").expect("first append");
         second.await.expect("task").expect("second append");
-        let ids: Vec<LogId> = store
+        log_ids(store).await
+    }
+
+    /// The log ids of every entry the store reads back.
+    async fn log_ids(store: &LogStore) -> Vec<LogId> {
+        store
+            .clone()
             .try_get_log_entries(1..)
             .await
             .expect("read")
             .into_iter()
             .map(|e| e.log_id)
-            .collect();
-        assert_eq!(ids, vec![log_id(1, 1, 1), log_id(1, 1, 2), log_id(2, 1, 3)]);
+            .collect()
     }
 
     /// The committed id does not wake the writer: it is readable at once and
@@ -868,10 +886,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_committed_id_is_written_with_the_next_group() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("db");
         {
-            let db = Database::builder(&path).open().expect("open db");
-            let mut store = LogStore::open(&db, 1).expect("open log store");
+            let mut store = store_at(dir.path(), 1);
             store
                 .blocking_append((1..=3).map(|i| blank_ent::<TypeConfig>(1, 1, i)))
                 .await
@@ -899,8 +915,7 @@ mod tests {
                 .await
                 .expect("save committed");
         }
-        let db = Database::builder(&path).open().expect("reopen db");
-        let mut store = LogStore::open(&db, 1).expect("reopen log store");
+        let mut store = store_at(dir.path(), 1);
         assert_eq!(
             store.read_committed().await.expect("read"),
             Some(log_id(1, 1, 3))
@@ -916,10 +931,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_followers_append_is_flushed_in_place() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("db");
         {
-            let db = Database::builder(&path).open().expect("open db");
-            let mut store = LogStore::open(&db, 2).expect("open log store");
+            let mut store = store_at(dir.path(), 2);
             store
                 .blocking_append((1..=3).map(|i| blank_ent::<TypeConfig>(1, 1, i)))
                 .await
@@ -932,17 +945,9 @@ mod tests {
                 .expect("append");
             assert_eq!(store.hooks.in_place.load(Ordering::SeqCst), 1);
         }
-        let db = Database::builder(&path).open().expect("reopen db");
-        let mut store = LogStore::open(&db, 2).expect("reopen log store");
-        let ids: Vec<LogId> = store
-            .try_get_log_entries(1..)
-            .await
-            .expect("read")
-            .into_iter()
-            .map(|e| e.log_id)
-            .collect();
+        let store = store_at(dir.path(), 2);
         assert_eq!(
-            ids,
+            log_ids(&store).await,
             vec![
                 log_id(1, 1, 1),
                 log_id(1, 1, 2),
@@ -957,43 +962,14 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_append_in_place_never_overtakes_a_queued_op() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let db = Database::builder(dir.path().join("db"))
-            .open()
-            .expect("open db");
-        let mut store = LogStore::open(&db, 2).expect("open log store");
-        store.hooks.hold.store(true, Ordering::SeqCst);
-        let mut appender = store.clone();
-        let first = tokio::spawn(async move {
-            appender
-                .blocking_append((1..=2).map(|i| blank_ent::<TypeConfig>(1, 2, i)))
-                .await
-        });
-        while store.shared.lock().unwrap().pending.len() < 2 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        store.truncate(log_id(1, 2, 2)).await.expect("truncate");
-        let mut appender = store.clone();
-        let second = tokio::spawn(async move {
-            appender
-                .blocking_append([blank_ent::<TypeConfig>(2, 1, 2)])
-                .await
-        });
-        while !store.shared.lock().unwrap().pending.contains_key(&2) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        // Written in place now, the follower's entry 2 would land before
-        // the queued truncation removes "entry 2 and after".
-        store.hooks.hold.store(false, Ordering::SeqCst);
-        first.await.expect("task").expect("first append");
-        second.await.expect("task").expect("second append");
+        let mut store = store_at(dir.path(), 2);
+        // Node 2's own entries and truncation wait for the held writer;
+        // written in place, the follower's entry 2 would land before the
+        // truncation removes "entry 2 and after".
+        let own = (1..=2).map(|i| blank_ent::<TypeConfig>(1, 2, i)).collect();
+        let ids =
+            append_truncate_append_held(&store, own, log_id(1, 2, 2), blank_ent(2, 1, 2)).await;
         assert_eq!(store.hooks.in_place.load(Ordering::SeqCst), 0);
-        let ids: Vec<LogId> = store
-            .try_get_log_entries(1..)
-            .await
-            .expect("read")
-            .into_iter()
-            .map(|e| e.log_id)
-            .collect();
         assert_eq!(ids, vec![log_id(1, 2, 1), log_id(2, 1, 2)]);
         // With the queue drained, the next follower append is in place.
         store

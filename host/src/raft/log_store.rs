@@ -54,6 +54,10 @@
 //! leader), so being behind is harmless; it is never ahead of the entries
 //! on disk, because the writer takes it before it collects the appends
 //! queued so far, and `save_committed(c)` only follows the append of `c`.
+//! The writer takes a copy: the value stays in memory, and readable, until
+//! the group that carries it is in fjall (then it is dropped unless a newer
+//! one was saved meanwhile), so `read_committed` never falls back to an
+//! older value on disk while the newer one is being written.
 //!
 //! # Write errors
 //!
@@ -206,9 +210,12 @@ fn failed_err(e: &str) -> std::io::Error {
 #[cfg(test)]
 #[derive(Default)]
 struct Hooks {
-    /// While set, the writer waits after taking the first op of a group, so
-    /// everything queued meanwhile becomes part of that group.
+    /// While set, the writer waits after taking the first op of a group
+    /// (and the committed id to write with it), so everything queued
+    /// meanwhile becomes part of that group.
     hold: std::sync::atomic::AtomicBool,
+    /// Set while the writer waits on `hold`.
+    holding: std::sync::atomic::AtomicBool,
     /// Makes the next `Truncate` the writer applies fail.
     fail_truncate: std::sync::atomic::AtomicBool,
     /// Groups written in place by the appending task.
@@ -388,10 +395,6 @@ struct Writer {
 impl Writer {
     fn run(self, rx: mpsc::Receiver<Queued>) {
         while let Ok(first) = rx.recv() {
-            #[cfg(test)]
-            while self.hooks.hold.load(Ordering::SeqCst) {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
             let _writing = self
                 .turn
                 .writing
@@ -400,7 +403,15 @@ impl Writer {
             // Take the committed id before collecting the rest of the
             // group: its entry's append was queued before it was saved, so
             // that append is in this group or an earlier one.
-            let committed = self.take_committed();
+            let committed = self.committed_to_write();
+            #[cfg(test)]
+            {
+                self.hooks.holding.store(true, Ordering::SeqCst);
+                while self.hooks.hold.load(Ordering::SeqCst) {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                self.hooks.holding.store(false, Ordering::SeqCst);
+            }
             let mut group = vec![first];
             group.extend(rx.try_iter());
             let n = group.len();
@@ -409,8 +420,20 @@ impl Writer {
         }
     }
 
-    fn take_committed(&self) -> Option<Vec<u8>> {
-        self.shared.lock().ok().and_then(|mut s| s.committed.take())
+    /// The committed id saved but not yet written (a copy: it stays
+    /// readable in memory until [`Writer::written_committed`]).
+    fn committed_to_write(&self) -> Option<Vec<u8>> {
+        self.shared.lock().ok().and_then(|s| s.committed.clone())
+    }
+
+    /// `committed` is in fjall now: memory forgets it unless a newer one was
+    /// saved meanwhile.
+    fn written_committed(&self, committed: &[u8]) {
+        if let Ok(mut s) = self.shared.lock()
+            && s.committed.as_deref() == Some(committed)
+        {
+            s.committed = None;
+        }
     }
 
     /// Writes `op` in the calling thread if it is the writer's turn to be
@@ -426,7 +449,7 @@ impl Writer {
         if self.turn.queued.load(Ordering::SeqCst) > 0 {
             return Some((op, callback));
         }
-        let committed = self.take_committed();
+        let committed = self.committed_to_write();
         self.write_group(vec![(op, Some(callback))], committed);
         #[cfg(test)]
         self.hooks.in_place.fetch_add(1, Ordering::SeqCst);
@@ -443,7 +466,10 @@ impl Writer {
             ops.push(op);
             callbacks.extend(cb);
         }
-        let result = self.write_ops(ops, committed, callbacks.len());
+        let result = self.write_ops(ops, committed.clone(), callbacks.len());
+        if let (Ok(()), Some(c)) = (&result, &committed) {
+            self.written_committed(c);
+        }
         for cb in callbacks {
             cb.log_io_completed(result.clone().map_err(std::io::Error::other));
         }
@@ -923,6 +949,53 @@ mod tests {
         assert_eq!(store.committed_index().load(Ordering::Relaxed), 3);
         let state = store.get_log_state().await.expect("state");
         assert_eq!(state.last_log_id, Some(log_id(1, 1, 4)));
+    }
+
+    /// While the group carrying a saved committed id is being written, the
+    /// id stays readable: it is not taken out of memory before it is on
+    /// disk (the openraft suite caught a read in that gap, which found the
+    /// older id on disk).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_committed_id_stays_readable_while_it_is_written() {
+        let (_dir, mut store) = open();
+        store
+            .blocking_append((1..=2).map(|i| blank_ent::<TypeConfig>(1, 1, i)))
+            .await
+            .expect("append");
+        store
+            .save_committed(Some(log_id(1, 1, 2)))
+            .await
+            .expect("save committed");
+        store.hooks.hold.store(true, Ordering::SeqCst);
+        store.purge(log_id(1, 1, 1)).await.expect("purge");
+        for _ in 0..1000 {
+            if store.hooks.holding.load(Ordering::SeqCst) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert!(
+            store.hooks.holding.load(Ordering::SeqCst),
+            "writer not held"
+        );
+        // The writer has the id for its group, which is not written yet.
+        assert_eq!(
+            store.read_committed().await.expect("read"),
+            Some(log_id(1, 1, 2))
+        );
+        store.hooks.hold.store(false, Ordering::SeqCst);
+        // Written with that group: memory lets go of it.
+        for _ in 0..1000 {
+            if store.shared.lock().unwrap().committed.is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert!(store.shared.lock().unwrap().committed.is_none());
+        assert_eq!(
+            store.read_committed().await.expect("read"),
+            Some(log_id(1, 1, 2))
+        );
     }
 
     /// A follower's append (entries made by another leader) is written and

@@ -761,13 +761,25 @@ mod tests {
     }
 
     async fn wait_failed(store: &LogStore) {
-        for _ in 0..500 {
-            if store.shared.lock().unwrap().failed.is_some() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        wait_until(
+            "the store to be marked failed",
+            Duration::from_secs(5),
+            || store.shared.lock().unwrap().failed.is_some(),
+        )
+        .await;
+    }
+
+    /// Polls `holds` until it is true; fails the test, naming `what`, once
+    /// `limit` has passed.
+    async fn wait_until(what: &str, limit: Duration, holds: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !holds() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not within {limit:?}: {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        panic!("the store was not marked failed");
     }
 
     /// The store's disk refuses a write: every append of the failed group
@@ -968,16 +980,12 @@ mod tests {
             .expect("save committed");
         store.hooks.hold.store(true, Ordering::SeqCst);
         store.purge(log_id(1, 1, 1)).await.expect("purge");
-        for _ in 0..1000 {
-            if store.hooks.holding.load(Ordering::SeqCst) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        assert!(
-            store.hooks.holding.load(Ordering::SeqCst),
-            "writer not held"
-        );
+        wait_until(
+            "the writer to hold its group",
+            Duration::from_secs(2),
+            || store.hooks.holding.load(Ordering::SeqCst),
+        )
+        .await;
         // The writer has the id for its group, which is not written yet.
         assert_eq!(
             store.read_committed().await.expect("read"),
@@ -985,13 +993,12 @@ mod tests {
         );
         store.hooks.hold.store(false, Ordering::SeqCst);
         // Written with that group: memory lets go of it.
-        for _ in 0..1000 {
-            if store.shared.lock().unwrap().committed.is_none() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        assert!(store.shared.lock().unwrap().committed.is_none());
+        wait_until(
+            "memory to let go of the written id",
+            Duration::from_secs(2),
+            || store.shared.lock().unwrap().committed.is_none(),
+        )
+        .await;
         assert_eq!(
             store.read_committed().await.expect("read"),
             Some(log_id(1, 1, 2))

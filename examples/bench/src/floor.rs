@@ -21,7 +21,6 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use hdrhistogram::Histogram;
 
 /// Bytes per entry (a 12-byte key, a 256-byte value and some framing).
 const ENTRY: usize = 300;
@@ -81,7 +80,7 @@ fn closed_loop(
     measure: Duration,
     mut op: impl FnMut() -> Result<()>,
 ) -> Result<Floor> {
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut hist = crate::load::latency_histogram()?;
     let start = Instant::now();
     let (measured_from, until) = (start + warmup, start + warmup + measure);
     let mut n = 0u64;

@@ -35,6 +35,12 @@ pub struct Stats {
     pub client_cpu_us_per_op: f64,
 }
 
+/// An empty latency histogram in microseconds: 1 µs to 60 s, 3 significant
+/// digits (every latency the tool records).
+pub fn latency_histogram() -> Result<Histogram<u64>> {
+    Ok(Histogram::new_with_bounds(1, 60_000_000, 3)?)
+}
+
 async fn client_loop(
     addr: SocketAddr,
     client: usize,
@@ -50,7 +56,7 @@ async fn client_loop(
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut hist = latency_histogram()?;
     let (mut ok, mut errors, mut warm) = (0u64, 0u64, 0u64);
     let mut seq = 0u64;
     loop {
@@ -104,7 +110,7 @@ pub struct Run {
 impl Stats {
     /// Throughput and percentiles over all `runs` together.
     pub fn from_runs(runs: &[Run]) -> Result<Stats> {
-        let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+        let mut total = latency_histogram()?;
         let (mut ok, mut errors, mut measured) = (0, 0, Duration::ZERO);
         let (mut all_ok, mut cpu_ticks, mut client_cpu_ticks) = (0, 0, 0);
         for r in runs {
@@ -153,7 +159,7 @@ pub async fn run(
             until,
         )));
     }
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut hist = latency_histogram()?;
     let (mut ok, mut errors, mut warm) = (0, 0, 0);
     for t in tasks {
         let (h, o, e, w) = t.await??;

@@ -180,8 +180,18 @@ impl RaftLogStorage<TypeConfig> for Gated {
 struct Router {
     nodes: Arc<StdMutex<HashMap<NodeId, Raft>>>,
     isolated: Arc<StdMutex<BTreeSet<NodeId>>>,
-    /// AppendEntries requests delivered, by target.
-    appends: Arc<StdMutex<HashMap<NodeId, u64>>>,
+    /// Every AppendEntries request delivered, in order.
+    appends: Arc<StdMutex<Vec<Append>>>,
+}
+
+/// What one delivered AppendEntries carried.
+#[derive(Debug, Clone, Copy)]
+struct Append {
+    to: NodeId,
+    /// Index of its last entry (`None`: a heartbeat).
+    last_entry: Option<u64>,
+    /// The leader's commit index it carried.
+    commit: Option<u64>,
 }
 
 struct Link {
@@ -196,7 +206,11 @@ impl Router {
     }
 
     fn appends_to(&self, id: NodeId) -> u64 {
-        self.appends.lock().unwrap().get(&id).copied().unwrap_or(0)
+        self.appends_log().iter().filter(|a| a.to == id).count() as u64
+    }
+
+    fn appends_log(&self) -> Vec<Append> {
+        self.appends.lock().unwrap().clone()
     }
 
     /// The node at `to`, unless either end is isolated.
@@ -255,13 +269,11 @@ impl RaftNetwork<TypeConfig> for Link {
         _option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
         let raft = self.raft().ok_or_else(|| self.cut())?;
-        *self
-            .router
-            .appends
-            .lock()
-            .unwrap()
-            .entry(self.to)
-            .or_default() += 1;
+        self.router.appends.lock().unwrap().push(Append {
+            to: self.to,
+            last_entry: rpc.entries.last().map(|e| e.log_id.index),
+            commit: rpc.leader_commit.map(|c| c.index),
+        });
         raft.append_entries(rpc).await.map_err(|e| self.remote(e))
     }
 
@@ -601,6 +613,52 @@ async fn commits_ride_on_the_next_append_or_a_prompt_heartbeat() {
         rounds.last().is_some_and(|&sent| sent < WRITES * 3 / 2),
         "AppendEntries to a follower for {WRITES} writes, per round: {rounds:?}"
     );
+    cluster.shutdown().await;
+}
+
+/// With one write at a time, every write is committed before the next is
+/// proposed, so the AppendEntries carrying write `e` carries commit index
+/// `e - 1` at least: the leader hands a replication stream the commit index
+/// with its next entries (not only with the heartbeat sent when no write
+/// follows within the ride delay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_append_carries_the_commit_of_the_write_before() {
+    let cluster = Cluster::start_tuned(2_000, 5_000, 6_000).await;
+    let leader = &cluster.rafts[0];
+    let first = leader
+        .client_write(put("warm-up"))
+        .await
+        .expect("write")
+        .log_id
+        .index;
+    let mut last = first;
+    for i in 0..40 {
+        last = leader
+            .client_write(put(&format!("k{i}")))
+            .await
+            .expect("write")
+            .log_id
+            .index;
+    }
+    let appends: Vec<Append> = cluster
+        .router
+        .appends_log()
+        .into_iter()
+        .filter(|a| a.last_entry.is_some_and(|e| e > first && e <= last))
+        .collect();
+    assert!(
+        appends.len() >= 40,
+        "entries were not replicated: {appends:?}"
+    );
+    for a in &appends {
+        let e = a.last_entry.unwrap_or_default();
+        assert!(
+            a.commit >= Some(e - 1),
+            "the AppendEntries of entry {e} to node {} carried commit {:?}: {appends:?}",
+            a.to,
+            a.commit
+        );
+    }
     cluster.shutdown().await;
 }
 

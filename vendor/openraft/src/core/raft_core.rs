@@ -1,5 +1,6 @@
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::fmt::Display;
 use std::fmt::Formatter;
@@ -83,6 +84,7 @@ use crate::replication::response::ReplicationResult;
 use crate::replication::ReplicationCore;
 use crate::replication::ReplicationHandle;
 use crate::replication::ReplicationSessionId;
+use crate::replication::COMMIT_PROPAGATION_DELAY;
 use crate::runtime::RaftRuntime;
 use crate::storage::LogFlushed;
 use crate::storage::RaftLogReaderExt;
@@ -143,12 +145,23 @@ impl<C: RaftTypeConfig> Debug for ApplyResult<C> {
 pub(crate) struct LeaderData<C: RaftTypeConfig> {
     /// The time to send next heartbeat.
     pub(crate) next_heartbeat: <C::AsyncRuntime as AsyncRuntime>::Instant,
+
+    /// flagstone patch: the newest commit index not yet handed to every
+    /// replication stream, and the targets still owed it. A stream gets it
+    /// together with its next `Replicate` command (its next AppendEntries
+    /// carries it), or at `commit_flush_at` with a heartbeat.
+    pub(crate) owed_committed: Option<LogId<C::NodeId>>,
+    pub(crate) commit_owed_to: BTreeSet<C::NodeId>,
+    pub(crate) commit_flush_at: Option<InstantOf<C>>,
 }
 
 impl<C: RaftTypeConfig> LeaderData<C> {
     pub(crate) fn new() -> Self {
         Self {
             next_heartbeat: C::now(),
+            owed_committed: None,
+            commit_owed_to: BTreeSet::new(),
+            commit_flush_at: None,
         }
     }
 }
@@ -841,6 +854,37 @@ where
 
     /// Remove all replication.
     #[tracing::instrument(level = "debug", skip_all)]
+    /// flagstone patch: hands `target` the commit index it is owed, if any.
+    fn send_owed_commit(&mut self, target: &C::NodeId) {
+        let Some(l) = &mut self.leader_data else {
+            return;
+        };
+        if !l.commit_owed_to.remove(target) {
+            return;
+        }
+        if l.commit_owed_to.is_empty() {
+            l.commit_flush_at = None;
+        }
+        if let Some(node) = self.replications.get(target) {
+            let _ = node.tx_repl.send(Replicate::Committed(l.owed_committed.clone()));
+        }
+    }
+
+    /// flagstone patch: the deadline of an owed commit index passed: every
+    /// stream still owed it gets it now, with a heartbeat to carry it.
+    fn flush_owed_commit(&mut self) {
+        let Some(l) = &mut self.leader_data else {
+            return;
+        };
+        l.commit_flush_at = None;
+        for target in std::mem::take(&mut l.commit_owed_to) {
+            if let Some(node) = self.replications.get(&target) {
+                let _ = node.tx_repl.send(Replicate::Committed(l.owed_committed.clone()));
+                let _ = node.tx_repl.send(Replicate::Heartbeat);
+            }
+        }
+    }
+
     pub fn remove_all_replication(&mut self) {
         tracing::info!("remove all replication");
 
@@ -923,6 +967,16 @@ where
         loop {
             self.flush_metrics();
 
+            // flagstone patch: when a commit index is owed to a replication
+            // stream, wake up by its deadline to send it.
+            let commit_flush_at = self.leader_data.as_ref().and_then(|l| l.commit_flush_at.clone());
+            let commit_flush = async move {
+                match commit_flush_at {
+                    Some(at) => C::sleep_until(at).await,
+                    None => std::future::pending::<()>().await,
+                }
+            };
+
             // In each loop, it does not have to check rx_shutdown and flush metrics for every RaftMsg
             // processed.
             // In each loop, the first step is blocking waiting for any message from any channel.
@@ -958,6 +1012,10 @@ where
                             return Err(Fatal::Stopped);
                         }
                     };
+                }
+
+                _ = commit_flush => {
+                    self.flush_owed_commit();
                 }
             }
 
@@ -1711,8 +1769,26 @@ where
                 self.spawn_parallel_vote_requests(&vote_req).await;
             }
             Command::ReplicateCommitted { committed } => {
-                for node in self.replications.values() {
-                    let _ = node.tx_repl.send(Replicate::Committed(committed.clone()));
+                // flagstone patch: do not wake every replication stream for a
+                // new commit index, just when the write it commits is being
+                // applied and answered: each stream gets it with its next
+                // command (the next write's entries carry it), or with a
+                // heartbeat once `COMMIT_PROPAGATION_DELAY` has passed.
+                match &mut self.leader_data {
+                    Some(l) => {
+                        l.owed_committed = committed;
+                        l.commit_owed_to = self.replications.keys().cloned().collect();
+                        if l.commit_owed_to.is_empty() {
+                            l.commit_flush_at = None;
+                        } else if l.commit_flush_at.is_none() {
+                            l.commit_flush_at = Some(C::now() + COMMIT_PROPAGATION_DELAY);
+                        }
+                    }
+                    None => {
+                        for node in self.replications.values() {
+                            let _ = node.tx_repl.send(Replicate::Committed(committed.clone()));
+                        }
+                    }
                 }
             }
             Command::Commit {
@@ -1724,6 +1800,8 @@ where
                 self.apply_to_state_machine(seq, already_committed.next_index(), upto.index).await?;
             }
             Command::Replicate { req, target } => {
+                // flagstone patch: the commit index this stream is owed goes first.
+                self.send_owed_commit(&target);
                 let node = self.replications.get(&target).expect("replication to target node exists");
 
                 match req {
@@ -1743,6 +1821,12 @@ where
             }
             Command::RebuildReplicationStreams { targets } => {
                 self.remove_all_replication();
+                // flagstone patch: new streams start from the current commit index.
+                if let Some(l) = &mut self.leader_data {
+                    l.owed_committed = None;
+                    l.commit_owed_to.clear();
+                    l.commit_flush_at = None;
+                }
 
                 for (target, matching) in targets.iter() {
                     let handle = self.spawn_replication_stream(target.clone(), matching.clone()).await;

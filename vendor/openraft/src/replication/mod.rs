@@ -66,7 +66,7 @@ use crate::Vote;
 /// flagstone patch: how long a newly committed index may wait for an
 /// AppendEntries with entries to carry it to a follower before a heartbeat
 /// does.
-const COMMIT_PROPAGATION_DELAY: Duration = Duration::from_micros(500);
+pub(crate) const COMMIT_PROPAGATION_DELAY: Duration = Duration::from_micros(500);
 
 /// The handle to a spawned replication stream.
 pub(crate) struct ReplicationHandle<C>

@@ -852,8 +852,6 @@ where
         )
     }
 
-    /// Remove all replication.
-    #[tracing::instrument(level = "debug", skip_all)]
     /// flagstone patch: hands `target` the commit index it is owed, if any.
     fn send_owed_commit(&mut self, target: &C::NodeId) {
         let Some(l) = &mut self.leader_data else {
@@ -870,8 +868,18 @@ where
         }
     }
 
-    /// flagstone patch: the deadline of an owed commit index passed: every
-    /// stream still owed it gets it now, with a heartbeat to carry it.
+    /// flagstone patch: once the deadline of an owed commit index has passed,
+    /// every stream still owed it gets it, with a heartbeat to carry it. Also
+    /// checked after every round of commands, so a busy core (its channels
+    /// never empty, the timer branch of its loop never polled) cannot hold it.
+    fn flush_owed_commit_if_due(&mut self) {
+        let due = self.leader_data.as_ref().and_then(|l| l.commit_flush_at.clone()).is_some_and(|at| C::now() >= at);
+        if due {
+            self.flush_owed_commit();
+        }
+    }
+
+    /// flagstone patch: see `flush_owed_commit_if_due`.
     fn flush_owed_commit(&mut self) {
         let Some(l) = &mut self.leader_data else {
             return;
@@ -885,6 +893,8 @@ where
         }
     }
 
+    /// Remove all replication.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub fn remove_all_replication(&mut self) {
         tracing::info!("remove all replication");
 
@@ -1020,6 +1030,7 @@ where
             }
 
             self.run_engine_commands().await?;
+            self.flush_owed_commit_if_due();
 
             // There is a message waking up the loop, process channels one by one.
 

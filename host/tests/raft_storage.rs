@@ -424,6 +424,15 @@ fn put(key: &str) -> Command {
     }
 }
 
+/// Writes `key` through `raft` and returns the log index it committed at.
+async fn write_at(raft: &Raft, key: &str) -> u64 {
+    raft.client_write(put(key))
+        .await
+        .expect("write")
+        .log_id
+        .index
+}
+
 /// The leader sends entries to its followers while its own disk is still busy
 /// with them: two followers on disk are a majority, so the write commits with
 /// the leader's fsync still outstanding (openraft 0.9 as published waited for
@@ -555,12 +564,7 @@ async fn commits_ride_on_the_next_append_or_a_prompt_heartbeat() {
     // Periodic heartbeats every 2 s: none fall inside the test.
     let cluster = Cluster::start_tuned(2_000, 5_000, 6_000).await;
     let leader = &cluster.rafts[0];
-    let warm = leader
-        .client_write(put("warm-up"))
-        .await
-        .expect("write")
-        .log_id
-        .index;
+    let warm = write_at(leader, "warm-up").await;
     // A steady state first: the follower has applied what the leader has,
     // however slow the machine (the bound here is not what is tested).
     for _ in 0..1000 {
@@ -586,12 +590,7 @@ async fn commits_ride_on_the_next_append_or_a_prompt_heartbeat() {
         let before = cluster.router.appends_to(2);
         let mut last = 0;
         for i in 0..WRITES {
-            last = leader
-                .client_write(put(&format!("r{round}-k{i}")))
-                .await
-                .expect("write")
-                .log_id
-                .index;
+            last = write_at(leader, &format!("r{round}-k{i}")).await;
         }
         // The last commit reaches the follower without any further write, well
         // before the next periodic heartbeat (2 s).
@@ -625,20 +624,10 @@ async fn commits_ride_on_the_next_append_or_a_prompt_heartbeat() {
 async fn each_append_carries_the_commit_of_the_write_before() {
     let cluster = Cluster::start_tuned(2_000, 5_000, 6_000).await;
     let leader = &cluster.rafts[0];
-    let first = leader
-        .client_write(put("warm-up"))
-        .await
-        .expect("write")
-        .log_id
-        .index;
+    let first = write_at(leader, "warm-up").await;
     let mut last = first;
     for i in 0..40 {
-        last = leader
-            .client_write(put(&format!("k{i}")))
-            .await
-            .expect("write")
-            .log_id
-            .index;
+        last = write_at(leader, &format!("k{i}")).await;
     }
     let appends: Vec<Append> = cluster
         .router

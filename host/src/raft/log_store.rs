@@ -748,6 +748,15 @@ mod tests {
 
     use super::*;
 
+    /// Appends blank entries `1..=last` of leader 1 in term 1 and waits
+    /// until they are flushed.
+    async fn append_blanks(store: &mut LogStore, last: u64) {
+        store
+            .blocking_append((1..=last).map(|i| blank_ent::<TypeConfig>(1, 1, i)))
+            .await
+            .expect("append");
+    }
+
     fn open() -> (tempfile::TempDir, LogStore) {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = store_at(dir.path(), 1);
@@ -788,10 +797,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_write_fails_every_append_of_its_group_and_the_store() {
         let (_dir, mut store) = open();
-        store
-            .blocking_append((1..=3).map(|i| blank_ent::<TypeConfig>(1, 1, i)))
-            .await
-            .expect("append");
+        append_blanks(&mut store, 3).await;
 
         // One group: [Truncate(2) (fails), Append(2..=3 in term 2)].
         store.hooks.hold.store(true, Ordering::SeqCst);
@@ -853,10 +859,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_write_without_callbacks_is_not_silent() {
         let (_dir, mut store) = open();
-        store
-            .blocking_append((1..=3).map(|i| blank_ent::<TypeConfig>(1, 1, i)))
-            .await
-            .expect("append");
+        append_blanks(&mut store, 3).await;
         store.hooks.fail_truncate.store(true, Ordering::SeqCst);
         store
             .truncate(log_id(1, 1, 2))
@@ -926,10 +929,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         {
             let mut store = store_at(dir.path(), 1);
-            store
-                .blocking_append((1..=3).map(|i| blank_ent::<TypeConfig>(1, 1, i)))
-                .await
-                .expect("append");
+            append_blanks(&mut store, 3).await;
             store
                 .save_committed(Some(log_id(1, 1, 3)))
                 .await
@@ -970,10 +970,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_committed_id_stays_readable_while_it_is_written() {
         let (_dir, mut store) = open();
-        store
-            .blocking_append((1..=2).map(|i| blank_ent::<TypeConfig>(1, 1, i)))
-            .await
-            .expect("append");
+        append_blanks(&mut store, 2).await;
         store
             .save_committed(Some(log_id(1, 1, 2)))
             .await
@@ -1013,10 +1010,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         {
             let mut store = store_at(dir.path(), 2);
-            store
-                .blocking_append((1..=3).map(|i| blank_ent::<TypeConfig>(1, 1, i)))
-                .await
-                .expect("append");
+            append_blanks(&mut store, 3).await;
             assert_eq!(store.hooks.in_place.load(Ordering::SeqCst), 1);
             // Node 2 leads term 2: its own entries are the writer's.
             store

@@ -206,7 +206,8 @@ impl Router {
     }
 
     fn appends_to(&self, id: NodeId) -> u64 {
-        self.appends_log().iter().filter(|a| a.to == id).count() as u64
+        let appends = self.appends.lock().unwrap();
+        appends.iter().filter(|a| a.to == id).count() as u64
     }
 
     fn appends_log(&self) -> Vec<Append> {

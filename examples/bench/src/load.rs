@@ -1,20 +1,19 @@
 //! The load generator: `clients` closed-loop clients, each on its own
-//! keep-alive HTTP/1.1 connection, for a fixed time; latencies in an HDR
-//! histogram (microseconds).
+//! keep-alive HTTP/1.1 connection ([`crate::http1`]), for a fixed time;
+//! latencies in an HDR histogram (microseconds).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Full};
-use hyper::Request;
-use hyper_util::rt::TokioIo;
 
-/// Builds request `seq` of client `client`.
-pub type MakeRequest = Arc<dyn Fn(usize, u64) -> Request<Full<Bytes>> + Send + Sync>;
+use crate::http1::Connection;
+
+/// Builds the bytes of request `seq` of client `client` ([`crate::http1::request`]).
+pub type MakeRequest = Arc<dyn Fn(usize, u64) -> Bytes + Send + Sync>;
 
 /// What one run measured.
 #[derive(Debug, Clone)]
@@ -48,14 +47,7 @@ async fn client_loop(
     warmup_until: Instant,
     until: Instant,
 ) -> Result<(Histogram<u64>, u64, u64, u64)> {
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("connect {addr}"))?;
-    stream.set_nodelay(true)?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let mut conn = Connection::open(addr).await?;
     let mut hist = latency_histogram()?;
     let (mut ok, mut errors, mut warm) = (0u64, 0u64, 0u64);
     let mut seq = 0u64;
@@ -67,18 +59,9 @@ async fn client_loop(
         let req = make(client, seq);
         seq += 1;
         let started = Instant::now();
-        if sender.ready().await.is_err() {
-            bail!("connection to {addr} closed");
-        }
-        let resp = sender.send_request(req).await;
-        let good = match resp {
-            Ok(r) => {
-                let status = r.status();
-                let body = r.into_body().collect().await;
-                status.is_success() && body.is_ok()
-            }
-            Err(_) => false,
-        };
+        // A transport error ends the client (the connection is gone); an
+        // error status is counted.
+        let good = (200..300).contains(&conn.send(&req).await?.status);
         if started < warmup_until {
             warm += u64::from(good);
             continue;
@@ -182,22 +165,11 @@ pub async fn run(
 
 /// Sends requests `0..n` one after another on one connection (set-up).
 pub async fn sequential(addr: SocketAddr, n: u64, make: MakeRequest) -> Result<()> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let mut conn = Connection::open(addr).await?;
     for seq in 0..n {
-        sender.ready().await?;
-        let r = sender.send_request(make(0, seq)).await?;
-        let status = r.status();
-        let body = r.into_body().collect().await?.to_bytes();
-        if !status.is_success() {
-            bail!(
-                "set-up request {seq} failed: {status} {}",
-                String::from_utf8_lossy(&body)
-            );
+        let answer = conn.send(&make(0, seq)).await?;
+        if !(200..300).contains(&answer.status) {
+            bail!("set-up request {seq} failed: {}", answer.status);
         }
     }
     Ok(())

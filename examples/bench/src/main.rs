@@ -7,6 +7,7 @@
 
 mod cluster;
 mod floor;
+mod http1;
 mod load;
 
 use std::net::SocketAddr;
@@ -19,8 +20,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use clap::Parser;
 use flagstone::plugins::PluginHost;
-use http_body_util::Full;
-use hyper::Request;
+use http1::request;
 use load::{MakeRequest, Stats};
 
 #[derive(Parser)]
@@ -71,16 +71,6 @@ fn spread(client: usize, seq: u64) -> u64 {
         % READ_KEYS
 }
 
-fn request(method: &str, addr: SocketAddr, path: &str, body: Bytes) -> Request<Full<Bytes>> {
-    Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", addr.to_string())
-        .header("content-type", "application/json")
-        .body(Full::new(body))
-        .expect("valid request")
-}
-
 struct Flagstone(SocketAddr);
 struct Etcd(SocketAddr);
 
@@ -96,7 +86,7 @@ impl Flagstone {
                 "PUT",
                 a,
                 &format!("/v1/kv/{prefix}{}", key(keyf(c, s))),
-                value.clone(),
+                &value,
             )
         })
     }
@@ -107,14 +97,7 @@ impl Flagstone {
         } else {
             ""
         };
-        Arc::new(move |c, s| {
-            request(
-                "GET",
-                a,
-                &format!("/v1/kv/{}{q}", key(spread(c, s))),
-                Bytes::new(),
-            )
-        })
+        Arc::new(move |c, s| request("GET", a, &format!("/v1/kv/{}{q}", key(spread(c, s))), b""))
     }
     fn ofrep(&self) -> MakeRequest {
         let a = self.0;
@@ -127,7 +110,7 @@ impl Flagstone {
                 "POST",
                 a,
                 "/ofrep/v1/evaluate/flags/bench-flag",
-                Bytes::from(body),
+                body.as_bytes(),
             )
         })
     }
@@ -142,7 +125,7 @@ impl Etcd {
                 r#"{{"key":"{}","value":"{value}"}}"#,
                 b64(key(keyf(c, s)).as_bytes())
             );
-            request("POST", a, "/v3/kv/put", Bytes::from(body))
+            request("POST", a, "/v3/kv/put", body.as_bytes())
         })
     }
     fn get(&self, linearizable: bool) -> MakeRequest {
@@ -154,7 +137,7 @@ impl Etcd {
             } else {
                 format!(r#"{{"key":"{k}","serializable":true}}"#)
             };
-            request("POST", a, "/v3/kv/range", Bytes::from(body))
+            request("POST", a, "/v3/kv/range", body.as_bytes())
         })
     }
 }

@@ -9,13 +9,13 @@
 //! the request's bytes are built up front, written with one `write_all`, and
 //! the answer is read into a reused buffer and framed with `httparse` (the
 //! parser hyper itself uses). Only what the two benchmarked servers send is
-//! accepted: a `Content-Length` body; anything else is an error, never a
-//! silently wrong count.
+//! accepted: answers framed by `Content-Length` (interim 1xx answers are
+//! skipped); anything else is an error, never a silently wrong count.
 
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result, bail};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -31,11 +31,11 @@ pub fn request(method: &str, addr: SocketAddr, path: &str, body: &[u8]) -> Bytes
     Bytes::from(out)
 }
 
-/// The part of an answer the generator looks at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
     pub status: u16,
-    pub body_len: usize,
+    pub body: Bytes,
 }
 
 /// One keep-alive connection.
@@ -43,7 +43,7 @@ pub struct Connection {
     stream: TcpStream,
     addr: SocketAddr,
     /// Bytes read and not yet consumed (one answer is taken off the front).
-    buf: Vec<u8>,
+    buf: BytesMut,
 }
 
 /// Largest answer head the generator accepts.
@@ -58,7 +58,7 @@ impl Connection {
         Ok(Connection {
             stream,
             addr,
-            buf: Vec::with_capacity(4096),
+            buf: BytesMut::with_capacity(4096),
         })
     }
 
@@ -69,9 +69,13 @@ impl Connection {
             .await
             .with_context(|| format!("send to {}", self.addr))?;
         loop {
-            if let Some((answer, used)) = parse(&self.buf)? {
-                self.buf.drain(..used);
-                return Ok(answer);
+            if let Some((status, head_len, total)) = parse(&self.buf)? {
+                let mut answer = self.buf.split_to(total);
+                if (100..200).contains(&status) {
+                    continue; // an interim answer: the final one follows
+                }
+                let body = answer.split_off(head_len).freeze();
+                return Ok(Answer { status, body });
             }
             if self.buf.len() > MAX_HEAD + 2 * 1024 * 1024 {
                 bail!("answer from {} is too large", self.addr);
@@ -89,9 +93,9 @@ impl Connection {
     }
 }
 
-/// One complete answer at the front of `buf` and how many bytes it spans,
-/// or `None` if more bytes are needed.
-fn parse(buf: &[u8]) -> Result<Option<(Answer, usize)>> {
+/// The status, head length and whole length (head and body) of the complete
+/// answer at the front of `buf`, or `None` if more bytes are needed.
+fn parse(buf: &[u8]) -> Result<Option<(u16, usize, usize)>> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut resp = httparse::Response::new(&mut headers);
     let head_len = match resp.parse(buf).context("malformed answer")? {
@@ -118,7 +122,7 @@ fn parse(buf: &[u8]) -> Result<Option<(Answer, usize)>> {
         _ => body_len.context("answer without content-length")?,
     };
     let total = head_len + body_len;
-    Ok((buf.len() >= total).then_some((Answer { status, body_len }, total)))
+    Ok((buf.len() >= total).then_some((status, head_len, total)))
 }
 
 #[cfg(test)]
@@ -128,16 +132,10 @@ mod tests {
     #[test]
     fn frames_answers_and_leaves_what_follows() {
         let two = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabcHTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n";
-        let (a, used) = parse(two).unwrap().unwrap();
-        assert_eq!(
-            a,
-            Answer {
-                status: 200,
-                body_len: 3
-            }
-        );
-        let (b, rest) = parse(&two[used..]).unwrap().unwrap();
-        assert_eq!(b.status, 404);
+        let (status, head_len, used) = parse(two).unwrap().unwrap();
+        assert_eq!((status, head_len, used), (200, 38, 41));
+        let (status, _, rest) = parse(&two[used..]).unwrap().unwrap();
+        assert_eq!(status, 404);
         assert_eq!(used + rest, two.len());
     }
 
@@ -151,9 +149,49 @@ mod tests {
         assert!(parse(b"HTTP/1.1 200 OK\r\ncontent-le").unwrap().is_none());
         assert!(parse(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").is_err());
         assert!(parse(b"HTTP/1.1 200 OK\r\n\r\n").is_err());
-        let (empty, _) = parse(b"HTTP/1.1 204 No Content\r\n\r\n").unwrap().unwrap();
-        assert_eq!(empty.body_len, 0);
+        let empty = parse(b"HTTP/1.1 204 No Content\r\n\r\n").unwrap().unwrap();
+        assert_eq!(empty, (204, 27, 27));
         assert!(parse(b"garbage\r\n\r\n").is_err());
+    }
+
+    /// Answers sent in pieces, an interim 100 before the final answer, two
+    /// answers on one connection.
+    #[tokio::test]
+    async fn reads_answers_in_pieces_on_one_connection() {
+        use tokio::io::AsyncReadExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let answers: [&[&[u8]]; 2] = [
+            &[
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-le",
+                b"ngth: 5\r\n\r\nhel",
+                b"lo",
+            ],
+            &[b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 2\r\n\r\nno"],
+        ];
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            for pieces in answers {
+                let mut seen = Vec::new();
+                while !seen.ends_with(b"body") {
+                    let mut b = [0u8; 512];
+                    let n = s.read(&mut b).await.unwrap();
+                    assert!(n > 0, "client closed early");
+                    seen.extend_from_slice(&b[..n]);
+                }
+                for p in pieces {
+                    s.write_all(p).await.unwrap();
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+            }
+        });
+        let mut c = Connection::open(addr).await.unwrap();
+        let req = request("POST", addr, "/x", b"body");
+        let a = c.send(&req).await.unwrap();
+        assert_eq!((a.status, &a.body[..]), (200, &b"hello"[..]));
+        let b = c.send(&req).await.unwrap();
+        assert_eq!((b.status, &b.body[..]), (503, &b"no"[..]));
+        server.await.unwrap();
     }
 
     #[test]

@@ -169,7 +169,11 @@ pub async fn sequential(addr: SocketAddr, n: u64, make: MakeRequest) -> Result<(
     for seq in 0..n {
         let answer = conn.send(&make(0, seq)).await?;
         if !(200..300).contains(&answer.status) {
-            bail!("set-up request {seq} failed: {}", answer.status);
+            bail!(
+                "set-up request {seq} failed: {} {}",
+                answer.status,
+                String::from_utf8_lossy(&answer.body)
+            );
         }
     }
     Ok(())

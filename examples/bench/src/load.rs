@@ -32,6 +32,11 @@ pub struct Stats {
     /// The same for this process, the load generator (its clients' share of
     /// the machine, which the servers do not get).
     pub client_cpu_us_per_op: f64,
+    /// Successful requests per Raft log entry the run added (group commit:
+    /// how many writes shared an entry, its fsyncs and its replication
+    /// round), warm-up included; `None` when the system's log position is
+    /// unknown to the tool or the run added no entry (reads).
+    pub ops_per_entry: Option<f64>,
 }
 
 /// An empty latency histogram in microseconds: 1 µs to 60 s, 3 significant
@@ -88,6 +93,8 @@ pub struct Run {
     cpu_ticks: u64,
     /// This process's CPU ticks over the same time.
     client_cpu_ticks: u64,
+    /// Log entries the run added, if the system tells its log position.
+    entries: Option<u64>,
 }
 
 impl Stats {
@@ -96,6 +103,7 @@ impl Stats {
         let mut total = latency_histogram()?;
         let (mut ok, mut errors, mut measured) = (0, 0, Duration::ZERO);
         let (mut all_ok, mut cpu_ticks, mut client_cpu_ticks) = (0, 0, 0);
+        let mut entries = Some(0);
         for r in runs {
             total.add(&r.hist)?;
             ok += r.ok;
@@ -104,6 +112,7 @@ impl Stats {
             all_ok += r.all_ok;
             cpu_ticks += r.cpu_ticks;
             client_cpu_ticks += r.client_cpu_ticks;
+            entries = entries.zip(r.entries).map(|(a, b)| a + b);
         }
         let per_op = |ticks: u64| ticks as f64 * 10_000.0 / all_ok.max(1) as f64;
         Ok(Stats {
@@ -113,21 +122,34 @@ impl Stats {
             errors,
             cpu_us_per_op: per_op(cpu_ticks),
             client_cpu_us_per_op: per_op(client_cpu_ticks),
+            ops_per_entry: entries.filter(|&n| n > 0).map(|n| all_ok as f64 / n as f64),
         })
     }
 }
 
-/// Runs `clients` clients against `addr` for `warmup` + `measure`;
-/// `cpu_ticks()` tells the servers' CPU time so far (1/100 s).
-pub async fn run(
+/// What the tool can ask the system under test while it runs.
+pub struct Probes<C, L> {
+    /// The servers' CPU time so far (1/100 s).
+    pub cpu_ticks: C,
+    /// The system's Raft log position, if it tells one.
+    pub log_index: L,
+}
+
+/// Runs `clients` clients against `addr` for `warmup` + `measure`.
+pub async fn run<C, L>(
     addr: SocketAddr,
     clients: usize,
     warmup: Duration,
     measure: Duration,
     make: MakeRequest,
-    cpu_ticks: impl Fn() -> u64,
-) -> Result<Run> {
-    let cpu_before = cpu_ticks();
+    probes: &Probes<C, L>,
+) -> Result<Run>
+where
+    C: Fn() -> u64,
+    L: Fn() -> Option<u64>,
+{
+    let index_before = (probes.log_index)();
+    let cpu_before = (probes.cpu_ticks)();
     let client_before = crate::cluster::cpu_ticks_of(std::process::id());
     let start = Instant::now();
     let warmup_until = start + warmup;
@@ -157,9 +179,12 @@ pub async fn run(
         errors,
         measured: measure,
         all_ok: ok + warm,
-        cpu_ticks: cpu_ticks().saturating_sub(cpu_before),
+        cpu_ticks: (probes.cpu_ticks)().saturating_sub(cpu_before),
         client_cpu_ticks: crate::cluster::cpu_ticks_of(std::process::id())
             .saturating_sub(client_before),
+        entries: index_before
+            .zip((probes.log_index)())
+            .map(|(before, after)| after.saturating_sub(before)),
     })
 }
 
@@ -177,4 +202,35 @@ pub async fn sequential(addr: SocketAddr, n: u64, make: MakeRequest) -> Result<(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(all_ok: u64, entries: Option<u64>) -> Run {
+        Run {
+            hist: latency_histogram().unwrap(),
+            ok: all_ok,
+            errors: 0,
+            measured: Duration::from_secs(1),
+            all_ok,
+            cpu_ticks: 0,
+            client_cpu_ticks: 0,
+            entries,
+        }
+    }
+
+    #[test]
+    fn writes_per_entry_over_all_rounds() {
+        let s = Stats::from_runs(&[run(300, Some(10)), run(340, Some(10))]).unwrap();
+        assert_eq!(s.ops_per_entry, Some(32.0));
+        assert_eq!(s.ops_per_sec, 320.0);
+        // A round whose log position is unknown makes the whole figure unknown…
+        let s = Stats::from_runs(&[run(300, Some(10)), run(340, None)]).unwrap();
+        assert_eq!(s.ops_per_entry, None);
+        // …and reads, which add no entry, have none.
+        let s = Stats::from_runs(&[run(5000, Some(0))]).unwrap();
+        assert_eq!(s.ops_per_entry, None);
+    }
 }

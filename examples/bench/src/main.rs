@@ -199,11 +199,11 @@ impl Bench<'_> {
         let warmup = self.warmup / ROUNDS;
         let (mut ra, mut rb) = (Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
-            let ticks = || self.system_cpu_ticks(a.0);
-            ra.push(load::run(a.0, clients, warmup, slice, a.1.clone(), ticks).await?);
+            let probes = self.probes(a.0);
+            ra.push(load::run(a.0, clients, warmup, slice, a.1.clone(), &probes).await?);
             if let Some((addr, make)) = &b {
-                let ticks = || self.system_cpu_ticks(*addr);
-                rb.push(load::run(*addr, clients, warmup, slice, make.clone(), ticks).await?);
+                let probes = self.probes(*addr);
+                rb.push(load::run(*addr, clients, warmup, slice, make.clone(), &probes).await?);
             }
         }
         let b = if b.is_some() {
@@ -212,6 +212,27 @@ impl Bench<'_> {
             None
         };
         Ok((Stats::from_runs(&ra)?, b))
+    }
+
+    /// What a run against `addr` can ask: its system's CPU time, and for a
+    /// flagstone node its applied Raft index (`GET /v1/cluster`).
+    fn probes(
+        &self,
+        addr: SocketAddr,
+    ) -> load::Probes<impl Fn() -> u64 + '_, impl Fn() -> Option<u64> + '_> {
+        let flagstone = self
+            .systems
+            .first()
+            .is_some_and(|procs| procs.iter().any(|p| p.addr == addr));
+        load::Probes {
+            cpu_ticks: move || self.system_cpu_ticks(addr),
+            log_index: move || {
+                flagstone
+                    .then(|| cluster::http_json("GET", &format!("http://{addr}/v1/cluster"), None))
+                    .and_then(Result::ok)
+                    .and_then(|v| v["applied_index"].as_u64())
+            },
+        }
     }
 
     /// Every server process of both systems.
@@ -256,8 +277,12 @@ fn fmt(s: &Stats) -> String {
     } else {
         String::new()
     };
+    let batching = s
+        .ops_per_entry
+        .map(|n| format!(" {n:.1} writes/entry"))
+        .unwrap_or_default();
     format!(
-        "{:>9.0}/s  p50 {:>6} µs  p99 {:>7} µs  cpu {:>5.1} µs/op (client {:>4.1}){err}",
+        "{:>9.0}/s  p50 {:>6} µs  p99 {:>7} µs  cpu {:>5.1} µs/op (client {:>4.1}){batching}{err}",
         s.ops_per_sec, s.p50_us, s.p99_us, s.cpu_us_per_op, s.client_cpu_us_per_op
     )
 }
@@ -561,7 +586,9 @@ fn main() -> Result<()> {
     println!(
         "cpu µs/op: CPU time (user + system) of the system's three server processes per \
          successful request, warm-up included; (client …): the load generator's own, which \
-         shares the same two cores"
+         shares the same two cores; writes/entry (flagstone): successful writes per Raft log \
+         entry the scenario added, i.e. how many shared one append, its fsyncs and its \
+         replication round"
     );
     println!("resident memory per node (MiB), idle → after the run:");
     println!(

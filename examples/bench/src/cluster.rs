@@ -97,6 +97,16 @@ pub fn http_json(method: &str, url: &str, body: Option<&str>) -> Result<Value> {
     Ok(serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
 }
 
+/// A flagstone node's view of the cluster (`GET /v1/cluster`).
+fn cluster_view(addr: SocketAddr) -> Result<Value> {
+    http_json("GET", &format!("http://{addr}/v1/cluster"), None)
+}
+
+/// The highest Raft index a flagstone node has applied, if it answers.
+pub fn applied_index(addr: SocketAddr) -> Option<u64> {
+    cluster_view(addr).ok()?["applied_index"].as_u64()
+}
+
 fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Result<()> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
@@ -171,9 +181,7 @@ pub fn flagstone(
         || {
             let views: Vec<Value> = procs
                 .iter()
-                .filter_map(|p| {
-                    http_json("GET", &format!("http://{}/v1/cluster", p.addr), None).ok()
-                })
+                .filter_map(|p| cluster_view(p.addr).ok())
                 .collect();
             let ok = views.len() == 3
                 && views.iter().all(|v| {

@@ -38,6 +38,13 @@ pub struct Answer {
     pub body: Bytes,
 }
 
+impl Answer {
+    /// A 2xx status.
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+}
+
 /// One keep-alive connection.
 pub struct Connection {
     stream: TcpStream,

@@ -226,12 +226,7 @@ impl Bench<'_> {
             .is_some_and(|procs| procs.iter().any(|p| p.addr == addr));
         load::Probes {
             cpu_ticks: move || self.system_cpu_ticks(addr),
-            log_index: move || {
-                flagstone
-                    .then(|| cluster::http_json("GET", &format!("http://{addr}/v1/cluster"), None))
-                    .and_then(Result::ok)
-                    .and_then(|v| v["applied_index"].as_u64())
-            },
+            log_index: move || flagstone.then(|| cluster::applied_index(addr)).flatten(),
         }
     }
 

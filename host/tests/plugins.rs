@@ -152,6 +152,102 @@ async fn runaway_plugins_are_stopped_and_the_node_keeps_serving() {
     node.shutdown().await;
 }
 
+/// Writes that arrive together share Raft entries (group commit), and each
+/// still gets its own verdict: only the accepted ones are proposed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_share_entries_and_keep_their_own_verdicts() {
+    let (_dir, node) = single_with(&["flag_schema"]).await;
+    let c = client();
+    let good = r#"{"state":"ENABLED","variants":{"on":true,"off":false},"defaultVariant":"off"}"#;
+    let bad = r#"{"state":"ENABLED","variants":{"on":true},"defaultVariant":"gone"}"#;
+    let rejected = |i: usize| i % 3 == 0;
+    let before = node.cluster_info().applied_index;
+    let writes = (0..45).map(|i| {
+        let (c, url) = (c.clone(), url(&node, &format!("/v1/kv/flags/f{i}")));
+        let body = if rejected(i) { bad } else { good };
+        async move {
+            let r = c.put(url).body(body).send().await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        }
+    });
+    let answers = futures::future::join_all(writes).await;
+    let entries = node.cluster_info().applied_index - before;
+    println!("45 writes, 30 accepted, in {entries} entries");
+    for (i, (status, body)) in answers.iter().enumerate() {
+        if rejected(i) {
+            assert_eq!(*status, StatusCode::UNPROCESSABLE_ENTITY, "f{i}: {body}");
+            assert_eq!(body["error"]["plugin"], "flag-schema", "f{i}: {body}");
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(message.contains(&format!("flags/f{i}")), "f{i}: {body}");
+        } else {
+            assert_eq!(*status, StatusCode::OK, "f{i}: {body}");
+        }
+    }
+    for i in 0..45 {
+        let r = c
+            .get(url(&node, &format!("/v1/kv/flags/f{i}")))
+            .send()
+            .await
+            .unwrap();
+        if rejected(i) {
+            assert_eq!(r.status(), StatusCode::NOT_FOUND, "f{i} was stored");
+        } else {
+            assert_eq!(r.text().await.unwrap(), good, "f{i}");
+        }
+    }
+    // 30 accepted writes, sent at once: they shared entries.
+    assert!(entries < 30, "{entries} entries for 30 accepted writes");
+    node.shutdown().await;
+}
+
+/// A validator that once timed out runs on the blocking pool: concurrent
+/// writes it validates wait for it side by side, not one after another, and
+/// writes it does not validate are not held up by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspect_validator_costs_a_batch_one_deadline() {
+    let deadline = Duration::from_millis(300);
+    let limits = Limits {
+        validate: deadline,
+        ..Limits::default()
+    };
+    let (_dir, node) = single_with_limits(&["looper", "flag_schema"], limits).await;
+    let c = client();
+    let put = |key: String, body: &'static str| {
+        let (c, url) = (c.clone(), url(&node, &format!("/v1/kv/{key}")));
+        async move { c.put(url).body(body).send().await.unwrap().status() }
+    };
+    // The first timeout makes the looper suspect.
+    assert_eq!(
+        put("loop/first".into(), "x").await,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+
+    let t = Instant::now();
+    let writes = (0..20).map(|i| {
+        if i % 2 == 0 {
+            put(format!("loop/{i}"), "x")
+        } else {
+            put(format!("plain/{i}"), "x")
+        }
+    });
+    let statuses = futures::future::join_all(writes).await;
+    let took = t.elapsed();
+    println!("20 writes took {took:?}");
+    for (i, s) in statuses.iter().enumerate() {
+        let want = if i % 2 == 0 {
+            StatusCode::UNPROCESSABLE_ENTITY
+        } else {
+            StatusCode::OK
+        };
+        assert_eq!(*s, want, "write {i}");
+    }
+    // One after another, ten timed-out calls would take 3 s.
+    assert!(took < deadline * 8, "20 writes took {took:?}");
+    let looper = status_of(&c, &node, "looper").await;
+    assert_eq!(looper["counters"]["timeouts"], 11, "{looper}");
+    node.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_cap_is_obeyed_and_violated_as_configured() {
     // With a 2 GiB cap the memory bomb's 1 GiB fits and its write passes.

@@ -160,7 +160,7 @@ async fn concurrent_writes_share_entries_and_keep_their_own_verdicts() {
     let c = client();
     let good = r#"{"state":"ENABLED","variants":{"on":true,"off":false},"defaultVariant":"off"}"#;
     let bad = r#"{"state":"ENABLED","variants":{"on":true},"defaultVariant":"gone"}"#;
-    let rejected = |i: usize| i % 3 == 0;
+    let rejected = |i: usize| i.is_multiple_of(3);
     let before = node.cluster_info().applied_index;
     let writes = (0..45).map(|i| {
         let (c, url) = (c.clone(), url(&node, &format!("/v1/kv/flags/f{i}")));
@@ -223,8 +223,8 @@ async fn a_suspect_validator_costs_a_batch_one_deadline() {
     );
 
     let t = Instant::now();
-    let writes = (0..20).map(|i| {
-        if i % 2 == 0 {
+    let writes = (0..20usize).map(|i| {
+        if i.is_multiple_of(2) {
             put(format!("loop/{i}"), "x")
         } else {
             put(format!("plain/{i}"), "x")
@@ -234,7 +234,7 @@ async fn a_suspect_validator_costs_a_batch_one_deadline() {
     let took = t.elapsed();
     println!("20 writes took {took:?}");
     for (i, s) in statuses.iter().enumerate() {
-        let want = if i % 2 == 0 {
+        let want = if i.is_multiple_of(2) {
             StatusCode::UNPROCESSABLE_ENTITY
         } else {
             StatusCode::OK

@@ -117,6 +117,21 @@ impl<T, R> Coalescer<T, R> {
         answers
     }
 
+    /// Clones of the queued items (not yet taken by a runner) that `keep`
+    /// selects, in queue order. For work a runner can do ahead on the items
+    /// behind its batch while the batch runs; the items stay queued.
+    pub fn queued(&self, keep: impl Fn(&T) -> bool) -> Vec<T>
+    where
+        T: Clone,
+    {
+        self.lock()
+            .items
+            .iter()
+            .filter(|i| keep(i))
+            .cloned()
+            .collect()
+    }
+
     /// Waits for the answer behind `rx`; handed the runner slot, runs a
     /// batch (which holds this item: it is first in the queue) and waits on.
     async fn answer<C, F, Fut>(

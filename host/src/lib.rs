@@ -10,6 +10,8 @@
 //! - [`http`]: the axum router: key/value API, cluster API, Raft RPC server.
 //! - [`node`]: wires storage, Raft and HTTP together; the library API
 //!   ([`Node::set_custom_data`] and friends) and `run(listener, shutdown)`.
+//! - [`batcher`], [`validate`]: group commit of concurrent writes, and the
+//!   validator plugins that admit them, called back to back.
 //! - [`keys`]: key and value limits.
 //! - [`flags`]: flag evaluation from local state (plugins + plain booleans).
 //! - [`plugins`]: the WebAssembly plugin runtime.
@@ -27,5 +29,6 @@ pub mod peer;
 pub mod plugins;
 pub mod raft;
 pub mod read_index;
+pub mod validate;
 
 pub use node::{Node, NodeConfig, NodeError, WriteError, run};

@@ -4,9 +4,10 @@
 //!
 //! # Write path
 //! any node → (follower: forward to the leader over `/raft/forward-batch`, batched by
-//! `forward.rs`) → key and size checks → validator plugins → group commit
-//! (`batcher.rs`) → `raft.client_write` → log append (fsync per batch) alongside
-//! replication → commit → apply → revision returned.
+//! `forward.rs`) → key and size checks → group commit (`batcher.rs`), whose
+//! runners call the validator plugins on the queued writes back to back
+//! (`validate.rs`) → `raft.client_write` → log append (fsync per batch)
+//! alongside replication → commit → apply → revision returned.
 //!
 //! # Read path
 //! Local reads answer from this node's applied state. A linearizable read first
@@ -34,13 +35,14 @@ pub use crate::error::{ClusterError, NodeError, ReadError, WriteError};
 use crate::forward::Forwarder;
 use crate::keys::{MAX_VALUE_BYTES, validate_key};
 use crate::peer::PeerClient;
-use crate::plugins::{Limits, PluginHost, Validators, types as wit};
+use crate::plugins::{Limits, PluginHost};
 use crate::raft::follower_read::{LeaderView, ReadIndexRequest, confirmed_read_index};
 use crate::raft::network::Network;
 use crate::raft::{
     Command, CommandResult, KvReader, NodeId, Precondition, Raft, ValueRecord, open_storage,
 };
 use crate::read_index::ReadIndexBatcher;
+use crate::validate::Validation;
 
 /// How long a request waits for an election before answering "no leader".
 const LEADER_WAIT: Duration = Duration::from_secs(3);
@@ -600,39 +602,39 @@ impl Node {
         }
     }
 
-    /// Proposes a command on this node, which must be the leader. Validator
-    /// plugins run here, between the checks and the proposal; concurrent
-    /// writes are then proposed together (see `batcher.rs`).
+    /// Proposes a command on this node, which must be the leader. Concurrent
+    /// writes are proposed together (see `batcher.rs`); the validator plugins
+    /// admit each before its batch is proposed, back to back with the other
+    /// writes queued (`validate.rs`).
     pub async fn write_local(&self, cmd: Command) -> Result<CommandResult, WriteError> {
-        self.admit(&cmd).await?;
-        self.batcher.submit(cmd, |c| self.propose(c)).await
+        self.check(&cmd)?;
+        self.batcher
+            .submit(cmd, &self.validation(), |c| self.propose(c))
+            .await
     }
 
     /// [`Node::write_local`] for writes that arrived together (a follower's
-    /// forwarded batch): each is checked and validated on its own, and those
-    /// admitted are queued for proposal at once, so they share one entry
-    /// instead of the first going alone. One result per write, in order.
+    /// forwarded batch): each is checked on its own, and those that pass are
+    /// queued for proposal at once, so they share one entry instead of the
+    /// first going alone. One result per write, in order.
     pub async fn write_local_all(
         &self,
         cmds: Vec<Command>,
     ) -> Vec<Result<CommandResult, WriteError>> {
-        // Validated concurrently: a validator on the blocking pool (one
-        // that once timed out) does not hold up the others.
-        let verdicts = futures::future::join_all(cmds.iter().map(|c| self.admit(c))).await;
         let mut answers = Vec::with_capacity(cmds.len());
-        let mut admitted = Vec::with_capacity(cmds.len());
-        for (cmd, verdict) in cmds.into_iter().zip(verdicts) {
-            match verdict {
+        let mut passed = Vec::with_capacity(cmds.len());
+        for cmd in cmds {
+            match self.check(&cmd) {
                 Ok(()) => {
                     answers.push(None);
-                    admitted.push(cmd);
+                    passed.push(cmd);
                 }
                 Err(e) => answers.push(Some(Err(e))),
             }
         }
         let mut results = self
             .batcher
-            .submit_all(admitted, |c| self.propose(c))
+            .submit_all(passed, &self.validation(), |c| self.propose(c))
             .await
             .into_iter();
         answers
@@ -647,10 +649,9 @@ impl Node {
             .collect()
     }
 
-    /// The checks a write passes before it is proposed: a single key within
-    /// the key rules, a value within the size limit, and every matching
-    /// validator plugin's approval.
-    async fn admit(&self, cmd: &Command) -> Result<(), WriteError> {
+    /// The checks a write passes before it is queued: a single key within
+    /// the key rules and a value within the size limit.
+    fn check(&self, cmd: &Command) -> Result<(), WriteError> {
         let Some(key) = cmd.key() else {
             return Err(WriteError::InvalidKey(
                 "batches are formed by the leader only".into(),
@@ -662,7 +663,15 @@ impl Node {
         {
             return Err(WriteError::ValueTooLarge(value.len()));
         }
-        self.run_validators(cmd).await
+        Ok(())
+    }
+
+    /// What admits this node's writes: its validator plugins.
+    fn validation(&self) -> Validation<'_> {
+        Validation {
+            host: self.plugins.as_ref(),
+            reader: &self.reader,
+        }
     }
 
     async fn propose(&self, cmd: Command) -> Result<CommandResult, WriteError> {
@@ -676,59 +685,6 @@ impl Node {
             Err(RaftError::APIError(e)) => Err(WriteError::Unavailable(e.to_string())),
             Err(RaftError::Fatal(e)) => Err(WriteError::Unavailable(e.to_string())),
         }
-    }
-
-    /// Runs the validator plugins that match the key (none: nothing to do).
-    async fn run_validators(&self, cmd: &Command) -> Result<(), WriteError> {
-        let Some(host) = &self.plugins else {
-            return Ok(());
-        };
-        let Some(key) = cmd.key() else {
-            return Ok(());
-        };
-        let clean = match host.validators_of(key) {
-            Validators::None => return Ok(()),
-            Validators::Clean => true,
-            Validators::Suspect => false,
-        };
-        let current = self
-            .reader
-            .get(key)
-            .map_err(|e| WriteError::Unavailable(e.to_string()))?
-            .map(|r| wit::Entry {
-                value: r.value.clone(),
-                content_type: r.content_type.clone(),
-                revision: r.revision,
-            });
-        let (value, content_type) = match cmd {
-            Command::Put {
-                value,
-                content_type,
-                ..
-            } => (Some(value.clone()), content_type.clone()),
-            _ => (None, None),
-        };
-        let write = wit::Write {
-            key: key.to_owned(),
-            value,
-            content_type,
-            current,
-        };
-        // A validator call with a clean record takes microseconds: run it
-        // here. One that ever timed out (or just failed) runs on the blocking
-        // pool, so a looping plugin costs at most one deadline on a worker.
-        let verdict = if clean {
-            host.validate(&write)
-        } else {
-            let host = host.clone();
-            tokio::task::spawn_blocking(move || host.validate(&write))
-                .await
-                .map_err(|e| WriteError::Unavailable(format!("validator task: {e}")))?
-        };
-        verdict.map_err(|r| WriteError::RejectedByPlugin {
-            plugin: r.plugin,
-            message: r.message,
-        })
     }
 
     /// On the leader: the index a linearizable read must wait for, after

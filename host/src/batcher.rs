@@ -117,6 +117,35 @@ where
     }
 }
 
+/// Runs `run` on the writes that passed (`Ok`) and puts each answer in its
+/// write's place: one answer per write, in order; a write that failed answers
+/// its error, one that passed but got no answer from `run`, `missing()`.
+pub async fn in_order<Fut>(
+    writes: impl IntoIterator<Item = Result<Command, WriteError>>,
+    run: impl FnOnce(Vec<Command>) -> Fut,
+    missing: fn() -> Result<CommandResult, WriteError>,
+) -> Vec<Result<CommandResult, WriteError>>
+where
+    Fut: Future<Output = Vec<Result<CommandResult, WriteError>>>,
+{
+    let mut answers = Vec::new();
+    let mut passed = Vec::new();
+    for write in writes {
+        match write {
+            Ok(cmd) => {
+                answers.push(None);
+                passed.push(cmd);
+            }
+            Err(e) => answers.push(Some(Err(e))),
+        }
+    }
+    let mut results = run(passed).await.into_iter();
+    answers
+        .into_iter()
+        .map(|answer| answer.or_else(|| results.next()).unwrap_or_else(missing))
+        .collect()
+}
+
 /// Gives every write of `batch` that has no verdict yet its validators'
 /// verdict: inline ones back to back, blocking-pool ones side by side.
 async fn verify<A: Admit>(admit: &A, batch: &[Item]) {
@@ -240,34 +269,29 @@ impl WriteBatcher {
         Fut: Future<Output = Result<CommandResult, WriteError>>,
     {
         verify(admit, &batch).await;
-        let mut answers = Vec::with_capacity(batch.len());
-        let mut admitted = Vec::with_capacity(batch.len());
-        for item in batch {
-            match item.verdict.get() {
-                Some(Ok(())) => {
-                    answers.push(None);
-                    admitted.push(into_command(item));
+        let verdicts = batch.into_iter().map(|item| match item.verdict.get() {
+            Some(Ok(())) => Ok(into_command(item)),
+            Some(Err(e)) => Err(e.clone()),
+            None => Err(WriteError::Unavailable(
+                "a write got no validator verdict".into(),
+            )),
+        });
+        in_order(
+            verdicts,
+            |admitted| async move {
+                let proposal = propose_batch(propose, admitted);
+                tokio::pin!(proposal);
+                loop {
+                    tokio::select! {
+                        biased;
+                        results = &mut proposal => break results,
+                        () = self.ahead.notified() => self.validate_ahead(admit),
+                    }
                 }
-                Some(Err(e)) => answers.push(Some(Err(e.clone()))),
-                None => answers.push(Some(Err(WriteError::Unavailable(
-                    "a write got no validator verdict".into(),
-                )))),
-            }
-        }
-        let proposal = propose_batch(propose, admitted);
-        tokio::pin!(proposal);
-        let mut results = loop {
-            tokio::select! {
-                biased;
-                results = &mut proposal => break results,
-                () = self.ahead.notified() => self.validate_ahead(admit),
-            }
-        }
-        .into_iter();
-        answers
-            .into_iter()
-            .map(|answer| answer.or_else(|| results.next()).unwrap_or_else(cancelled))
-            .collect()
+            },
+            cancelled,
+        )
+        .await
     }
 
     /// Validates the queued writes that need it and can be validated inline,

@@ -30,7 +30,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 
-use crate::batcher::WriteBatcher;
+use crate::batcher::{self, WriteBatcher};
 pub use crate::error::{ClusterError, NodeError, ReadError, WriteError};
 use crate::forward::Forwarder;
 use crate::keys::{MAX_VALUE_BYTES, validate_key};
@@ -621,32 +621,21 @@ impl Node {
         &self,
         cmds: Vec<Command>,
     ) -> Vec<Result<CommandResult, WriteError>> {
-        let mut answers = Vec::with_capacity(cmds.len());
-        let mut passed = Vec::with_capacity(cmds.len());
-        for cmd in cmds {
-            match self.check(&cmd) {
-                Ok(()) => {
-                    answers.push(None);
-                    passed.push(cmd);
-                }
-                Err(e) => answers.push(Some(Err(e))),
-            }
-        }
-        let mut results = self
-            .batcher
-            .submit_all(passed, &self.validation(), |c| self.propose(c))
-            .await
-            .into_iter();
-        answers
-            .into_iter()
-            .map(|answer| {
-                answer.or_else(|| results.next()).unwrap_or_else(|| {
-                    Err(WriteError::Unavailable(
-                        "a write of the batch got no answer".into(),
-                    ))
-                })
-            })
-            .collect()
+        let checked = cmds.into_iter().map(|cmd| self.check(&cmd).map(|()| cmd));
+        let validation = self.validation();
+        batcher::in_order(
+            checked,
+            |passed| {
+                self.batcher
+                    .submit_all(passed, &validation, |c| self.propose(c))
+            },
+            || {
+                Err(WriteError::Unavailable(
+                    "a write of the batch got no answer".into(),
+                ))
+            },
+        )
+        .await
     }
 
     /// The checks a write passes before it is queued: a single key within

@@ -46,6 +46,7 @@ struct Queue<T, R> {
 pub struct Coalescer<T, R> {
     queue: Mutex<Queue<T, R>>,
     max_inflight: usize,
+    gather: bool,
 }
 
 impl<T, R> Coalescer<T, R> {
@@ -58,6 +59,20 @@ impl<T, R> Coalescer<T, R> {
                 running: 0,
             }),
             max_inflight: max_inflight.max(1),
+            gather: false,
+        }
+    }
+
+    /// A coalescer whose runners, when they start on their own (not handed
+    /// the slot by a previous runner), yield once before taking their batch:
+    /// the calls that became ready together with theirs (other connections
+    /// made readable by the same I/O event) then join it. For batches whose
+    /// work is short and synchronous, which would otherwise be run alone as
+    /// soon as each call arrives.
+    pub fn gathering(max_inflight: usize) -> Self {
+        Coalescer {
+            gather: true,
+            ..Self::new(max_inflight)
         }
     }
 
@@ -108,7 +123,7 @@ impl<T, R> Coalescer<T, R> {
             lead
         };
         if lead {
-            self.lead(&cut, &run).await;
+            self.lead(&cut, &run, self.gather).await;
         }
         let mut answers = Vec::with_capacity(waiting.len());
         for rx in waiting {
@@ -150,7 +165,7 @@ impl<T, R> Coalescer<T, R> {
                 Ok(Msg::Done(answer)) => return Some(answer),
                 Ok(Msg::Lead(next)) => {
                     // The slot came with the message: `running` already counts it.
-                    self.lead(cut, run).await;
+                    self.lead(cut, run, false).await;
                     rx = next;
                 }
                 Err(_) => return None,
@@ -158,16 +173,20 @@ impl<T, R> Coalescer<T, R> {
         }
     }
 
-    /// Runs one batch holding a runner slot, then passes the slot on.
-    async fn lead<C, F, Fut>(&self, cut: &C, run: &F)
+    /// Runs one batch holding a runner slot, then passes the slot on;
+    /// `gather`: yield once first (see [`Coalescer::gathering`]).
+    async fn lead<C, F, Fut>(&self, cut: &C, run: &F, gather: bool)
     where
         C: Fn(&[T]) -> usize,
         F: Fn(Vec<T>) -> Fut,
         Fut: Future<Output = Vec<R>>,
     {
         // Passes the slot on as it drops: after the batch, when the queue is
-        // empty, or when this future is dropped mid-batch.
+        // empty, or when this future is dropped mid-batch (or mid-yield).
         let _slot = Slot { owner: self };
+        if gather {
+            tokio::task::yield_now().await;
+        }
         let (items, replies) = {
             let mut q = self.lock();
             if q.items.is_empty() {
@@ -272,6 +291,40 @@ mod tests {
         assert_eq!(got, vec![Some(50), Some(60), Some(70)]);
         assert_eq!(batches.load(Ordering::SeqCst), 3);
         assert_eq!(c.call_all(vec![], |q| q.len(), &run).await, vec![]);
+    }
+
+    /// `n` tasks that become ready together, each calling `c` with a
+    /// synchronous `run`; returns the sizes of the batches that ran.
+    async fn ready_together(c: Arc<Coalescer<u32, u32>>, n: u32) -> Vec<usize> {
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let tasks: Vec<_> = (0..n)
+            .map(|i| {
+                let (c, sizes) = (c.clone(), sizes.clone());
+                tokio::spawn(async move {
+                    let run = |items: Vec<u32>| {
+                        sizes.lock().unwrap().push(items.len());
+                        std::future::ready(items.into_iter().map(|i| i + 1).collect())
+                    };
+                    c.call(i, |q| q.len(), run).await
+                })
+            })
+            .collect();
+        for (i, t) in tasks.into_iter().enumerate() {
+            assert_eq!(t.await.unwrap(), Some(i as u32 + 1));
+        }
+        // Every task is done and has dropped its clone.
+        Arc::try_unwrap(sizes).unwrap().into_inner().unwrap()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_gathering_runner_takes_the_calls_ready_with_it() {
+        // On one thread the spawned tasks run in turn. A plain runner finds
+        // only its own call queued; a gathering one yields first, and the
+        // other nine queue theirs meanwhile.
+        let plain = ready_together(Arc::new(Coalescer::new(1)), 10).await;
+        assert_eq!(plain, vec![1; 10]);
+        let gathered = ready_together(Arc::new(Coalescer::gathering(1)), 10).await;
+        assert_eq!(gathered, vec![10]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

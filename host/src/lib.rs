@@ -13,13 +13,16 @@
 //! - [`batcher`], [`validate`]: group commit of concurrent writes, and the
 //!   validator plugins that admit them, called back to back.
 //! - [`keys`]: key and value limits.
-//! - [`flags`]: flag evaluation from local state (plugins + plain booleans).
+//! - [`flags`]: flag evaluation from local state (plugins + plain booleans);
+//!   [`evaluations`]: single-flag evaluations that arrive together, run back
+//!   to back.
 //! - [`plugins`]: the WebAssembly plugin runtime.
 //! - `main.rs`: the `flagstone` binary (argument parsing and logging only).
 
 pub mod batcher;
 pub mod coalesce;
 pub mod error;
+pub mod evaluations;
 pub mod flags;
 pub mod forward;
 pub mod http;

@@ -32,9 +32,11 @@ use tokio::task::JoinHandle;
 
 use crate::batcher::{self, WriteBatcher};
 pub use crate::error::{ClusterError, NodeError, ReadError, WriteError};
+use crate::evaluations::Evaluations;
 use crate::forward::Forwarder;
 use crate::keys::{MAX_VALUE_BYTES, validate_key};
 use crate::peer::PeerClient;
+use crate::plugins::types::{EvalContext, Evaluation, EvaluationError};
 use crate::plugins::{Limits, PluginHost};
 use crate::raft::follower_read::{LeaderView, ReadIndexRequest, confirmed_read_index};
 use crate::raft::network::Network;
@@ -178,6 +180,7 @@ pub struct Node {
     peers: PeerClient,
     membership_lock: Mutex<()>,
     plugins: Option<Arc<PluginHost>>,
+    evaluations: Evaluations,
     read_index: ReadIndexBatcher,
     batcher: WriteBatcher,
     forwarder: Forwarder,
@@ -275,6 +278,9 @@ impl Node {
             peers,
             membership_lock: Mutex::new(()),
             plugins,
+            evaluations: Evaluations::new(
+                tokio::runtime::Handle::current().metrics().num_workers(),
+            ),
             read_index: ReadIndexBatcher::default(),
             batcher: WriteBatcher::new(crate::batcher::DEFAULT_INFLIGHT),
             forwarder: Forwarder::default(),
@@ -402,6 +408,18 @@ impl Node {
     /// The plugin host, when the node runs with a plugins directory.
     pub fn plugins(&self) -> Option<&Arc<PluginHost>> {
         self.plugins.as_ref()
+    }
+
+    /// Evaluates flag `key` for `ctx` from local state, in a batch with the
+    /// single-flag evaluations that arrive with it (see [`crate::evaluations`]).
+    pub async fn evaluate(
+        &self,
+        key: String,
+        ctx: EvalContext,
+    ) -> Result<Evaluation, EvaluationError> {
+        self.evaluations
+            .evaluate(&self.reader, self.plugins.as_deref(), key, ctx)
+            .await
     }
 
     /// The peer client.

@@ -412,3 +412,54 @@ async fn bulk_evaluation_answers_every_one_of_many_plain_flags() {
     assert_eq!((s, &b["value"]), (StatusCode::OK, &json!(true)));
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_single_evaluations_each_get_their_own_answer() {
+    // Concurrent single-flag requests share evaluation batches; each must
+    // still get the answer for its own flag and context, as it gets alone.
+    let (_dir, node) = node_with_flags(true).await;
+    let flags = [
+        "split-flag",
+        "bool-flag",
+        "str-flag",
+        "broken-flag",
+        "no-such-flag",
+        "new_ui",
+    ];
+    let requests: Vec<(&str, String)> = (0..96)
+        .map(|i| {
+            let body = format!(r#"{{"context":{{"targetingKey":"user-{i}"}}}}"#);
+            (flags[i % flags.len()], body)
+        })
+        .collect();
+    let mut alone = Vec::new();
+    for (flag, body) in &requests {
+        alone.push(single(&node, flag, body).await);
+    }
+    let variants: std::collections::BTreeSet<_> = requests
+        .iter()
+        .zip(&alone)
+        .filter(|((flag, _), _)| *flag == "split-flag")
+        .map(|(_, (_, b))| b["variant"].to_string())
+        .collect();
+    assert_eq!(
+        variants.len(),
+        2,
+        "the split gave one variant: {variants:?}"
+    );
+    let statuses: std::collections::BTreeSet<_> = alone.iter().map(|(s, _)| s.as_u16()).collect();
+    assert_eq!(statuses, [200, 400, 404].into());
+
+    for round in 0..3 {
+        let together = futures::future::join_all(
+            requests
+                .iter()
+                .map(|(flag, body)| single(&node, flag, body)),
+        )
+        .await;
+        for (i, (got, want)) in together.iter().zip(&alone).enumerate() {
+            assert_eq!(got, want, "round {round}, request {i} ({})", requests[i].0);
+        }
+    }
+    node.shutdown().await;
+}

@@ -30,7 +30,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::broadcast::{self, error::RecvError};
 
 use super::kv::wants_linearizable;
-use crate::flags::{PlainFlags, bulk_etag, evaluate, evaluate_by_plugins, flag_keys, is_flag_key};
+use crate::flags::{PlainFlags, bulk_etag, evaluate_by_plugins, flag_keys, is_flag_key};
 use crate::node::Node;
 use crate::plugins::types::{ErrorCode, EvalContext, Evaluation, FlagValue, MetadataValue, Reason};
 use crate::raft::Change;
@@ -309,7 +309,7 @@ pub async fn evaluate_one(
     if let Err(resp) = barrier(&node, Some(&key), params).await {
         return resp;
     }
-    match evaluate(node.reader(), node.plugins().map(|p| &**p), &key, &ctx) {
+    match node.evaluate(key.clone(), ctx).await {
         Ok(e) => json_response(StatusCode::OK, &success(&key, &e)),
         Err(e) => {
             let status = if e.code == ErrorCode::FlagNotFound {

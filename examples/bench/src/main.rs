@@ -50,6 +50,10 @@ struct Args {
     /// Run this `flagstone` binary instead of building one (to compare builds).
     #[arg(long)]
     flagstone_bin: Option<PathBuf>,
+    /// Also print every round of each scenario (rate and CPU per request) to
+    /// stderr, to see whether a paired ratio comes from one disturbed round.
+    #[arg(long)]
+    each_round: bool,
 }
 
 const VALUE_LEN: usize = 256;
@@ -149,6 +153,8 @@ struct Bench<'a> {
     systems: Vec<Vec<&'a cluster::Proc>>,
     /// How long each scenario waited for the servers to go quiet.
     waited: std::sync::Mutex<Vec<f64>>,
+    /// Print each round (`--each-round`).
+    each_round: bool,
 }
 
 /// A server counts as quiet below this share of one core…
@@ -198,12 +204,26 @@ impl Bench<'_> {
         let slice = self.measure / ROUNDS;
         let warmup = self.warmup / ROUNDS;
         let (mut ra, mut rb) = (Vec::new(), Vec::new());
-        for _ in 0..ROUNDS {
+        for round in 1..=ROUNDS {
             let probes = self.probes(a.0);
             ra.push(load::run(a.0, clients, warmup, slice, a.1.clone(), &probes).await?);
             if let Some((addr, make)) = &b {
                 let probes = self.probes(*addr);
                 rb.push(load::run(*addr, clients, warmup, slice, make.clone(), &probes).await?);
+            }
+            if self.each_round {
+                let line = |runs: &[load::Run]| {
+                    runs.last()
+                        .and_then(|r| Stats::from_runs(std::slice::from_ref(r)).ok())
+                        .map(|s| {
+                            format!(
+                                "{:>8.0}/s cpu {:>6.1} µs/op",
+                                s.ops_per_sec, s.cpu_us_per_op
+                            )
+                        })
+                        .unwrap_or_default()
+                };
+                eprintln!("  round {round}/{ROUNDS}: {} | {}", line(&ra), line(&rb));
             }
         }
         let b = if b.is_some() {
@@ -440,6 +460,7 @@ fn main() -> Result<()> {
             .chain(etcd.iter().map(|(p, _)| p.iter().collect()))
             .collect(),
         waited: Default::default(),
+        each_round: args.each_round,
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()

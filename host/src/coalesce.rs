@@ -1,6 +1,8 @@
 //! Coalescing concurrent calls into batches, the shape shared by group
-//! commit (`batcher.rs`), read-index sharing (`read_index.rs`) and a
-//! follower's forwarding of writes to the leader (`forward.rs`).
+//! commit (`batcher.rs`), read-index sharing (`read_index.rs`), a
+//! follower's forwarding of writes to the leader (`forward.rs`) and
+//! single-flag evaluations (`evaluations.rs`, whose runners gather first:
+//! [`Coalescer::gathering`]).
 //!
 //! A caller queues its item. If fewer than `max_inflight` runners are active
 //! it becomes one: it takes a batch from the queue (every item in it arrived

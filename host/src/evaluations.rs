@@ -12,13 +12,23 @@
 //!
 //! There is one runner slot per runtime worker, so a slow evaluator holds
 //! back the batch it is in, as it held back its worker before, and not
-//! every evaluation on the node.
+//! every evaluation on the node. A runner yields again whenever its batch
+//! has run for [`YIELD_AFTER`], so the worker's other tasks (Raft
+//! heartbeats, other requests) wait for one call at most, as they did
+//! before, not for a whole batch of calls near their deadline. If the
+//! runner's own request goes away during such a yield, the rest of its
+//! batch is evaluated by each caller itself.
+
+use std::time::{Duration, Instant};
 
 use crate::coalesce::Coalescer;
 use crate::flags::evaluate;
 use crate::plugins::PluginHost;
-use crate::plugins::types::{ErrorCode, EvalContext, Evaluation, EvaluationError};
+use crate::plugins::types::{EvalContext, Evaluation, EvaluationError};
 use crate::raft::KvReader;
+
+/// How long a runner evaluates before it lets its worker run other tasks.
+pub const YIELD_AFTER: Duration = Duration::from_millis(1);
 
 /// One queued evaluation: the flag key and the request's context.
 type Job = (String, EvalContext);
@@ -52,23 +62,26 @@ impl Evaluations {
         if plugins.is_none() {
             return evaluate(reader, None, &key, &ctx);
         }
-        let run = |batch: Vec<Job>| {
-            let answers: Vec<Answer> = batch
-                .iter()
-                .map(|(key, ctx)| evaluate(reader, plugins, key, ctx))
-                .collect();
-            std::future::ready(answers)
+        let run = |batch: Vec<Job>| async move {
+            let mut answers = Vec::with_capacity(batch.len());
+            let mut since = Instant::now();
+            for (key, ctx) in &batch {
+                if since.elapsed() >= YIELD_AFTER {
+                    tokio::task::yield_now().await;
+                    since = Instant::now();
+                }
+                answers.push(evaluate(reader, plugins, key, ctx));
+            }
+            answers
         };
-        self.queue
-            .call((key, ctx), |queued| queued.len(), run)
+        match self
+            .queue
+            .call((key.clone(), ctx.clone()), |queued| queued.len(), run)
             .await
-            // The batch is evaluated synchronously once taken, so a runner
-            // cannot be dropped between taking this job and answering it.
-            .unwrap_or_else(|| {
-                Err(EvaluationError {
-                    code: ErrorCode::General,
-                    message: "the evaluation got no answer".into(),
-                })
-            })
+        {
+            Some(answer) => answer,
+            // The runner's request went away while its batch yielded.
+            None => evaluate(reader, plugins, &key, &ctx),
+        }
     }
 }

@@ -248,6 +248,64 @@ async fn a_suspect_validator_costs_a_batch_one_deadline() {
     node.shutdown().await;
 }
 
+/// Single-flag evaluations run in batches (`evaluations.rs`). With an
+/// evaluator that runs to its deadline every time, a batch must still let
+/// the worker's other tasks run between its calls, as inline calls did, not
+/// hold them up for the whole batch. One worker thread, so that the batch
+/// and the other tasks cannot go to different threads.
+#[tokio::test(flavor = "current_thread")]
+async fn a_batch_of_looping_evaluations_lets_other_tasks_run() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let deadline = Duration::from_millis(100);
+    let limits = Limits {
+        evaluate: deadline,
+        ..Limits::default()
+    };
+    let (_dir, node) = single_with_limits(&["looper"], limits).await;
+    // A task that sleeps 10 ms at a time records how late it wakes.
+    let latest = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let ticker = {
+        let (latest, stop) = (latest.clone(), stop.clone());
+        tokio::spawn(async move {
+            let tick = Duration::from_millis(10);
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                tokio::time::sleep(tick).await;
+                let late = t.elapsed().saturating_sub(tick).as_micros() as u64;
+                latest.fetch_max(late, Ordering::Relaxed);
+            }
+        })
+    };
+    let c = client();
+    let evaluations = (0..16).map(|i| {
+        let req = c
+            .post(url(&node, &format!("/ofrep/v1/evaluate/flags/loop-{i}")))
+            .body("{}");
+        async move { req.send().await.unwrap().json::<Value>().await.unwrap() }
+    });
+    let t = Instant::now();
+    let answers = futures::future::join_all(evaluations).await;
+    let took = t.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    ticker.await.unwrap();
+    for body in &answers {
+        assert_eq!(body["errorCode"], "GENERAL", "{body}");
+        let details = body["errorDetails"].as_str().unwrap();
+        assert!(details.contains("looper"), "{body}");
+    }
+    let late = Duration::from_micros(latest.load(Ordering::Relaxed));
+    println!("16 evaluations took {took:?}; the ticker woke at most {late:?} late");
+    // Each call runs to its deadline: 1.6 s in all, on the one thread.
+    assert!(took >= deadline * 16, "16 evaluations took {took:?}");
+    // Between two calls the ticker gets its turn: it waits for one or two
+    // calls, not for the batch (a batch of 16 held it up 1.6 s).
+    assert!(late < deadline * 4, "the ticker woke {late:?} late");
+    let looper = status_of(&c, &node, "looper").await;
+    assert_eq!(looper["counters"]["timeouts"], 16, "{looper}");
+    node.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_cap_is_obeyed_and_violated_as_configured() {
     // With a 2 GiB cap the memory bomb's 1 GiB fits and its write passes.

@@ -1,5 +1,6 @@
 //! Test plugin `looper`: `validate-write` and `evaluate` never return (an infinite loop the
-//! optimizer cannot remove). The host's epoch deadline must interrupt them.
+//! optimizer cannot remove). The host's epoch deadline must interrupt them. Its keys are
+//! `loop/…` and the flags named `loop…` (`flags/loop…`).
 
 use flagstone_sdk::{EvalContext, EvalError, Evaluation, Hook, Plugin, PluginInfo, Write};
 
@@ -8,7 +9,7 @@ struct Looper;
 impl Plugin for Looper {
     fn info() -> PluginInfo {
         PluginInfo::new("looper", env!("CARGO_PKG_VERSION"))
-            .prefixes(["loop/"])
+            .prefixes(["loop/", "flags/loop"])
             .hooks([Hook::ValidateWrite, Hook::Evaluate])
     }
 

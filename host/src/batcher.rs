@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use crate::coalesce::Coalescer;
+use crate::coalesce::{Coalescer, Stretch};
 use crate::error::WriteError;
 use crate::raft::{Command, CommandResult};
 use crate::validate::Admit;
@@ -150,7 +150,7 @@ where
 /// verdict: inline ones back to back, blocking-pool ones side by side.
 async fn verify<A: Admit>(admit: &A, batch: &[Item]) {
     let mut blocking = Vec::new();
-    let mut held = Instant::now();
+    let mut held = Stretch::new(HOLD_AT_MOST);
     for item in batch.iter().filter(|i| i.verdict.get().is_none()) {
         match admit.now(&item.cmd) {
             Some(v) => {
@@ -158,10 +158,7 @@ async fn verify<A: Admit>(admit: &A, batch: &[Item]) {
             }
             None => blocking.push((item, admit.blocking(&item.cmd))),
         }
-        if held.elapsed() >= HOLD_AT_MOST {
-            tokio::task::yield_now().await;
-            held = Instant::now();
-        }
+        held.pause().await;
     }
     for (item, task) in blocking {
         let v = task

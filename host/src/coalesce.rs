@@ -24,6 +24,7 @@
 
 use std::future::Future;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -232,6 +233,32 @@ struct Slot<'a, T, R> {
 impl<T, R> Drop for Slot<'_, T, R> {
     fn drop(&mut self) {
         pass_slot(&mut self.owner.lock());
+    }
+}
+
+/// A stretch of synchronous work a runner does on its worker (validator or
+/// evaluator calls back to back): [`Stretch::pause`] lets the worker's other
+/// tasks run once the stretch has lasted `at_most`, then starts a new one.
+pub struct Stretch {
+    started: Instant,
+    at_most: Duration,
+}
+
+impl Stretch {
+    /// A stretch starting now.
+    pub fn new(at_most: Duration) -> Self {
+        Stretch {
+            started: Instant::now(),
+            at_most,
+        }
+    }
+
+    /// Yields once if the stretch has lasted `at_most`.
+    pub async fn pause(&mut self) {
+        if self.started.elapsed() >= self.at_most {
+            tokio::task::yield_now().await;
+            self.started = Instant::now();
+        }
     }
 }
 

@@ -19,9 +19,10 @@
 //! runner's own request goes away during such a yield, the rest of its
 //! batch is evaluated by each caller itself.
 
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use crate::coalesce::Coalescer;
+use crate::coalesce::{Coalescer, Stretch};
 use crate::flags::evaluate;
 use crate::plugins::PluginHost;
 use crate::plugins::types::{EvalContext, Evaluation, EvaluationError};
@@ -30,8 +31,9 @@ use crate::raft::KvReader;
 /// How long a runner evaluates before it lets its worker run other tasks.
 pub const YIELD_AFTER: Duration = Duration::from_millis(1);
 
-/// One queued evaluation: the flag key and the request's context.
-type Job = (String, EvalContext);
+/// One queued evaluation: the flag key and the request's context (shared
+/// with its caller, which evaluates it itself if its runner goes away).
+type Job = Arc<(String, EvalContext)>;
 
 type Answer = Result<Evaluation, EvaluationError>;
 
@@ -56,32 +58,31 @@ impl Evaluations {
         &self,
         reader: &KvReader,
         plugins: Option<&PluginHost>,
-        key: String,
+        key: &str,
         ctx: EvalContext,
     ) -> Answer {
         if plugins.is_none() {
-            return evaluate(reader, None, &key, &ctx);
+            return evaluate(reader, None, key, &ctx);
         }
         let run = |batch: Vec<Job>| async move {
             let mut answers = Vec::with_capacity(batch.len());
-            let mut since = Instant::now();
-            for (key, ctx) in &batch {
-                if since.elapsed() >= YIELD_AFTER {
-                    tokio::task::yield_now().await;
-                    since = Instant::now();
-                }
+            let mut stretch = Stretch::new(YIELD_AFTER);
+            for job in &batch {
+                stretch.pause().await;
+                let (key, ctx) = &**job;
                 answers.push(evaluate(reader, plugins, key, ctx));
             }
             answers
         };
+        let job = Arc::new((key.to_owned(), ctx));
         match self
             .queue
-            .call((key.clone(), ctx.clone()), |queued| queued.len(), run)
+            .call(job.clone(), |queued| queued.len(), run)
             .await
         {
             Some(answer) => answer,
             // The runner's request went away while its batch yielded.
-            None => evaluate(reader, plugins, &key, &ctx),
+            None => evaluate(reader, plugins, key, &job.1),
         }
     }
 }

@@ -414,7 +414,7 @@ impl Node {
     /// single-flag evaluations that arrive with it (see [`crate::evaluations`]).
     pub async fn evaluate(
         &self,
-        key: String,
+        key: &str,
         ctx: EvalContext,
     ) -> Result<Evaluation, EvaluationError> {
         self.evaluations

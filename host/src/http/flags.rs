@@ -309,7 +309,7 @@ pub async fn evaluate_one(
     if let Err(resp) = barrier(&node, Some(&key), params).await {
         return resp;
     }
-    match node.evaluate(key.clone(), ctx).await {
+    match node.evaluate(&key, ctx).await {
         Ok(e) => json_response(StatusCode::OK, &success(&key, &e)),
         Err(e) => {
             let status = if e.code == ErrorCode::FlagNotFound {

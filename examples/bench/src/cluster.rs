@@ -158,6 +158,9 @@ pub fn flagstone(
         if let Some(n) = threads {
             cmd.args(["--threads", &n.to_string()]);
         }
+        if let Ok(extra) = std::env::var("BENCH_NODE_ARGS") {
+            cmd.args(extra.split_whitespace());
+        }
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;

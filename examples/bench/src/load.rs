@@ -37,6 +37,9 @@ pub struct Stats {
     /// round), warm-up included; `None` when the system's log position is
     /// unknown to the tool or the run added no entry (reads).
     pub ops_per_entry: Option<f64>,
+    /// Successful requests per second of each run, in order (one per round
+    /// of a paired scenario).
+    pub round_rates: Vec<f64>,
 }
 
 /// An empty latency histogram in microseconds: 1 µs to 60 s, 3 significant
@@ -123,8 +126,51 @@ impl Stats {
             cpu_us_per_op: per_op(cpu_ticks),
             client_cpu_us_per_op: per_op(client_cpu_ticks),
             ops_per_entry: entries.filter(|&n| n > 0).map(|n| all_ok as f64 / n as f64),
+            round_rates: runs
+                .iter()
+                .map(|r| r.ok as f64 / r.measured.as_secs_f64().max(1e-9))
+                .collect(),
         })
     }
+}
+
+/// How `a` compares to `b`, measured in rounds that took turns: the median
+/// of the rounds' rate ratios, with the lowest and highest of them.
+///
+/// A disturbance that hits one round (a Raft snapshot on every node at once,
+/// another tenant of the VM) moves that round's ratio only; in the merged
+/// rates it moves the whole result, by however much of the run it took.
+/// `None` if the runs do not pair up.
+pub fn paired_ratio(a: &Stats, b: &Stats) -> Option<Ratio> {
+    if a.round_rates.is_empty() || a.round_rates.len() != b.round_rates.len() {
+        return None;
+    }
+    let mut ratios: Vec<f64> = a
+        .round_rates
+        .iter()
+        .zip(&b.round_rates)
+        .map(|(x, y)| x / y.max(1e-9))
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let n = ratios.len();
+    let median = if n % 2 == 1 {
+        ratios[n / 2]
+    } else {
+        (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0
+    };
+    Some(Ratio {
+        median,
+        low: ratios[0],
+        high: ratios[n - 1],
+    })
+}
+
+/// See [`paired_ratio`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ratio {
+    pub median: f64,
+    pub low: f64,
+    pub high: f64,
 }
 
 /// What the tool can ask the system under test while it runs.
@@ -232,5 +278,24 @@ mod tests {
         // …and reads, which add no entry, have none.
         let s = Stats::from_runs(&[run(5000, Some(0))]).unwrap();
         assert_eq!(s.ops_per_entry, None);
+    }
+
+    #[test]
+    fn one_disturbed_round_moves_the_merged_rates_but_not_the_paired_ratio() {
+        let rounds = |rates: &[u64]| {
+            Stats::from_runs(&rates.iter().map(|&r| run(r, None)).collect::<Vec<_>>()).unwrap()
+        };
+        // `b` runs at 95 % of `a` in every round but one, which lost half.
+        let a = rounds(&[1000, 1000, 1000, 1000, 1000]);
+        let b = rounds(&[950, 950, 475, 950, 950]);
+        assert!((b.ops_per_sec / a.ops_per_sec - 0.855).abs() < 1e-9);
+        let r = paired_ratio(&b, &a).unwrap();
+        assert!((r.median - 0.95).abs() < 1e-9, "{r:?}");
+        assert!((r.low - 0.475).abs() < 1e-9 && (r.high - 0.95).abs() < 1e-9);
+        // An even number of rounds takes the middle two.
+        let r = paired_ratio(&rounds(&[2, 4, 6, 8]), &rounds(&[1, 1, 1, 1])).unwrap();
+        assert_eq!(r.median, 5.0);
+        // Runs that do not pair up give no ratio.
+        assert_eq!(paired_ratio(&a, &rounds(&[1000])), None);
     }
 }

@@ -164,7 +164,7 @@ const QUIET_WINDOW: Duration = Duration::from_millis(500);
 const QUIET_MAX: Duration = Duration::from_secs(30);
 
 /// Rounds in which two compared scenarios take turns.
-const ROUNDS: u32 = 5;
+const ROUNDS: u32 = 7;
 
 impl Bench<'_> {
     /// Waits (at most `QUIET_MAX`) until no server process of either system
@@ -277,13 +277,19 @@ impl Bench<'_> {
 }
 
 /// A flagstone-only baseline row, then a row measured against it.
+/// The ratio is the median of the rounds' ratios (`load::paired_ratio`),
+/// with the lowest and highest round in brackets.
 fn rows_vs(base_name: &str, base: &Stats, name: &str, s: &Stats, unit: &str) {
     println!("| {base_name} | {} | |", fmt(base));
-    println!(
-        "| {name} | {} | {:>5.1} %{unit} |",
-        fmt(s),
-        100.0 * s.ops_per_sec / base.ops_per_sec.max(1.0)
-    );
+    let ratio = load::paired_ratio(s, base).map_or_else(String::new, |r| {
+        format!(
+            "{:>5.1} %{unit} ({:.1}–{:.1})",
+            100.0 * r.median,
+            100.0 * r.low,
+            100.0 * r.high
+        )
+    });
+    println!("| {name} | {} | {ratio} |", fmt(s));
 }
 
 fn fmt(s: &Stats) -> String {
@@ -304,12 +310,12 @@ fn fmt(s: &Stats) -> String {
 
 fn row(name: &str, f: &Stats, e: Option<&Stats>) {
     match e {
-        Some(e) => println!(
-            "| {name:<38} | {} | {} | {:>5.1}× |",
-            fmt(f),
-            fmt(e),
-            f.ops_per_sec / e.ops_per_sec.max(1.0)
-        ),
+        Some(e) => {
+            let ratio = load::paired_ratio(f, e).map_or_else(String::new, |r| {
+                format!("{:>5.1}× ({:.1}–{:.1})", r.median, r.low, r.high)
+            });
+            println!("| {name:<38} | {} | {} | {ratio} |", fmt(f), fmt(e))
+        }
         None => println!("| {name:<38} | {} |", fmt(f)),
     }
 }

@@ -12,6 +12,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
+/// What processes used so far: CPU time (1/100 s) and context switches.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    pub cpu_ticks: u64,
+    pub switches: u64,
+}
+
 /// A process this tool started; killed when dropped.
 pub struct Proc {
     /// Client address.
@@ -31,6 +38,13 @@ impl Proc {
         cpu_ticks_of(self.child.id())
     }
 
+    /// Context switches so far, voluntary and not, summed over the
+    /// process's live threads (`/proc/PID/task/*/status`); 0 if `/proc`
+    /// cannot tell.
+    pub fn switches(&self) -> u64 {
+        switches_of(self.child.id())
+    }
+
     /// Resident set size (VmRSS) in MiB.
     pub fn rss_mib(&self) -> f64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
@@ -42,6 +56,25 @@ impl Proc {
             .and_then(|kb| kb.parse::<f64>().ok())
             .map_or(0.0, |kb| kb / 1024.0)
     }
+}
+
+/// Context switches of process `pid`'s live threads so far (see
+/// [`Proc::switches`]).
+pub fn switches_of(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
 }
 
 /// CPU time (user + system) process `pid` used so far, in clock ticks of

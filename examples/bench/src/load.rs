@@ -32,6 +32,10 @@ pub struct Stats {
     /// The same for this process, the load generator (its clients' share of
     /// the machine, which the servers do not get).
     pub client_cpu_us_per_op: f64,
+    /// Context switches of the system's server threads per successful
+    /// request, warm-up included: how often a request's work moved between
+    /// threads or waited (stable where the VM's speed is not).
+    pub switches_per_op: f64,
     /// Successful requests per Raft log entry the run added (group commit:
     /// how many writes shared an entry, its fsyncs and its replication
     /// round), warm-up included; `None` when the system's log position is
@@ -96,6 +100,8 @@ pub struct Run {
     cpu_ticks: u64,
     /// This process's CPU ticks over the same time.
     client_cpu_ticks: u64,
+    /// Server context switches over the whole run, warm-up included.
+    switches: u64,
     /// Log entries the run added, if the system tells its log position.
     entries: Option<u64>,
 }
@@ -105,7 +111,7 @@ impl Stats {
     pub fn from_runs(runs: &[Run]) -> Result<Stats> {
         let mut total = latency_histogram()?;
         let (mut ok, mut errors, mut measured) = (0, 0, Duration::ZERO);
-        let (mut all_ok, mut cpu_ticks, mut client_cpu_ticks) = (0, 0, 0);
+        let (mut all_ok, mut cpu_ticks, mut client_cpu_ticks, mut switches) = (0, 0, 0, 0);
         let mut entries = Some(0);
         for r in runs {
             total.add(&r.hist)?;
@@ -115,6 +121,7 @@ impl Stats {
             all_ok += r.all_ok;
             cpu_ticks += r.cpu_ticks;
             client_cpu_ticks += r.client_cpu_ticks;
+            switches += r.switches;
             entries = entries.zip(r.entries).map(|(a, b)| a + b);
         }
         let per_op = |ticks: u64| ticks as f64 * 10_000.0 / all_ok.max(1) as f64;
@@ -125,6 +132,7 @@ impl Stats {
             errors,
             cpu_us_per_op: per_op(cpu_ticks),
             client_cpu_us_per_op: per_op(client_cpu_ticks),
+            switches_per_op: switches as f64 / all_ok.max(1) as f64,
             ops_per_entry: entries.filter(|&n| n > 0).map(|n| all_ok as f64 / n as f64),
             round_rates: runs
                 .iter()
@@ -175,8 +183,8 @@ pub struct Ratio {
 
 /// What the tool can ask the system under test while it runs.
 pub struct Probes<C, L> {
-    /// The servers' CPU time so far (1/100 s).
-    pub cpu_ticks: C,
+    /// The servers' CPU time (1/100 s) and context switches so far.
+    pub usage: C,
     /// The system's Raft log position, if it tells one.
     pub log_index: L,
 }
@@ -191,11 +199,11 @@ pub async fn run<C, L>(
     probes: &Probes<C, L>,
 ) -> Result<Run>
 where
-    C: Fn() -> u64,
+    C: Fn() -> crate::cluster::Usage,
     L: Fn() -> Option<u64>,
 {
     let index_before = (probes.log_index)();
-    let cpu_before = (probes.cpu_ticks)();
+    let before = (probes.usage)();
     let client_before = crate::cluster::cpu_ticks_of(std::process::id());
     let start = Instant::now();
     let warmup_until = start + warmup;
@@ -219,13 +227,15 @@ where
         errors += e;
         warm += w;
     }
+    let after = (probes.usage)();
     Ok(Run {
         hist,
         ok,
         errors,
         measured: measure,
         all_ok: ok + warm,
-        cpu_ticks: (probes.cpu_ticks)().saturating_sub(cpu_before),
+        cpu_ticks: after.cpu_ticks.saturating_sub(before.cpu_ticks),
+        switches: after.switches.saturating_sub(before.switches),
         client_cpu_ticks: crate::cluster::cpu_ticks_of(std::process::id())
             .saturating_sub(client_before),
         entries: index_before
@@ -263,6 +273,7 @@ mod tests {
             all_ok,
             cpu_ticks: 0,
             client_cpu_ticks: 0,
+            switches: 0,
             entries,
         }
     }

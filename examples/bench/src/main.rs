@@ -234,18 +234,19 @@ impl Bench<'_> {
         Ok((Stats::from_runs(&ra)?, b))
     }
 
-    /// What a run against `addr` can ask: its system's CPU time, and for a
-    /// flagstone node its applied Raft index (`GET /v1/cluster`).
+    /// What a run against `addr` can ask: its system's CPU time and context
+    /// switches, and for a flagstone node its applied Raft index (`GET
+    /// /v1/cluster`).
     fn probes(
         &self,
         addr: SocketAddr,
-    ) -> load::Probes<impl Fn() -> u64 + '_, impl Fn() -> Option<u64> + '_> {
+    ) -> load::Probes<impl Fn() -> cluster::Usage + '_, impl Fn() -> Option<u64> + '_> {
         let flagstone = self
             .systems
             .first()
             .is_some_and(|procs| procs.iter().any(|p| p.addr == addr));
         load::Probes {
-            cpu_ticks: move || self.system_cpu_ticks(addr),
+            usage: move || self.system_usage(addr),
             log_index: move || flagstone.then(|| cluster::applied_index(addr)).flatten(),
         }
     }
@@ -255,13 +256,18 @@ impl Bench<'_> {
         self.systems.iter().flatten().copied()
     }
 
-    /// CPU time so far (1/100 s) of all server processes of the system that
-    /// serves `addr`: what one request costs that system as a whole.
-    fn system_cpu_ticks(&self, addr: SocketAddr) -> u64 {
-        self.systems
+    /// CPU time so far (1/100 s) and context switches of all server
+    /// processes of the system that serves `addr`: what one request costs
+    /// that system as a whole.
+    fn system_usage(&self, addr: SocketAddr) -> cluster::Usage {
+        let procs = self
+            .systems
             .iter()
-            .find(|procs| procs.iter().any(|p| p.addr == addr))
-            .map_or(0, |procs| procs.iter().map(|p| p.cpu_ticks()).sum())
+            .find(|procs| procs.iter().any(|p| p.addr == addr));
+        procs.map_or_else(cluster::Usage::default, |procs| cluster::Usage {
+            cpu_ticks: procs.iter().map(|p| p.cpu_ticks()).sum(),
+            switches: procs.iter().map(|p| p.switches()).sum(),
+        })
     }
 
     /// [`Bench::paired`] with both sides present.
@@ -303,8 +309,13 @@ fn fmt(s: &Stats) -> String {
         .map(|n| format!(" {n:.1} writes/entry"))
         .unwrap_or_default();
     format!(
-        "{:>9.0}/s  p50 {:>6} µs  p99 {:>7} µs  cpu {:>5.1} µs/op (client {:>4.1}){batching}{err}",
-        s.ops_per_sec, s.p50_us, s.p99_us, s.cpu_us_per_op, s.client_cpu_us_per_op
+        "{:>9.0}/s  p50 {:>6} µs  p99 {:>7} µs  cpu {:>5.1} µs/op (client {:>4.1}) {:.1} switches/op{batching}{err}",
+        s.ops_per_sec,
+        s.p50_us,
+        s.p99_us,
+        s.cpu_us_per_op,
+        s.client_cpu_us_per_op,
+        s.switches_per_op
     )
 }
 
@@ -608,7 +619,9 @@ fn main() -> Result<()> {
     println!(
         "cpu µs/op: CPU time (user + system) of the system's three server processes per \
          successful request, warm-up included; (client …): the load generator's own, which \
-         shares the same two cores; writes/entry (flagstone): successful writes per Raft log \
+         shares the same two cores; switches/op: context switches of the servers' threads per \
+         successful request (a thread waking or waiting: hand-offs between threads, fsyncs); \
+         writes/entry (flagstone): successful writes per Raft log \
          entry the scenario added, i.e. how many shared one append, its fsyncs and its \
          replication round"
     );

@@ -241,7 +241,81 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
 
 #[cfg(test)]
 mod tests {
-    use super::authority_of;
+    use std::collections::HashSet;
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+
+    use axum::extract::{ConnectInfo, State};
+    use axum::response::IntoResponse;
+    use openraft::Vote;
+
+    use super::*;
+
+    /// A peer answering `/raft/vote` that records the client address of
+    /// each request (one per connection), and with `close` asks the client
+    /// to close after each answer (`Connection: close`).
+    async fn peer(close: bool) -> (PeerConnection, Arc<Mutex<HashSet<SocketAddr>>>) {
+        let seen = Arc::new(Mutex::new(HashSet::new()));
+        let vote = |State((seen, close)): State<(Arc<Mutex<HashSet<SocketAddr>>>, bool)>,
+                    ConnectInfo(from): ConnectInfo<SocketAddr>| async move {
+            seen.lock().unwrap().insert(from);
+            let answer: Result<VoteResponse<NodeId>, RaftError<NodeId>> =
+                Ok(VoteResponse::new(Vote::new(1, 1), None, true));
+            let body = rmp_serde::to_vec(&answer).unwrap();
+            let mut resp = body.into_response();
+            if close {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, "close".parse().unwrap());
+            }
+            resp
+        };
+        let app = axum::Router::new()
+            .route("/raft/vote", axum::routing::post(vote))
+            .with_state((seen.clone(), close));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .await
+        });
+        let node = BasicNode::new(format!("http://{addr}"));
+        (Network.new_client(2, &node).await, seen)
+    }
+
+    async fn vote(c: &mut PeerConnection) -> bool {
+        let req = VoteRequest::new(Vote::new(1, 1), None);
+        c.vote(req, RPCOption::new(Duration::from_secs(5)))
+            .await
+            .expect("vote RPC")
+            .vote_granted
+    }
+
+    #[tokio::test]
+    async fn rpcs_to_a_peer_share_one_kept_connection() {
+        let (mut c, seen) = peer(false).await;
+        for _ in 0..5 {
+            assert!(vote(&mut c).await);
+        }
+        assert_eq!(
+            seen.lock().unwrap().len(),
+            1,
+            "one connection for five RPCs"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_peer_closing_after_each_answer_fails_no_rpc() {
+        let (mut c, seen) = peer(true).await;
+        for _ in 0..3 {
+            assert!(vote(&mut c).await);
+            // Give the close time to arrive before the next RPC.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(seen.lock().unwrap().len(), 3, "a new connection per RPC");
+    }
 
     #[test]
     fn peer_addresses_give_host_and_port() {

@@ -145,9 +145,9 @@ impl Stats {
 /// How `a` compares to `b`, measured in rounds that took turns: the median
 /// of the rounds' rate ratios, with the lowest and highest of them.
 ///
-/// A disturbance that hits one round (a Raft snapshot on every node at once,
-/// another tenant of the VM) moves that round's ratio only; in the merged
-/// rates it moves the whole result, by however much of the run it took.
+/// A disturbance that hits one round (another tenant of the VM, a burst of
+/// background work) moves that round's ratio only; in the merged rates it
+/// moves the whole result, by however much of the run it took.
 /// `None` if the runs do not pair up.
 pub fn paired_ratio(a: &Stats, b: &Stats) -> Option<Ratio> {
     if a.round_rates.is_empty() || a.round_rates.len() != b.round_rates.len() {

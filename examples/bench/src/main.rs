@@ -282,19 +282,25 @@ impl Bench<'_> {
     }
 }
 
+/// How `a` compares to `b` as the rows print it: the median of the rounds'
+/// ratios (`load::paired_ratio`) followed by `unit`, then the lowest and
+/// highest round in brackets, each times `scale`; empty if the rounds do not
+/// pair up.
+fn ratio_text(a: &Stats, b: &Stats, scale: f64, unit: &str) -> String {
+    load::paired_ratio(a, b).map_or_else(String::new, |r| {
+        format!(
+            "{:>5.1}{unit} ({:.1}–{:.1})",
+            scale * r.median,
+            scale * r.low,
+            scale * r.high
+        )
+    })
+}
+
 /// A flagstone-only baseline row, then a row measured against it.
-/// The ratio is the median of the rounds' ratios (`load::paired_ratio`),
-/// with the lowest and highest round in brackets.
 fn rows_vs(base_name: &str, base: &Stats, name: &str, s: &Stats, unit: &str) {
     println!("| {base_name} | {} | |", fmt(base));
-    let ratio = load::paired_ratio(s, base).map_or_else(String::new, |r| {
-        format!(
-            "{:>5.1} %{unit} ({:.1}–{:.1})",
-            100.0 * r.median,
-            100.0 * r.low,
-            100.0 * r.high
-        )
-    });
+    let ratio = ratio_text(s, base, 100.0, &format!(" %{unit}"));
     println!("| {name} | {} | {ratio} |", fmt(s));
 }
 
@@ -321,12 +327,12 @@ fn fmt(s: &Stats) -> String {
 
 fn row(name: &str, f: &Stats, e: Option<&Stats>) {
     match e {
-        Some(e) => {
-            let ratio = load::paired_ratio(f, e).map_or_else(String::new, |r| {
-                format!("{:>5.1}× ({:.1}–{:.1})", r.median, r.low, r.high)
-            });
-            println!("| {name:<38} | {} | {} | {ratio} |", fmt(f), fmt(e))
-        }
+        Some(e) => println!(
+            "| {name:<38} | {} | {} | {} |",
+            fmt(f),
+            fmt(e),
+            ratio_text(f, e, 1.0, "×")
+        ),
         None => println!("| {name:<38} | {} |", fmt(f)),
     }
 }

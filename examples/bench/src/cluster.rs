@@ -344,15 +344,19 @@ pub fn ensure_etcd() -> Result<()> {
     Ok(())
 }
 
-/// Builds the flagstone binary and the example plugins (release); returns
-/// the binary and a plugins directory with flag-schema and rollout.
-pub fn build(root: &Path, work: &Path) -> Result<(PathBuf, PathBuf)> {
+/// Builds the example plugins and, unless `bin` names a binary to run
+/// instead (`--flagstone-bin`, to compare builds), the flagstone binary
+/// (release); returns the binary and a plugins directory with flag-schema
+/// and rollout.
+pub fn build(root: &Path, work: &Path, bin: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let ok = Command::new(&cargo)
-        .current_dir(root)
-        .args(["build", "--release", "-p", "flagstone"])
-        .status()?
-        .success()
+    let host_ok = bin.is_some()
+        || Command::new(&cargo)
+            .current_dir(root)
+            .args(["build", "--release", "-p", "flagstone"])
+            .status()?
+            .success();
+    let ok = host_ok
         && Command::new(&cargo)
             .current_dir(root)
             .args([
@@ -378,5 +382,6 @@ pub fn build(root: &Path, work: &Path) -> Result<(PathBuf, PathBuf)> {
             plugins.join(format!("{p}.wasm")),
         )?;
     }
-    Ok((root.join("target/release/flagstone"), plugins))
+    let bin = bin.map_or_else(|| root.join("target/release/flagstone"), Path::to_owned);
+    Ok((bin, plugins))
 }

@@ -416,8 +416,7 @@ fn main() -> Result<()> {
         .join("../..")
         .canonicalize()?;
     let work = tempfile::tempdir()?;
-    let (built, plugins) = cluster::build(&root, work.path())?;
-    let bin = args.flagstone_bin.clone().unwrap_or(built);
+    let (bin, plugins) = cluster::build(&root, work.path(), args.flagstone_bin.as_deref())?;
     if !args.no_etcd {
         cluster::ensure_etcd()?;
     }

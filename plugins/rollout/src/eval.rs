@@ -2,7 +2,6 @@
 //! No store access here; see the crate root for how definitions are found and cached.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 
 use flagstone_sdk::flags::{FlagDefinition, FlagState, Op, Rule, parse_semver};
 use flagstone_sdk::{EvalContext, EvalError, Evaluation, Reason};
@@ -109,14 +108,52 @@ fn check_attributes(context: &EvalContext) -> Result<(), EvalError> {
 /// its JSON text, and only the values a rule looks at are parsed. Names with escapes fall
 /// back to a fully parsed object.
 enum Attributes<'a> {
-    Borrowed(BTreeMap<&'a str, &'a RawValue>),
+    Borrowed(Members<'a>),
     Owned(Map<String, Value>),
+}
+
+/// The members of a JSON object as borrowed (name, value text) pairs, in document order.
+/// A context has a handful of attributes: a linear search beats building a map for them.
+struct Members<'a>(Vec<(&'a str, &'a RawValue)>);
+
+impl<'a> Members<'a> {
+    /// The value text of `name`; the last one if the name repeats (as a parsed map keeps).
+    fn get(&self, name: &str) -> Option<&'a RawValue> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| *v)
+    }
+}
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Members<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Members<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> Result<Members<'a>, M::Error> {
+                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(4));
+                while let Some(member) = map.next_entry::<&'de str, &'de RawValue>()? {
+                    members.push(member);
+                }
+                Ok(Members(members))
+            }
+        }
+        d.deserialize_map(Visit(std::marker::PhantomData))
+    }
 }
 
 impl<'a> Attributes<'a> {
     fn parse(context: &'a EvalContext) -> Result<Self, EvalError> {
-        match serde_json::from_str::<BTreeMap<&str, &RawValue>>(&context.attributes) {
-            Ok(map) => Ok(Attributes::Borrowed(map)),
+        match serde_json::from_str::<Members>(&context.attributes) {
+            Ok(members) => Ok(Attributes::Borrowed(members)),
             // Escaped names, not an object, not JSON, empty: the SDK's parse decides.
             Err(_) => context.attribute_map().map(Attributes::Owned),
         }
@@ -124,17 +161,31 @@ impl<'a> Attributes<'a> {
 
     fn top(&self, name: &str) -> Option<Cow<'_, Value>> {
         match self {
-            Attributes::Borrowed(map) => map
+            Attributes::Borrowed(members) => members
                 .get(name)
                 .and_then(|raw| serde_json::from_str(raw.get()).ok())
                 .map(Cow::Owned),
             Attributes::Owned(map) => map.get(name).map(Cow::Borrowed),
         }
     }
+
+    /// The top-level attribute `name` when it is a JSON string without escapes, borrowed
+    /// from the context (the string operators need nothing else).
+    fn borrowed_str(&self, name: &str) -> Option<&'a str> {
+        match self {
+            Attributes::Borrowed(members) => serde_json::from_str(members.get(name)?.get()).ok(),
+            Attributes::Owned(_) => None,
+        }
+    }
 }
 
 fn rule_matches(rule: &Rule, attributes: &Attributes, targeting_key: Option<&str>) -> bool {
     rule.conditions.iter().all(|c| {
+        if let Some(s) = attributes.borrowed_str(&c.attribute)
+            && let Some(holds) = str_op_holds(&c.op, s)
+        {
+            return holds;
+        }
         lookup(attributes, &c.attribute, targeting_key).is_some_and(|attr| op_holds(&c.op, &attr))
     })
 }
@@ -152,13 +203,26 @@ fn lookup<'a>(
     if name == "targetingKey" {
         return targeting_key.map(|k| Cow::Owned(Value::String(k.to_owned())));
     }
-    let mut parts = name.split('.');
-    let first = attributes.top(parts.next()?)?;
+    let (first, rest) = name.split_once('.')?;
+    let first = attributes.top(first)?;
     let mut current = first.as_ref();
-    for part in parts {
+    for part in rest.split('.') {
         current = current.as_object()?.get(part)?;
     }
     Some(Cow::Owned(current.clone()))
+}
+
+/// Whether a string operator holds for the string attribute `s`; `None` for the operators
+/// that compare JSON values.
+fn str_op_holds(op: &Op, s: &str) -> Option<bool> {
+    Some(match op {
+        Op::StartsWith(prefix) => s.starts_with(prefix.as_str()),
+        Op::EndsWith(suffix) => s.ends_with(suffix.as_str()),
+        Op::Semver(cmp, version) => {
+            parse_semver(s).is_some_and(|v| cmp.holds(v.cmp_precedence(version)))
+        }
+        Op::Equals(_) | Op::NotEquals(_) | Op::In(_) => return None,
+    })
 }
 
 /// Whether condition operator `op` holds for a present attribute value.
@@ -167,14 +231,10 @@ pub fn op_holds(op: &Op, attr: &Value) -> bool {
         Op::Equals(v) => json_eq(attr, v),
         Op::NotEquals(v) => !json_eq(attr, v),
         Op::In(vs) => vs.iter().any(|v| json_eq(attr, v)),
-        Op::StartsWith(prefix) => attr
+        Op::StartsWith(_) | Op::EndsWith(_) | Op::Semver(..) => attr
             .as_str()
-            .is_some_and(|s| s.starts_with(prefix.as_str())),
-        Op::EndsWith(suffix) => attr.as_str().is_some_and(|s| s.ends_with(suffix.as_str())),
-        Op::Semver(cmp, version) => attr
-            .as_str()
-            .and_then(parse_semver)
-            .is_some_and(|v| cmp.holds(v.cmp_precedence(version))),
+            .and_then(|s| str_op_holds(op, s))
+            .unwrap_or(false),
     }
 }
 
@@ -409,6 +469,40 @@ mod tests {
             let e = variant(bad).unwrap_err();
             assert_eq!(e.code, ErrorCode::InvalidContext, "{bad}");
         }
+    }
+
+    #[test]
+    fn string_operators_on_top_level_attributes() {
+        let d = def(json!({
+            "state": "ENABLED", "variants": {"a": 1, "b": 2}, "defaultVariant": "b",
+            "targeting": [{"if": [
+                {"attribute": "email", "op": "ends_with", "value": "@acme.com"},
+                {"attribute": "app", "op": "semver_ge", "value": "2.0.0"},
+            ], "variant": "a"}],
+        }));
+        let variant = |attributes: &str| {
+            let c = EvalContext {
+                targeting_key: None,
+                attributes: attributes.into(),
+            };
+            evaluate_definition(&d, "f", &c).unwrap().variant.unwrap()
+        };
+        assert_eq!(variant(r#"{"email":"x@acme.com","app":"2.1.0"}"#), "a");
+        assert_eq!(variant(r#"{"email":"x@acme.com","app":"1.9.9"}"#), "b");
+        // An escaped value is the same string.
+        assert_eq!(variant(r#"{"email":"x\u0040acme.com","app":"2.1.0"}"#), "a");
+        // A repeated name: the last one counts, as in a parsed object.
+        assert_eq!(
+            variant(r#"{"email":"x@other.com","email":"x@acme.com","app":"2.1.0"}"#),
+            "a"
+        );
+        assert_eq!(
+            variant(r#"{"email":"x@acme.com","app":"2.1.0","app":"1.9.9"}"#),
+            "b"
+        );
+        // Not a string, or absent: the operator does not hold.
+        assert_eq!(variant(r#"{"email":7,"app":"2.1.0"}"#), "b");
+        assert_eq!(variant(r#"{"app":"2.1.0"}"#), "b");
     }
 
     #[test]

@@ -13,7 +13,6 @@ pub mod eval;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, DefaultHasher};
 use std::rc::Rc;
 
 use flagstone_sdk::flags::{self, FlagDefinition, describe_value};
@@ -52,9 +51,10 @@ enum Parsed {
     Plain(Result<Map<String, Value>, String>),
 }
 
-/// key → (revision, parsed document). A fixed-key hasher: `RandomState` would make the
-/// component import `wasi:random` for nothing.
-type Cache = HashMap<String, (u64, Rc<Parsed>), BuildHasherDefault<DefaultHasher>>;
+/// key → (revision, parsed document). FxHash, a fixed-key hasher: `RandomState` would
+/// make the component import `wasi:random` for nothing, and SipHash (std's fixed-key
+/// `DefaultHasher`) cost more than the rest of a cache lookup.
+type Cache = HashMap<String, (u64, Rc<Parsed>), rustc_hash::FxBuildHasher>;
 
 thread_local! {
     static CACHE: RefCell<Cache> = RefCell::new(Cache::default());

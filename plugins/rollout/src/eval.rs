@@ -181,9 +181,7 @@ impl<'a> Attributes<'a> {
 
 fn rule_matches(rule: &Rule, attributes: &Attributes, targeting_key: Option<&str>) -> bool {
     rule.conditions.iter().all(|c| {
-        if let Some(s) = attributes.borrowed_str(&c.attribute)
-            && let Some(holds) = str_op_holds(&c.op, s)
-        {
+        if let Some(holds) = str_op_holds(&c.op, || attributes.borrowed_str(&c.attribute)) {
             return holds;
         }
         lookup(attributes, &c.attribute, targeting_key).is_some_and(|attr| op_holds(&c.op, &attr))
@@ -212,14 +210,15 @@ fn lookup<'a>(
     Some(Cow::Owned(current.clone()))
 }
 
-/// Whether a string operator holds for the string attribute `s`; `None` for the operators
-/// that compare JSON values.
-fn str_op_holds(op: &Op, s: &str) -> Option<bool> {
+/// Whether a string operator holds for the string attribute that `attr` yields; `None`
+/// for the operators that compare JSON values (`attr` is then not called) and when `attr`
+/// yields no string.
+fn str_op_holds<'s>(op: &Op, attr: impl FnOnce() -> Option<&'s str>) -> Option<bool> {
     Some(match op {
-        Op::StartsWith(prefix) => s.starts_with(prefix.as_str()),
-        Op::EndsWith(suffix) => s.ends_with(suffix.as_str()),
+        Op::StartsWith(prefix) => attr()?.starts_with(prefix.as_str()),
+        Op::EndsWith(suffix) => attr()?.ends_with(suffix.as_str()),
         Op::Semver(cmp, version) => {
-            parse_semver(s).is_some_and(|v| cmp.holds(v.cmp_precedence(version)))
+            parse_semver(attr()?).is_some_and(|v| cmp.holds(v.cmp_precedence(version)))
         }
         Op::Equals(_) | Op::NotEquals(_) | Op::In(_) => return None,
     })
@@ -231,10 +230,9 @@ pub fn op_holds(op: &Op, attr: &Value) -> bool {
         Op::Equals(v) => json_eq(attr, v),
         Op::NotEquals(v) => !json_eq(attr, v),
         Op::In(vs) => vs.iter().any(|v| json_eq(attr, v)),
-        Op::StartsWith(_) | Op::EndsWith(_) | Op::Semver(..) => attr
-            .as_str()
-            .and_then(|s| str_op_holds(op, s))
-            .unwrap_or(false),
+        Op::StartsWith(_) | Op::EndsWith(_) | Op::Semver(..) => {
+            str_op_holds(op, || attr.as_str()).unwrap_or(false)
+        }
     }
 }
 

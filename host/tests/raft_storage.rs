@@ -679,6 +679,14 @@ async fn apply_puts(sm: &mut StateMachineStore, first: u64, keys: &[&str]) {
 async fn an_older_snapshot_build_does_not_replace_an_installed_snapshot() {
     use openraft::RaftSnapshotBuilder;
     use openraft::storage::RaftStateMachine;
+    use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+    async fn bytes_of(mut file: Box<tokio::fs::File>) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        file.seek(std::io::SeekFrom::Start(0)).await.expect("seek");
+        file.read_to_end(&mut bytes).await.expect("read snapshot");
+        bytes
+    }
 
     // The newer snapshot, built on another node that applied more.
     let other_dir = tempfile::tempdir().expect("temp dir");
@@ -690,14 +698,17 @@ async fn an_older_snapshot_build_does_not_replace_an_installed_snapshot() {
         .build_snapshot()
         .await
         .expect("build");
-    let newer_data = newer.snapshot.get_ref().clone();
+    let newer_data = bytes_of(newer.snapshot).await;
 
     for concurrent in [false, true] {
         let dir = tempfile::tempdir().expect("temp dir");
         let (_log, mut sm) = open_storage(dir.path(), 1).expect("open storage");
         apply_puts(&mut sm, 1, &["a", "b"]).await;
         let mut builder = sm.get_snapshot_builder().await;
-        let data = Box::new(std::io::Cursor::new(newer_data.clone()));
+        // Received as a follower does, through the state machine's own file.
+        let mut data = sm.begin_receiving_snapshot().await.expect("receive");
+        data.write_all(&newer_data).await.expect("write");
+        data.shutdown().await.expect("flush");
         let built = if concurrent {
             let build = tokio::spawn(async move { builder.build_snapshot().await });
             sm.install_snapshot(&newer.meta, data)
@@ -719,7 +730,7 @@ async fn an_older_snapshot_build_does_not_replace_an_installed_snapshot() {
             .expect("read current")
             .expect("a current snapshot");
         assert_eq!(current.meta, newer.meta, "concurrent: {concurrent}");
-        assert_eq!(current.snapshot.into_inner(), newer_data);
+        assert!(bytes_of(current.snapshot).await == newer_data);
         let reader = sm.reader();
         assert_eq!(reader.applied_index(), 5);
         assert!(reader.get("e").unwrap().is_some());

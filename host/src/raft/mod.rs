@@ -10,6 +10,7 @@ pub mod history;
 pub mod log_store;
 pub mod network;
 pub mod record_cache;
+pub mod snapshot_file;
 pub mod state_machine;
 pub mod types;
 

@@ -6,26 +6,39 @@
 //! Applies are not fsynced on their own: they share the journal with the Raft
 //! log, whose entries are fsynced before they are acknowledged, so a crash
 //! recovers a prefix of both and openraft re-applies what the state machine
-//! lost. Snapshots are written to `snapshot/current` with fsync + rename.
-//! Building a snapshot (openraft runs it in a task of its own) and installing
-//! one can run at the same time: each write goes to a temp file of its own,
-//! writes are serialized by a lock, and `current` is only ever replaced by a
-//! newer snapshot (by `last_log_id`), never by an older build.
+//! lost.
+//!
+//! # Snapshots
+//!
+//! Snapshots are streamed, never held in memory (format and files:
+//! `snapshot_file.rs`). A build streams a consistent fjall view of the key
+//! space into a temp file and makes it `snapshot/current` (fsync + rename);
+//! a build and an install can run at the same time, and `current` is only
+//! ever replaced by a newer snapshot (by `last_log_id`). A follower receives
+//! a snapshot into a nameless temp file.
+//!
+//! An install streams the snapshot's pairs into the tables of a fresh
+//! keyspace (`kv-<generation>`, fjall's bulk ingestion: no journal, no
+//! memtable), makes the file `current`, then switches in one fsynced batch
+//! (the live generation, the applied log id, membership and revision) and
+//! drops the old keyspace. Readers see the old key space until the switch and
+//! the new one after it, never a mix; a crash before the switch leaves the
+//! old one and a stray keyspace that the next open deletes, and if `current`
+//! is then ahead of the key space, the open installs it.
 
 use std::collections::HashMap;
-use std::io::Read;
-use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use fjall::{Database, Keyspace, Readable};
+use fjall::{Database, Keyspace, PersistMode, Readable};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, StorageIOError};
 use tokio::sync::broadcast;
 
 use super::history::{Compacted, DEFAULT_HISTORY, History, Resume};
 use super::record_cache::{DEFAULT_READ_CACHE_BYTES, RecordCache};
+use super::snapshot_file::{self, PairReader, SnapshotWriter, Written};
 
 use super::types::{
     Command, CommandResult, Entry, LogId, Precondition, SnapshotMeta, StorageError,
@@ -35,12 +48,42 @@ use super::types::{
 const LAST_APPLIED: &str = "last_applied";
 const REVISION: &str = "revision";
 const MEMBERSHIP: &str = "membership";
-/// Name of the snapshot file in the snapshot directory.
-const CURRENT: &str = "current";
-/// Suffix of snapshot files being written (left over only by a crash).
-const TMP_SUFFIX: &str = ".tmp";
-/// Makes temp snapshot file names unique within the process.
-static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+/// Which keyspace holds the key space (see [`kv_keyspace_name`]).
+const KV_GENERATION: &str = "kv_generation";
+
+/// The keyspace holding generation `generation` of the key space; each
+/// snapshot install fills the next one.
+fn kv_keyspace_name(generation: u64) -> String {
+    match generation {
+        0 => "kv".to_owned(),
+        n => format!("kv-{n}"),
+    }
+}
+
+fn is_kv_keyspace_name(name: &str) -> bool {
+    name == "kv"
+        || name
+            .strip_prefix("kv-")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The keyspace that holds the key space now, shared by the state machine
+/// and its readers; an install swaps it.
+#[derive(Clone)]
+struct LiveKeyspace(Arc<RwLock<Keyspace>>);
+
+impl LiveKeyspace {
+    fn get(&self) -> Keyspace {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set(&self, kv: Keyspace) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = kv;
+    }
+}
 
 /// How many applied changes a slow subscriber may lag behind before it is told
 /// it lost events (`broadcast::error::RecvError::Lagged`).
@@ -87,7 +130,7 @@ fn snap_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageErro
 /// Read-only, cloneable view of the applied key space for local reads.
 #[derive(Clone)]
 pub struct KvReader {
-    kv: Keyspace,
+    kv: LiveKeyspace,
     cache: Arc<RecordCache>,
     applied: Arc<AtomicU64>,
     revision: Arc<AtomicU64>,
@@ -112,7 +155,7 @@ fn load_record(kv: &Keyspace, key: &str) -> Result<Option<ValueRecord>, ReadErro
 impl KvReader {
     /// The value stored under `key`, if any.
     pub fn get(&self, key: &str) -> Result<Option<Arc<ValueRecord>>, ReadError> {
-        self.cache.get(key, || load_record(&self.kv, key))
+        self.cache.get(key, || load_record(&self.kv.get(), key))
     }
 
     /// The revision of `key` without copying its value.
@@ -120,7 +163,12 @@ impl KvReader {
         if let Some(record) = self.cache.cached(key) {
             return Ok(Some(record.revision));
         }
-        match self.kv.get(key).map_err(|e| ReadError(e.to_string()))? {
+        match self
+            .kv
+            .get()
+            .get(key)
+            .map_err(|e| ReadError(e.to_string()))?
+        {
             None => Ok(None),
             Some(bytes) => ValueRecord::decode_revision(&bytes)
                 .map(Some)
@@ -131,7 +179,7 @@ impl KvReader {
     /// Keys starting with `prefix`, sorted bytewise (which is UTF-8 order).
     pub fn list(&self, prefix: &str) -> Result<Vec<String>, ReadError> {
         let mut keys = Vec::new();
-        for item in self.kv.prefix(prefix) {
+        for item in self.kv.get().prefix(prefix) {
             let key = item.key().map_err(|e| ReadError(e.to_string()))?;
             keys.push(String::from_utf8_lossy(&key).into_owned());
         }
@@ -163,7 +211,10 @@ impl KvReader {
 /// The state machine handed to openraft.
 pub struct StateMachineStore {
     db: Database,
+    /// The live keyspace (also in `live`, for readers).
     kv: Keyspace,
+    live: LiveKeyspace,
+    kv_generation: u64,
     meta: Keyspace,
     snapshot_dir: PathBuf,
     /// Serializes writes of `snapshot_dir/current` (builds and installs).
@@ -209,15 +260,14 @@ impl StateMachineStore {
     /// kept under `data_dir/snapshot`.
     pub fn open(db: &Database, data_dir: &Path) -> Result<Self, StorageError> {
         let open_err = |e: fjall::Error| sm_err(ErrorVerb::Read, e);
-        let kv = db
-            .keyspace("kv", fjall::KeyspaceCreateOptions::default)
-            .map_err(open_err)?;
         let meta = db
             .keyspace("sm_meta", fjall::KeyspaceCreateOptions::default)
             .map_err(open_err)?;
         let snapshot_dir = data_dir.join("snapshot");
         std::fs::create_dir_all(&snapshot_dir).map_err(|e| snap_err(ErrorVerb::Write, e))?;
-        Self::remove_stale_tmp_files(&snapshot_dir);
+        snapshot_file::remove_stale_tmp_files(&snapshot_dir);
+        snapshot_file::upgrade_first_format(&snapshot_dir)
+            .map_err(|e| snap_err(ErrorVerb::Write, e))?;
         let read = |key: &str| -> Result<Option<fjall::Slice>, StorageError> {
             meta.get(key).map_err(|e| sm_err(ErrorVerb::Read, e))
         };
@@ -233,10 +283,32 @@ impl StateMachineStore {
             Some(b) => rmp_serde::from_slice(&b).map_err(|e| sm_err(ErrorVerb::Read, e))?,
             None => 0,
         };
+        let kv_generation: u64 = match read(KV_GENERATION)? {
+            Some(b) => rmp_serde::from_slice(&b).map_err(|e| sm_err(ErrorVerb::Read, e))?,
+            None => 0,
+        };
+        let live_name = kv_keyspace_name(kv_generation);
+        // Keyspaces of other generations: an install a crash interrupted, or
+        // the one an install replaced if the crash came before it was gone.
+        for name in db.list_keyspace_names() {
+            if is_kv_keyspace_name(&name) && *name != *live_name {
+                tracing::info!(keyspace = %&*name, "removing a stray keyspace of the key space");
+                let stray = db
+                    .keyspace(&name, fjall::KeyspaceCreateOptions::default)
+                    .map_err(open_err)?;
+                db.delete_keyspace(stray)
+                    .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+            }
+        }
+        let kv = db
+            .keyspace(&live_name, fjall::KeyspaceCreateOptions::default)
+            .map_err(open_err)?;
         let history = History::new(rev, DEFAULT_HISTORY, CHANGE_CHANNEL_CAPACITY);
         let mut sm = StateMachineStore {
             db: db.clone(),
+            live: LiveKeyspace(Arc::new(RwLock::new(kv.clone()))),
             kv,
+            kv_generation,
             meta,
             snapshot_dir,
             snapshot_lock: Arc::new(Mutex::new(())),
@@ -254,73 +326,111 @@ impl StateMachineStore {
         Ok(sm)
     }
 
-    /// Replaces the key space with a snapshot's `pairs` (revision counter
-    /// `rev`, described by `meta`) in one batch; the counters follow.
-    fn load_snapshot(
+    /// Streams a snapshot file's pairs into a fresh keyspace for generation
+    /// `generation` (blocking: run it off the async workers for big files).
+    /// Returns the keyspace and the snapshot's revision counter.
+    fn ingest(
+        db: &Database,
+        generation: u64,
+        file: std::fs::File,
+    ) -> Result<(Keyspace, u64), StorageError> {
+        let write_err = |e: fjall::Error| sm_err(ErrorVerb::Write, e);
+        let read_err = |e: std::io::Error| snap_err(ErrorVerb::Read, e);
+        let name = kv_keyspace_name(generation);
+        if db.keyspace_exists(&name) {
+            // Left by an install that failed without a restart.
+            let stray = db
+                .keyspace(&name, fjall::KeyspaceCreateOptions::default)
+                .map_err(write_err)?;
+            db.delete_keyspace(stray).map_err(write_err)?;
+        }
+        let kv = db
+            .keyspace(&name, fjall::KeyspaceCreateOptions::default)
+            .map_err(write_err)?;
+        let (_, pairs) = PairReader::open(file).map_err(read_err)?;
+        let rev = pairs.revision();
+        // Written to tables directly, in key order (the reader checks it).
+        let mut ingestion = kv.start_ingestion().map_err(write_err)?;
+        for pair in pairs {
+            let (key, record) = pair.map_err(read_err)?;
+            ingestion.write(key, record).map_err(write_err)?;
+        }
+        ingestion.finish().map_err(write_err)?;
+        Ok((kv, rev))
+    }
+
+    /// Makes `kv` (filled by [`Self::ingest`] for the next generation from
+    /// the snapshot `meta`, revision counter `rev`) the key space: one
+    /// fsynced batch records the switch, then readers move over and the old
+    /// keyspace is dropped.
+    fn switch_to(
         &mut self,
+        kv: Keyspace,
         meta: &SnapshotMeta,
         rev: u64,
-        pairs: Pairs<'_>,
     ) -> Result<(), StorageError> {
+        let generation = self.kv_generation + 1;
         let mut batch = self.db.batch();
-        for item in self.kv.iter() {
-            let key = item.key().map_err(|e| sm_err(ErrorVerb::Read, e))?;
-            batch.remove(&self.kv, key);
-        }
-        for (k, v) in pairs {
-            batch.insert(&self.kv, k, v);
-        }
+        batch.insert(&self.meta, KV_GENERATION, encode_meta(&generation)?);
+        batch.insert(&self.meta, LAST_APPLIED, encode_meta(&meta.last_log_id)?);
+        batch.insert(&self.meta, MEMBERSHIP, encode_meta(&meta.last_membership)?);
+        batch.insert(&self.meta, REVISION, encode_meta(&rev)?);
+        batch.commit().map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        // Applies ride on the log's fsyncs, but the old keyspace is about to
+        // be deleted: the switch must be on disk first.
+        self.db
+            .persist(PersistMode::SyncData)
+            .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        self.kv_generation = generation;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
-        batch.insert(&self.meta, LAST_APPLIED, encode_meta(&self.last_applied)?);
-        batch.insert(&self.meta, MEMBERSHIP, encode_meta(&self.membership)?);
         self.rev = rev;
-        batch.insert(&self.meta, REVISION, encode_meta(&self.rev)?);
         let update = self.cache.begin();
-        batch.commit().map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        let old = std::mem::replace(&mut self.kv, kv.clone());
+        self.live.set(kv);
         update.finish_replacing_all();
         let index = meta.last_log_id.map_or(0, |l| l.index);
         self.applied.store(index, Ordering::Release);
         self.revision.store(rev, Ordering::Release);
         self.history.reset(rev);
+        // Readers still holding the old keyspace finish their reads; its
+        // files go when the last handle does (or at the next open).
+        if let Err(e) = self.db.delete_keyspace(old) {
+            tracing::warn!(error = %e, "could not delete the replaced keyspace; the next start will");
+        }
         Ok(())
     }
 
     /// At open: a snapshot file ahead of what the key space says it applied
-    /// is loaded. The file is fsynced before the key space changes (and the
-    /// key space's own writes are not fsynced: they ride on the log's), so a
-    /// crash between an install's file and its batch, or after a build from
+    /// is installed. An install makes the file `current` before it switches
+    /// the key space (and the key space's own writes are not fsynced: they
+    /// ride on the log's), so a crash between the two, or after a build from
     /// applies the journal then lost, leaves exactly this; meanwhile the log
     /// may already be purged up to the snapshot, so the entries to get there
     /// by re-applying can be gone.
     fn catch_up_with_snapshot_file(&mut self) -> Result<(), StorageError> {
         let read_err = |e| snap_err(ErrorVerb::Read, e);
-        // The header decides; the (large) data is read only when it is ahead.
-        let ahead = Self::read_snapshot_meta(&self.snapshot_dir)
-            .map_err(read_err)?
-            .is_some_and(|meta| meta.last_log_id > self.last_applied);
-        if !ahead {
+        let Some((meta, file)) =
+            snapshot_file::open_current(&self.snapshot_dir).map_err(read_err)?
+        else {
+            return Ok(());
+        };
+        if meta.last_log_id <= self.last_applied {
             return Ok(());
         }
-        if let Some((meta, data)) =
-            Self::read_snapshot_file(&self.snapshot_dir).map_err(read_err)?
-        {
-            tracing::warn!(
-                snapshot = %meta.snapshot_id,
-                applied = ?self.last_applied,
-                "the state machine is behind its snapshot file (a crash mid-install?): loading it"
-            );
-            let (rev, pairs) =
-                decode_snapshot(&data).ok_or_else(|| read_err(corrupt_snapshot_file()))?;
-            self.load_snapshot(&meta, rev, pairs)?;
-        }
-        Ok(())
+        tracing::warn!(
+            snapshot = %meta.snapshot_id,
+            applied = ?self.last_applied,
+            "the state machine is behind its snapshot file (a crash mid-install?): installing it"
+        );
+        let (kv, rev) = Self::ingest(&self.db, self.kv_generation + 1, file)?;
+        self.switch_to(kv, &meta, rev)
     }
 
     /// A read handle sharing this state machine's keyspace and counters.
     pub fn reader(&self) -> KvReader {
         KvReader {
-            kv: self.kv.clone(),
+            kv: self.live.clone(),
             cache: self.cache.clone(),
             applied: self.applied.clone(),
             revision: self.revision.clone(),
@@ -428,150 +538,6 @@ impl StateMachineStore {
             }
         }
     }
-
-    /// Writes a snapshot to `dir/current` (temp file, fsync, rename, fsync of
-    /// the directory) unless `current` already holds a snapshot at least as
-    /// new (by `last_log_id`). Returns whether `current` was replaced.
-    ///
-    /// `lock` serializes writers, so a check and its rename cannot interleave
-    /// with another write; each write also has a temp file of its own.
-    fn write_snapshot_file(
-        dir: &Path,
-        lock: &Mutex<()>,
-        meta: &SnapshotMeta,
-        data: &[u8],
-    ) -> std::io::Result<bool> {
-        let meta_bytes = rmp_serde::to_vec(meta).map_err(std::io::Error::other)?;
-        let _guard = lock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // An unreadable `current` is replaced rather than trusted.
-        if let Ok(Some(existing)) = Self::read_snapshot_meta(dir)
-            && existing.last_log_id >= meta.last_log_id
-        {
-            tracing::info!(
-                snapshot = %meta.snapshot_id,
-                current = %existing.snapshot_id,
-                "snapshot file already holds a snapshot at least as new; not replaced"
-            );
-            return Ok(false);
-        }
-        let tmp = dir.join(format!(
-            "{CURRENT}.{}.{}{TMP_SUFFIX}",
-            std::process::id(),
-            TMP_SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        let written = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&(meta_bytes.len() as u64).to_be_bytes())?;
-            f.write_all(&meta_bytes)?;
-            f.write_all(data)?;
-            f.sync_all()?;
-            drop(f);
-            std::fs::rename(&tmp, dir.join(CURRENT))
-        })();
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        std::fs::File::open(dir)?.sync_all()?;
-        Ok(true)
-    }
-
-    /// `dir/current`, opened; `None` when no snapshot was written yet.
-    fn open_snapshot_file(dir: &Path) -> std::io::Result<Option<std::fs::File>> {
-        match std::fs::File::open(dir.join(CURRENT)) {
-            Ok(f) => Ok(Some(f)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Reads the header of a snapshot file, `[u64 meta len][meta]`, leaving
-    /// `f` at the start of the snapshot data.
-    fn read_snapshot_header(f: &mut std::fs::File) -> std::io::Result<SnapshotMeta> {
-        let mut len_bytes = [0u8; 8];
-        f.read_exact(&mut len_bytes)?;
-        let meta_len = u64::from_be_bytes(len_bytes);
-        if meta_len > f.metadata()?.len() {
-            return Err(corrupt_snapshot_file());
-        }
-        let mut meta_bytes =
-            vec![0u8; usize::try_from(meta_len).map_err(|_| corrupt_snapshot_file())?];
-        f.read_exact(&mut meta_bytes)?;
-        rmp_serde::from_slice(&meta_bytes).map_err(|_| corrupt_snapshot_file())
-    }
-
-    /// The metadata of the snapshot in `dir/current`, read from its header only.
-    fn read_snapshot_meta(dir: &Path) -> std::io::Result<Option<SnapshotMeta>> {
-        Self::open_snapshot_file(dir)?
-            .map(|mut f| Self::read_snapshot_header(&mut f))
-            .transpose()
-    }
-
-    /// Removes temp snapshot files a crash left behind (best effort).
-    fn remove_stale_tmp_files(dir: &Path) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with(CURRENT) && name.ends_with(TMP_SUFFIX) {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
-    }
-
-    fn read_snapshot_file(dir: &Path) -> std::io::Result<Option<(SnapshotMeta, Vec<u8>)>> {
-        let Some(mut f) = Self::open_snapshot_file(dir)? else {
-            return Ok(None);
-        };
-        let meta = Self::read_snapshot_header(&mut f)?;
-        let mut data = Vec::new();
-        f.read_to_end(&mut data)?;
-        Ok(Some((meta, data)))
-    }
-}
-
-fn corrupt_snapshot_file() -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidData, "corrupt snapshot file")
-}
-
-/// Snapshot data: `[u64 revision]` then a sequence of
-/// `[u32 key len][key][u32 record len][record]`.
-fn encode_pair(out: &mut Vec<u8>, key: &[u8], record: &[u8]) {
-    out.extend_from_slice(&(key.len() as u32).to_be_bytes());
-    out.extend_from_slice(key);
-    out.extend_from_slice(&(record.len() as u32).to_be_bytes());
-    out.extend_from_slice(record);
-}
-
-/// Splits snapshot data into its revision and `(key, record)` pairs; `None`
-/// if it is malformed.
-fn decode_snapshot(data: &[u8]) -> Option<(u64, Pairs<'_>)> {
-    let rev = u64::from_be_bytes(data.get(..8)?.try_into().ok()?);
-    Some((rev, decode_pairs(&data[8..])?))
-}
-
-/// `(key, encoded record)` pairs borrowed from snapshot data.
-type Pairs<'a> = Vec<(&'a [u8], &'a [u8])>;
-
-fn decode_pairs(mut data: &[u8]) -> Option<Pairs<'_>> {
-    fn take<'a>(data: &mut &'a [u8]) -> Option<&'a [u8]> {
-        let len = u32::from_be_bytes(data.get(..4)?.try_into().ok()?) as usize;
-        let item = data.get(4..4 + len)?;
-        *data = &data[4 + len..];
-        Some(item)
-    }
-    let mut pairs = Vec::new();
-    while !data.is_empty() {
-        let key = take(&mut data)?;
-        let record = take(&mut data)?;
-        ValueRecord::decode_revision(record).ok()?;
-        pairs.push((key, record));
-    }
-    Some(pairs)
 }
 
 /// Builds a snapshot from a consistent fjall snapshot taken when it was asked for.
@@ -604,31 +570,37 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let dir = self.dir.clone();
         let lock = self.lock.clone();
         let file_meta = meta.clone();
-        let data = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, StorageError> {
-            let mut data = rev.to_be_bytes().to_vec();
-            for item in view.iter(&kv) {
-                let (k, v) = item
-                    .into_inner()
-                    .map_err(|e| snap_err(ErrorVerb::Read, e))?;
-                encode_pair(&mut data, &k, &v);
-            }
-            // If a newer snapshot was installed meanwhile, `current` keeps
-            // it; this one is still a valid snapshot of the state it names.
-            StateMachineStore::write_snapshot_file(&dir, &lock, &file_meta, &data)
-                .map_err(|e| snap_err(ErrorVerb::Write, e))?;
-            Ok(data)
-        })
-        .await
-        .map_err(|e| snap_err(ErrorVerb::Write, e))??;
+        let (file, bytes) =
+            tokio::task::spawn_blocking(move || -> Result<(std::fs::File, u64), StorageError> {
+                let write_err = |e| snap_err(ErrorVerb::Write, e);
+                let mut writer = SnapshotWriter::create(&dir, rev).map_err(write_err)?;
+                for item in view.iter(&kv) {
+                    let (k, v) = item
+                        .into_inner()
+                        .map_err(|e| snap_err(ErrorVerb::Read, e))?;
+                    writer.push(&k, &v).map_err(write_err)?;
+                }
+                // If a newer snapshot was installed meanwhile, `current`
+                // keeps it; this one is still a valid snapshot of the state
+                // it names, and its open file serves this build's caller.
+                let (file, _) = writer
+                    .finish(&file_meta)
+                    .and_then(|w| w.publish(&dir, &lock, &file_meta))
+                    .map_err(write_err)?;
+                let bytes = file.metadata().map_err(write_err)?.len();
+                Ok((file, bytes))
+            })
+            .await
+            .map_err(|e| snap_err(ErrorVerb::Write, e))??;
         tracing::info!(
             snapshot = %meta.snapshot_id,
-            bytes = data.len(),
+            bytes,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "built snapshot"
         );
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
         })
     }
 }
@@ -697,45 +669,72 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        // Nameless: a transfer that is abandoned (or a crash) leaves nothing.
+        let file = snapshot_file::anonymous(&self.snapshot_dir)
+            .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        Ok(Box::new(tokio::fs::File::from_std(file)))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
-        let data = snapshot.into_inner();
-        let invalid = || {
-            snap_err(
-                ErrorVerb::Read,
-                std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed snapshot data"),
-            )
-        };
-        let (rev, pairs) = decode_snapshot(&data).ok_or_else(invalid)?;
-        StateMachineStore::write_snapshot_file(
-            &self.snapshot_dir,
-            &self.snapshot_lock,
-            meta,
-            &data,
-        )
-        .map_err(|e| snap_err(ErrorVerb::Write, e))?;
-        self.load_snapshot(meta, rev, pairs)?;
-        tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "installed snapshot");
+        let started = std::time::Instant::now();
+        let mut file = snapshot.into_std().await;
+        let (db, generation) = (self.db.clone(), self.kv_generation + 1);
+        let (dir, lock, want) = (
+            self.snapshot_dir.clone(),
+            self.snapshot_lock.clone(),
+            meta.clone(),
+        );
+        let (kv, rev, bytes) =
+            tokio::task::spawn_blocking(move || -> Result<(Keyspace, u64, u64), StorageError> {
+                let read_err = |e| snap_err(ErrorVerb::Read, e);
+                let write_err = |e| snap_err(ErrorVerb::Write, e);
+                // The data names the snapshot it holds: it must be this one.
+                let named = snapshot_file::read_meta(&mut file).map_err(read_err)?;
+                if named != want {
+                    return Err(read_err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "snapshot data holds snapshot {}, not {}",
+                            named.snapshot_id, want.snapshot_id
+                        ),
+                    )));
+                }
+                let bytes = file.metadata().map_err(read_err)?.len();
+                // The copy that becomes `current` is made first: ingestion
+                // reads the received file to its end.
+                let copy = Written::copy_of(&dir, &mut file).map_err(write_err)?;
+                // Every pair is checked while it is ingested: a bad file
+                // fails here, before anything is published or switched.
+                let (kv, rev) = Self::ingest(&db, generation, file)?;
+                copy.publish(&dir, &lock, &want).map_err(write_err)?;
+                Ok((kv, rev, bytes))
+            })
+            .await
+            .map_err(|e| snap_err(ErrorVerb::Write, e))??;
+        self.switch_to(kv, meta, rev)?;
+        tracing::info!(
+            snapshot = %meta.snapshot_id,
+            bytes,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "installed snapshot"
+        );
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
         let dir = self.snapshot_dir.clone();
-        let found =
-            tokio::task::spawn_blocking(move || StateMachineStore::read_snapshot_file(&dir))
-                .await
-                .map_err(|e| snap_err(ErrorVerb::Read, e))?
-                .map_err(|e| snap_err(ErrorVerb::Read, e))?;
-        Ok(found.map(|(meta, data)| Snapshot {
+        let found = tokio::task::spawn_blocking(move || snapshot_file::open_current(&dir))
+            .await
+            .map_err(|e| snap_err(ErrorVerb::Read, e))?
+            .map_err(|e| snap_err(ErrorVerb::Read, e))?;
+        Ok(found.map(|(meta, file)| Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
         }))
     }
 }
@@ -744,44 +743,44 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 mod tests {
     use super::*;
 
-    #[test]
-    fn snapshot_pairs_round_trip_and_reject_garbage() {
-        let rec = ValueRecord {
-            revision: 3,
-            create_revision: 3,
-            version: 1,
-            content_type: None,
-            value: b"v".to_vec(),
-        }
-        .encode();
-        let mut data = Vec::new();
-        encode_pair(&mut data, b"a", &rec);
-        encode_pair(&mut data, b"b/c", &rec);
-        let mut snapshot = 7u64.to_be_bytes().to_vec();
-        snapshot.extend_from_slice(&data);
-        let (rev, pairs) = decode_snapshot(&snapshot).unwrap();
-        assert_eq!(rev, 7);
-        assert_eq!(pairs.len(), 2);
-        assert_eq!(pairs[1].0, b"b/c");
-        assert!(decode_snapshot(&snapshot[..snapshot.len() - 1]).is_none());
-        assert!(decode_snapshot(&[0, 0, 0]).is_none());
-        assert!(decode_pairs(&[0, 0, 0, 9, 1]).is_none());
-    }
-
-    /// Snapshot data at revision `rev` holding `key`, created and last written
-    /// at `rev`.
-    fn one_record_snapshot(rev: u64, key: &[u8], value: &[u8]) -> Vec<u8> {
-        let rec = ValueRecord {
+    fn record(rev: u64, value: &[u8]) -> Vec<u8> {
+        ValueRecord {
             revision: rev,
             create_revision: rev,
             version: 1,
             content_type: None,
             value: value.to_vec(),
         }
-        .encode();
-        let mut data = rev.to_be_bytes().to_vec();
-        encode_pair(&mut data, key, &rec);
-        data
+        .encode()
+    }
+
+    /// A published snapshot file in `dir` at revision `rev` holding `pairs`
+    /// (keys in order), described by `meta`; returns it open.
+    fn snapshot_in(
+        dir: &Path,
+        meta: &SnapshotMeta,
+        rev: u64,
+        pairs: &[(&str, &[u8])],
+    ) -> std::fs::File {
+        let mut writer = SnapshotWriter::create(dir, rev).expect("create");
+        for (key, value) in pairs {
+            writer
+                .push(key.as_bytes(), &record(rev, value))
+                .expect("push");
+        }
+        let written = writer.finish(meta).expect("finish");
+        written
+            .publish(dir, &Mutex::new(()), meta)
+            .expect("publish")
+            .0
+    }
+
+    /// A snapshot as a follower receives it: its own file, apart from the
+    /// state machine's directory.
+    fn received(meta: &SnapshotMeta, rev: u64, pairs: &[(&str, &[u8])]) -> Box<tokio::fs::File> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = snapshot_in(dir.path(), meta, rev, pairs);
+        Box::new(tokio::fs::File::from_std(file))
     }
 
     fn meta(index: u64) -> SnapshotMeta {
@@ -852,8 +851,7 @@ mod tests {
 
         // An install replaces the key space: cached keys it lacks are gone.
         assert_eq!(value("other").as_deref(), Some(&b"o1"[..]));
-        let data = one_record_snapshot(9, b"k", b"snap");
-        sm.install_snapshot(&meta(20), Box::new(Cursor::new(data)))
+        sm.install_snapshot(&meta(20), received(&meta(20), 9, &[("k", b"snap")]))
             .await
             .unwrap();
         assert_eq!(value("other"), None);
@@ -869,14 +867,12 @@ mod tests {
         let db = Database::builder(dir.path().join("db")).open().expect("db");
         let sm = StateMachineStore::open(&db, dir.path()).expect("open");
         assert_eq!(sm.last_applied, None);
-        let data = one_record_snapshot(5, b"k", b"from the snapshot");
-        StateMachineStore::write_snapshot_file(
+        snapshot_in(
             &sm.snapshot_dir,
-            &sm.snapshot_lock,
             &meta(9),
-            &data,
-        )
-        .expect("write snapshot");
+            5,
+            &[("k", b"from the snapshot")],
+        );
         drop(sm);
 
         let sm = StateMachineStore::open(&db, dir.path()).expect("reopen");
@@ -895,59 +891,195 @@ mod tests {
         assert_eq!(sm.last_applied, meta(9).last_log_id);
     }
 
-    /// Many snapshot writes at once (as a build and an install can be): the
-    /// file is never torn, ends up holding the newest snapshot, and an older
-    /// one never replaces a newer one.
-    #[test]
-    fn concurrent_snapshot_writes_keep_the_newest() {
+    fn open_db(dir: &Path) -> Database {
+        Database::builder(dir.join("db")).open().expect("db")
+    }
+
+    fn value_of(reader: &KvReader, key: &str) -> Option<Vec<u8>> {
+        reader.get(key).unwrap().map(|r| r.value.clone())
+    }
+
+    /// An install lands in the next generation's keyspace and survives a
+    /// restart; the keyspace it replaced is gone.
+    #[tokio::test]
+    async fn an_install_survives_a_restart_in_a_new_keyspace() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let lock = Arc::new(Mutex::new(()));
-        let threads: Vec<_> = [5u64, 12, 3, 16, 9, 1, 14, 7, 11, 2, 15, 8, 4, 13, 6, 10]
-            .into_iter()
-            .map(|index| {
-                let (dir, lock) = (dir.path().to_path_buf(), lock.clone());
-                std::thread::spawn(move || {
-                    let data = vec![index as u8; 256 * 1024];
-                    StateMachineStore::write_snapshot_file(&dir, &lock, &meta(index), &data)
-                        .expect("write snapshot");
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().expect("writer thread");
+        {
+            let db = open_db(dir.path());
+            let mut sm = StateMachineStore::open(&db, dir.path()).expect("open");
+            sm.apply([put_entry(1, "old", "o")]).await.unwrap();
+            let pairs: [(&str, &[u8]); 2] = [("a", b"1"), ("b/c", b"2")];
+            sm.install_snapshot(&meta(30), received(&meta(30), 12, &pairs))
+                .await
+                .unwrap();
+            assert_eq!(value_of(&sm.reader(), "b/c").as_deref(), Some(&b"2"[..]));
+            sm.apply([put_entry(31, "after", "x")]).await.unwrap();
+            db.persist(PersistMode::SyncData).unwrap();
         }
-        let (m, data) = StateMachineStore::read_snapshot_file(dir.path())
-            .expect("read")
-            .expect("a snapshot");
-        assert_eq!(m, meta(16));
-        assert!(data.len() == 256 * 1024 && data.iter().all(|b| *b == 16));
+        let db = open_db(dir.path());
+        assert!(db.keyspace_exists("kv-1") && !db.keyspace_exists("kv"));
+        let sm = StateMachineStore::open(&db, dir.path()).expect("reopen");
+        assert_eq!((sm.last_applied, sm.rev), (meta(31).last_log_id, 13));
+        let reader = sm.reader();
+        assert_eq!(value_of(&reader, "old"), None);
+        assert_eq!(value_of(&reader, "a").as_deref(), Some(&b"1"[..]));
+        assert_eq!(value_of(&reader, "after").as_deref(), Some(&b"x"[..]));
+        assert_eq!(reader.list("").unwrap(), ["a", "after", "b/c"]);
+    }
 
-        // Older or equal snapshots do not replace it; a newer one does.
-        let older = StateMachineStore::write_snapshot_file(dir.path(), &lock, &meta(15), b"x");
-        assert!(!older.expect("write"));
-        let same = StateMachineStore::write_snapshot_file(dir.path(), &lock, &meta(16), b"y");
-        assert!(!same.expect("write"));
-        assert_eq!(
-            StateMachineStore::read_snapshot_file(dir.path())
-                .unwrap()
-                .unwrap()
-                .0,
-            meta(16)
-        );
+    /// A crash after an install filled its keyspace but before the switch:
+    /// the next open deletes that keyspace and keeps the old key space.
+    #[tokio::test]
+    async fn a_crash_before_the_switch_leaves_the_old_key_space() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let db = open_db(dir.path());
+            let mut sm = StateMachineStore::open(&db, dir.path()).expect("open");
+            sm.apply([put_entry(1, "k", "v")]).await.unwrap();
+            let other = tempfile::tempdir().expect("temp dir");
+            let file = snapshot_in(other.path(), &meta(40), 3, &[("new", b"n")]);
+            StateMachineStore::ingest(&db, 1, file).expect("ingest");
+            db.persist(PersistMode::SyncData).unwrap();
+        }
+        let db = open_db(dir.path());
         assert!(
-            StateMachineStore::write_snapshot_file(dir.path(), &lock, &meta(17), b"z")
-                .expect("write")
+            db.keyspace_exists("kv-1"),
+            "the interrupted install's keyspace"
         );
-        let (m, data) = StateMachineStore::read_snapshot_file(dir.path())
-            .unwrap()
-            .unwrap();
-        assert_eq!((m, data), (meta(17), b"z".to_vec()));
+        let sm = StateMachineStore::open(&db, dir.path()).expect("reopen");
+        assert!(!db.keyspace_exists("kv-1"), "removed at open");
+        assert_eq!(sm.last_applied, meta(1).last_log_id);
+        let reader = sm.reader();
+        assert_eq!(value_of(&reader, "k").as_deref(), Some(&b"v"[..]));
+        assert_eq!(value_of(&reader, "new"), None);
+    }
 
-        // No temp files are left behind.
-        let names: Vec<String> = std::fs::read_dir(dir.path())
+    /// Snapshot data that is not the snapshot it claims to be, or is
+    /// garbled, is refused and changes nothing; a good one installs after.
+    #[tokio::test]
+    async fn a_bad_snapshot_is_refused_and_changes_nothing() {
+        use tokio::io::AsyncWriteExt;
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = open_db(dir.path());
+        let mut sm = StateMachineStore::open(&db, dir.path()).expect("open");
+        sm.apply([put_entry(1, "k", "v")]).await.unwrap();
+        let reader = sm.reader();
+        let unchanged = |sm: &StateMachineStore| {
+            assert_eq!(sm.last_applied, meta(1).last_log_id);
+            assert_eq!(value_of(&reader, "k").as_deref(), Some(&b"v"[..]));
+            assert_eq!(reader.applied_index(), 1);
+            let current = snapshot_file::read_current_meta(&sm.snapshot_dir).unwrap();
+            assert_eq!(current, None, "nothing published");
+        };
+
+        let other = received(&meta(50), 4, &[("x", b"1")]);
+        let err = sm.install_snapshot(&meta(51), other).await.unwrap_err();
+        assert!(err.to_string().contains("holds snapshot 1-50"), "{err}");
+        unchanged(&sm);
+
+        // The same snapshot with its second pair's record cut short.
+        let whole = {
+            let mut f = received(&meta(52), 4, &[("x", b"1"), ("y", b"2")]);
+            let mut bytes = Vec::new();
+            use tokio::io::AsyncReadExt;
+            f.read_to_end(&mut bytes).await.unwrap();
+            bytes
+        };
+        let meta_len = u64::from_be_bytes(whole[whole.len() - 8..].try_into().unwrap()) as usize;
+        let pairs_end = whole.len() - 8 - meta_len;
+        let mut garbled = whole[..pairs_end - 3].to_vec();
+        garbled.extend_from_slice(&whole[pairs_end..]);
+        let mut file = sm.begin_receiving_snapshot().await.unwrap();
+        file.write_all(&garbled).await.unwrap();
+        file.shutdown().await.unwrap();
+        assert!(sm.install_snapshot(&meta(52), file).await.is_err());
+        unchanged(&sm);
+
+        let mut file = sm.begin_receiving_snapshot().await.unwrap();
+        file.write_all(&whole).await.unwrap();
+        file.shutdown().await.unwrap();
+        sm.install_snapshot(&meta(52), file).await.unwrap();
+        assert_eq!(value_of(&reader, "y").as_deref(), Some(&b"2"[..]));
+        assert_eq!(value_of(&reader, "k"), None);
+        assert_eq!(reader.applied_index(), 52);
+    }
+
+    /// Large values travel through a build, a transfer in chunks written at
+    /// offsets (as openraft's receiver does) and an install, byte for byte.
+    #[tokio::test]
+    async fn a_snapshot_of_large_values_round_trips_in_chunks() {
+        use openraft::RaftSnapshotBuilder;
+        use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = open_db(&dir.path().join("a"));
+        let mut sm = StateMachineStore::open(&db, &dir.path().join("a")).expect("open");
+        let big: Vec<Vec<u8>> = (0..6u8).map(|i| vec![i; 1 << 20]).collect();
+        let mut entries = Vec::new();
+        for (i, value) in big.iter().enumerate() {
+            let cmd = Command::Put {
+                key: format!("blob/{i}"),
+                value: value.clone(),
+                content_type: Some("application/octet-stream".into()),
+                precondition: Precondition::None,
+            };
+            entries.push(entry(i as u64 + 1, cmd));
+        }
+        for i in 0..500u64 {
+            entries.push(put_entry(100 + i, &format!("small/{i:04}"), "s"));
+        }
+        sm.apply(entries).await.unwrap();
+        let mut built = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+
+        let target_dir = dir.path().join("b");
+        let target_db = open_db(&target_dir);
+        let mut target = StateMachineStore::open(&target_db, &target_dir).expect("open");
+        let mut rx = target.begin_receiving_snapshot().await.unwrap();
+        let len = built
+            .snapshot
+            .seek(std::io::SeekFrom::End(0))
+            .await
+            .unwrap();
+        let chunk = 300 * 1024;
+        // Chunks in order, the second one sent twice (a retried RPC).
+        let mut offsets: Vec<u64> = (0..len).step_by(chunk).collect();
+        offsets.insert(2, chunk as u64);
+        for offset in offsets {
+            let mut buf = vec![0u8; chunk.min((len - offset) as usize)];
+            built
+                .snapshot
+                .seek(std::io::SeekFrom::Start(offset))
+                .await
+                .unwrap();
+            built.snapshot.read_exact(&mut buf).await.unwrap();
+            rx.seek(std::io::SeekFrom::Start(offset)).await.unwrap();
+            rx.write_all(&buf).await.unwrap();
+        }
+        rx.shutdown().await.unwrap();
+        target.install_snapshot(&built.meta, rx).await.unwrap();
+
+        let reader = target.reader();
+        assert_eq!(reader.applied_index(), 599);
+        assert_eq!(reader.list("small/").unwrap().len(), 500);
+        for (i, value) in big.iter().enumerate() {
+            let record = reader.get(&format!("blob/{i}")).unwrap().expect("blob");
+            assert!(record.value == *value, "blob {i}");
+            assert_eq!(
+                record.content_type.as_deref(),
+                Some("application/octet-stream")
+            );
+        }
+        let current = target
+            .get_current_snapshot()
+            .await
             .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(names, vec![CURRENT.to_string()]);
+            .expect("current");
+        assert_eq!(current.meta, built.meta);
     }
 }

@@ -9,8 +9,6 @@
 //! revisions are identical on every node; they are unique per change even
 //! when many client writes travel in one Raft entry ([`Command::Batch`]).
 
-use std::io::Cursor;
-
 use serde::{Deserialize, Serialize};
 
 /// Identifier of a node in the cluster (`--id`).
@@ -23,7 +21,7 @@ openraft::declare_raft_types!(
         R = CommandResult,
         NodeId = NodeId,
         Node = openraft::BasicNode,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
 );
 
 /// The openraft handle specialised for flagstone.

@@ -102,6 +102,8 @@ pub struct NodeConfig {
     pub plugin_reload_every: Duration,
     /// Applied changes kept in memory for watchers resuming with `since`.
     pub watch_history: usize,
+    /// Bytes of those changes' keys and values kept, at most.
+    pub watch_history_bytes: usize,
     /// How far a watcher (or the plugin dispatcher) may fall behind the
     /// applied changes before it is cut off (`slow_consumer`).
     pub watch_buffer: usize,
@@ -126,6 +128,7 @@ impl NodeConfig {
             plugin_reload_every: Duration::from_secs(1),
             plugin_cache_dir: None,
             watch_history: crate::raft::history::DEFAULT_HISTORY,
+            watch_history_bytes: crate::raft::history::DEFAULT_HISTORY_BYTES,
             watch_buffer: crate::raft::state_machine::CHANGE_CHANNEL_CAPACITY,
             read_cache_bytes: crate::raft::record_cache::DEFAULT_READ_CACHE_BYTES,
         }
@@ -206,7 +209,7 @@ impl Node {
                 .unwrap_or_else(|| local_addr.to_string()),
         );
         let (mut log_store, mut state_machine) = open_storage(&config.data_dir, config.id)?;
-        state_machine.set_history_capacity(config.watch_history);
+        state_machine.set_history_capacity(config.watch_history, config.watch_history_bytes);
         state_machine.set_watch_buffer(config.watch_buffer);
         state_machine.set_read_cache(config.read_cache_bytes);
         let fresh = {

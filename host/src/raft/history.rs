@@ -2,9 +2,11 @@
 //! revision. Changes are appended and published under one lock, so a new
 //! watcher gets the backlog and the live stream with no gap and no overlap.
 //!
-//! History is kept in memory, bounded by a number of changes: after a
-//! restart or a snapshot install, only changes after that point are
-//! available, and an older `since` is answered with [`Compacted`].
+//! History is kept in memory, bounded by a number of changes and by the
+//! bytes of their keys and values (values are up to 1 MiB: 10,000 changes of
+//! blobs would be gigabytes): after a restart or a snapshot install, only
+//! changes after that point are available, and an older `since` is answered
+//! with [`Compacted`].
 //!
 //! [`Continuity`] follows a live stream's revisions and names the ones a
 //! snapshot install skipped (reactor dispatch and OFREP events use it).
@@ -65,6 +67,23 @@ pub type Resume = (Vec<Arc<Change>>, broadcast::Receiver<Arc<Change>>);
 /// Changes kept for resuming watchers, by default.
 pub const DEFAULT_HISTORY: usize = 10_000;
 
+/// Bytes of keys and values (old and new) kept for resuming watchers, by
+/// default.
+pub const DEFAULT_HISTORY_BYTES: usize = 64 * 1024 * 1024;
+
+/// Bytes a change is charged besides its key and values.
+const CHANGE_OVERHEAD: usize = 128;
+
+/// What keeping `change` costs, counted against the byte bound.
+fn weight(change: &Change) -> usize {
+    let value = |r: &Option<Arc<super::types::ValueRecord>>| {
+        r.as_ref().map_or(0, |r| {
+            r.value.len() + r.content_type.as_ref().map_or(0, String::len)
+        })
+    };
+    change.key.len() + value(&change.old) + value(&change.new) + CHANGE_OVERHEAD
+}
+
 /// The requested revision is older than the history kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("revision {requested} is compacted; changes are available after revision {horizon}")]
@@ -78,6 +97,9 @@ pub struct Compacted {
 struct Inner {
     changes: VecDeque<Arc<Change>>,
     capacity: usize,
+    max_bytes: usize,
+    /// The weight of `changes`.
+    bytes: usize,
     /// Every change with a revision above this is in `changes` (or live).
     horizon: u64,
 }
@@ -91,23 +113,28 @@ pub struct History {
 
 impl History {
     /// A history that knows nothing at or before `applied` and keeps up to
-    /// `capacity` changes; live subscribers may lag by `channel` events.
+    /// `capacity` changes and [`DEFAULT_HISTORY_BYTES`]; live subscribers may
+    /// lag by `channel` events.
     pub fn new(applied: u64, capacity: usize, channel: usize) -> Self {
         let (live, _) = broadcast::channel(channel.max(1));
         History {
             inner: Arc::new(Mutex::new(Inner {
                 changes: VecDeque::new(),
                 capacity: capacity.max(1),
+                max_bytes: DEFAULT_HISTORY_BYTES,
+                bytes: 0,
                 horizon: applied,
             })),
             live,
         }
     }
 
-    /// Changes the number of changes kept.
-    pub fn set_capacity(&self, capacity: usize) {
+    /// Changes how many changes, and how many bytes of their keys and
+    /// values, are kept (whichever bound is reached first).
+    pub fn set_capacity(&self, capacity: usize, max_bytes: usize) {
         if let Ok(mut h) = self.inner.lock() {
             h.capacity = capacity.max(1);
+            h.max_bytes = max_bytes;
             trim(&mut h);
         }
     }
@@ -124,6 +151,7 @@ impl History {
         let Ok(mut h) = self.inner.lock() else { return };
         for change in changes {
             let change = Arc::new(change);
+            h.bytes += weight(&change);
             h.changes.push_back(change.clone());
             // No receivers is fine: nobody is watching.
             let _ = self.live.send(change);
@@ -135,6 +163,7 @@ impl History {
     pub fn reset(&self, index: u64) {
         if let Ok(mut h) = self.inner.lock() {
             h.changes.retain(|c| c.revision > index);
+            h.bytes = h.changes.iter().map(|c| weight(c)).sum();
             h.horizon = h.horizon.max(index);
         }
     }
@@ -168,10 +197,12 @@ impl History {
 }
 
 fn trim(h: &mut Inner) {
-    while h.changes.len() > h.capacity {
-        if let Some(old) = h.changes.pop_front() {
-            h.horizon = h.horizon.max(old.revision);
-        }
+    while h.changes.len() > h.capacity || h.bytes > h.max_bytes {
+        let Some(old) = h.changes.pop_front() else {
+            break;
+        };
+        h.bytes -= weight(&old);
+        h.horizon = h.horizon.max(old.revision);
     }
 }
 
@@ -217,6 +248,46 @@ mod tests {
         assert_eq!(revs, vec![12, 14, 15]);
         h.reset(20);
         assert_eq!(h.watch_from(15).unwrap_err().horizon, 20);
+    }
+
+    fn put(revision: u64, value_len: usize) -> Change {
+        let record = Arc::new(super::super::types::ValueRecord {
+            revision,
+            create_revision: revision,
+            version: 1,
+            content_type: None,
+            value: vec![0; value_len],
+        });
+        Change {
+            new: Some(record),
+            ..change(revision)
+        }
+    }
+
+    /// Large values: the byte bound, not the count, decides what is kept.
+    #[test]
+    fn history_is_bounded_by_bytes_too() {
+        let h = History::new(0, 1_000, 16);
+        h.set_capacity(1_000, 3 * (1 << 20) + 3 * 200);
+        h.publish((1..=5).map(|r| put(r, 1 << 20)).collect());
+        // Three 1 MiB changes fit; 1 and 2 were dropped.
+        assert_eq!(h.watch_from(1).unwrap_err().horizon, 2);
+        let (backlog, _rx) = h.watch_from(2).unwrap();
+        assert_eq!(backlog.len(), 3);
+        // Small changes push out big ones until the bytes fit again.
+        h.publish((6..=10).map(|r| put(r, 10)).collect());
+        let (backlog, _rx) = h.watch_from(3).unwrap();
+        assert_eq!(backlog.first().map(|c| c.revision), Some(4));
+        // A change over the whole bound is not kept at all.
+        h.publish(vec![put(11, 4 << 20)]);
+        assert_eq!(h.watch_from(10).unwrap_err().horizon, 11);
+        let (backlog, _rx) = h.watch_from(11).unwrap();
+        assert!(backlog.is_empty());
+        h.publish(vec![put(12, 1)]);
+        assert_eq!(h.watch_from(11).unwrap().0.len(), 1);
+        // A reset recounts what is left.
+        h.reset(11);
+        assert_eq!(h.inner.lock().unwrap().bytes, weight(&put(12, 1)));
     }
 
     #[test]

@@ -233,9 +233,10 @@ pub struct StateMachineStore {
 }
 
 impl StateMachineStore {
-    /// How many applied changes are kept for resuming watchers.
-    pub fn set_history_capacity(&mut self, capacity: usize) {
-        self.history.set_capacity(capacity);
+    /// How many applied changes, and bytes of their keys and values, are
+    /// kept for resuming watchers.
+    pub fn set_history_capacity(&mut self, changes: usize, bytes: usize) {
+        self.history.set_capacity(changes, bytes);
     }
 
     /// How many published changes a subscriber may lag behind. Call before

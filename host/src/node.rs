@@ -256,6 +256,11 @@ impl Node {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(tuning.snapshot_every),
             max_in_snapshot_log_to_keep: tuning.keep_behind_snapshot,
             snapshot_max_chunk_size: (1024 * 1024).min(tuning.rpc_body_limit as u64 / 2).max(1),
+            // Also how long the last chunk may take, and that one includes
+            // the install (a bulk load of the whole snapshot: 0.4 s for
+            // 200 MiB here). At openraft's 200 ms a big install timed out
+            // and the leader sent the whole snapshot again.
+            install_snapshot_timeout: 10_000,
             ..Default::default()
         }
         .validate()

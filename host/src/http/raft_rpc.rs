@@ -83,8 +83,8 @@ pub async fn snapshot(
     State(node): State<Arc<Node>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req: openraft::raft::InstallSnapshotRequest<TypeConfig> = decode(body)?;
-    Ok(reply(&node.raft().install_snapshot(req).await))
+    let chunk: crate::raft::network::SnapshotChunk = decode(body)?;
+    Ok(reply(&node.raft().install_snapshot(chunk.into()).await))
 }
 
 /// `POST /raft/forward`: validate and propose one write a follower forwarded.

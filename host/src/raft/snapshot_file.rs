@@ -19,7 +19,9 @@
 //!
 //! Files of the first format (`u64 meta len | meta | u64 revision | pairs`,
 //! written whole from memory by earlier versions) are rewritten in this one
-//! when a node opens its snapshot directory.
+//! when a node opens its snapshot directory, and a snapshot received from a
+//! node of such a version (`u64 revision | pairs`: the metadata came only
+//! with the request) is rewritten on arrival.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
@@ -177,6 +179,26 @@ impl Written {
         copied.map(|()| Written { file, path })
     }
 
+    /// Rewrites snapshot data of the first format as sent by older versions
+    /// (`u64 revision | pairs`, from the start of `src`) in this format,
+    /// into a temp file of `dir`, with `meta` (which came with the request).
+    pub fn from_first_format_data(
+        dir: &Path,
+        src: &mut File,
+        meta: &SnapshotMeta,
+    ) -> io::Result<Written> {
+        let len = src.metadata()?.len();
+        src.seek(SeekFrom::Start(0))?;
+        rewrite(dir, PairReader::at(src.try_clone()?, len)?, meta)
+    }
+
+    /// A handle of its own on the file (for reading it from the start).
+    pub fn reopen(&self) -> io::Result<File> {
+        let mut file = self.file.try_clone()?;
+        file.seek(SeekFrom::Start(0))?;
+        Ok(file)
+    }
+
     /// Makes this file `dir/current` (rename, then fsync of the directory)
     /// unless `current` already holds a snapshot at least as new as `meta`
     /// (by `last_log_id`); an unreadable `current` is replaced rather than
@@ -237,6 +259,11 @@ fn read_trailer(file: &mut File) -> io::Result<(SnapshotMeta, u64)> {
     file.read_exact(&mut meta_bytes)?;
     let meta = rmp_serde::from_slice(&meta_bytes).map_err(|_| corrupt("metadata"))?;
     Ok((meta, pairs_end))
+}
+
+/// Whether `file` is a snapshot file of this format (by its first bytes).
+pub fn is_this_format(file: &mut File) -> io::Result<bool> {
+    starts_with_magic(file)
 }
 
 /// The metadata of a snapshot file, from its trailer; the file is left at
@@ -366,6 +393,16 @@ impl Iterator for PairReader {
     }
 }
 
+/// Writes `pairs` (checked as they are read) to a new snapshot file of `dir`.
+fn rewrite(dir: &Path, pairs: PairReader, meta: &SnapshotMeta) -> io::Result<Written> {
+    let mut writer = SnapshotWriter::create(dir, pairs.revision())?;
+    for pair in pairs {
+        let (key, record) = pair?;
+        writer.push(&key, &record)?;
+    }
+    writer.finish(meta)
+}
+
 /// Rewrites a `dir/current` of the first format (metadata first) in this
 /// one. Returns whether there was one to rewrite.
 pub fn upgrade_first_format(dir: &Path) -> io::Result<bool> {
@@ -388,12 +425,7 @@ pub fn upgrade_first_format(dir: &Path) -> io::Result<bool> {
     let meta: SnapshotMeta =
         rmp_serde::from_slice(&meta_bytes).map_err(|_| corrupt("metadata (first format)"))?;
     let pairs = PairReader::at(file, len - 8 - meta_len)?;
-    let mut writer = SnapshotWriter::create(dir, pairs.revision())?;
-    for pair in pairs {
-        let (key, record) = pair?;
-        writer.push(&key, &record)?;
-    }
-    let Written { file, path } = writer.finish(&meta)?;
+    let Written { file, path } = rewrite(dir, pairs, &meta)?;
     drop(file);
     path.renamed_to(&dir.join(CURRENT))?;
     File::open(dir)?.sync_all()?;

@@ -694,24 +694,29 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             tokio::task::spawn_blocking(move || -> Result<(Keyspace, u64, u64), StorageError> {
                 let read_err = |e| snap_err(ErrorVerb::Read, e);
                 let write_err = |e| snap_err(ErrorVerb::Write, e);
-                // The data names the snapshot it holds: it must be this one.
-                let named = snapshot_file::read_meta(&mut file).map_err(read_err)?;
-                if named != want {
-                    return Err(read_err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!(
-                            "snapshot data holds snapshot {}, not {}",
-                            named.snapshot_id, want.snapshot_id
-                        ),
-                    )));
-                }
+                let copy = if snapshot_file::is_this_format(&mut file).map_err(read_err)? {
+                    // The data names the snapshot it holds: it must be this one.
+                    let named = snapshot_file::read_meta(&mut file).map_err(read_err)?;
+                    if named != want {
+                        return Err(read_err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!(
+                                "snapshot data holds snapshot {}, not {}",
+                                named.snapshot_id, want.snapshot_id
+                            ),
+                        )));
+                    }
+                    // The copy becomes `current`: the received file has no name.
+                    Written::copy_of(&dir, &mut file).map_err(write_err)?
+                } else {
+                    // From a node of an older version: data without metadata.
+                    Written::from_first_format_data(&dir, &mut file, &want).map_err(read_err)?
+                };
                 let bytes = file.metadata().map_err(read_err)?.len();
-                // The copy that becomes `current` is made first: ingestion
-                // reads the received file to its end.
-                let copy = Written::copy_of(&dir, &mut file).map_err(write_err)?;
+                drop(file);
                 // Every pair is checked while it is ingested: a bad file
                 // fails here, before anything is published or switched.
-                let (kv, rev) = Self::ingest(&db, generation, file)?;
+                let (kv, rev) = Self::ingest(&db, generation, copy.reopen().map_err(read_err)?)?;
                 copy.publish(&dir, &lock, &want).map_err(write_err)?;
                 Ok((kv, rev, bytes))
             })
@@ -1004,6 +1009,34 @@ mod tests {
         assert_eq!(value_of(&reader, "y").as_deref(), Some(&b"2"[..]));
         assert_eq!(value_of(&reader, "k"), None);
         assert_eq!(reader.applied_index(), 52);
+    }
+
+    /// A node of an older version sends `u64 revision | pairs` without the
+    /// metadata: it installs, and becomes a `current` of this format.
+    #[tokio::test]
+    async fn a_snapshot_from_an_older_version_installs() {
+        use tokio::io::AsyncWriteExt;
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = open_db(dir.path());
+        let mut sm = StateMachineStore::open(&db, dir.path()).expect("open");
+        let mut old = 8u64.to_be_bytes().to_vec();
+        for (key, value) in [("a", b"1"), ("b", b"2")] {
+            let rec = record(8, value);
+            old.extend_from_slice(&(key.len() as u32).to_be_bytes());
+            old.extend_from_slice(key.as_bytes());
+            old.extend_from_slice(&(rec.len() as u32).to_be_bytes());
+            old.extend_from_slice(&rec);
+        }
+        let mut file = sm.begin_receiving_snapshot().await.unwrap();
+        file.write_all(&old).await.unwrap();
+        file.shutdown().await.unwrap();
+        sm.install_snapshot(&meta(60), file).await.unwrap();
+        let reader = sm.reader();
+        assert_eq!(value_of(&reader, "b").as_deref(), Some(&b"2"[..]));
+        assert_eq!((reader.applied_index(), reader.revision_now()), (60, 8));
+        let current = snapshot_file::read_current_meta(&sm.snapshot_dir).unwrap();
+        assert_eq!(current, Some(meta(60)));
     }
 
     /// Large values travel through a build, a transfer in chunks written at

@@ -931,6 +931,20 @@ mod tests {
         assert_eq!(value_of(&reader, "a").as_deref(), Some(&b"1"[..]));
         assert_eq!(value_of(&reader, "after").as_deref(), Some(&b"x"[..]));
         assert_eq!(reader.list("").unwrap(), ["a", "after", "b/c"]);
+
+        // A snapshot built from the installed keyspace holds it all.
+        use openraft::RaftSnapshotBuilder;
+        let mut sm = sm;
+        let built = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        assert_eq!(built.meta.last_log_id, meta(31).last_log_id);
+        let (_, pairs) = PairReader::open(built.snapshot.into_std().await).unwrap();
+        let keys: Vec<Vec<u8>> = pairs.map(|p| p.unwrap().0).collect();
+        assert_eq!(keys, [&b"a"[..], b"after", b"b/c"]);
     }
 
     /// A crash after an install filled its keyspace but before the switch:

@@ -229,6 +229,39 @@ async fn a_slow_consumer_is_cut_off_with_a_reason() {
     node.shutdown().await;
 }
 
+/// With large values the bytes of the history bound what a slow watcher may
+/// leave unread, long before the channel's count does: it is cut off, and
+/// since the history no longer has what it missed, resuming asks it to
+/// re-list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_of_large_values_is_cut_off_by_bytes() {
+    let (_dir, node) = single_node(|c| c.watch_history_bytes = 1 << 20).await;
+    let c = client();
+    let start = node.reader().revision_now();
+    let mut w = SseReader::open(&c, url(&node, &format!("/v1/watch?since={start}")), None).await;
+    let value = vec![b'v'; 64 * 1024];
+    for i in 0..200 {
+        node.set_custom_data(&format!("big/{i:03}"), value.clone())
+            .await
+            .unwrap();
+    }
+    let mut delivered = 0;
+    let error = loop {
+        let e = w.next().await.expect("stream must end with an error event");
+        if e.event == "error" {
+            break e;
+        }
+        delivered += 1;
+    };
+    assert!(delivered < 200, "everything was delivered");
+    assert_eq!(error.data["code"], "slow_consumer", "{}", error.data);
+    let resume = error.data["resume_since"].as_u64().unwrap();
+    let mut w = SseReader::open(&c, url(&node, &format!("/v1/watch?since={resume}")), None).await;
+    let e = w.next().await.unwrap();
+    assert_eq!(e.data["code"], "compacted", "{}", e.data);
+    node.shutdown().await;
+}
+
 /// What a careful client does during a failover: a write that failed with an
 /// ambiguous error (the leader went away mid-request) may or may not have
 /// been applied, so check with a linearizable read before trying again.

@@ -27,14 +27,14 @@ use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
-use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::broadcast::error::RecvError;
 
 use super::kv::wants_linearizable;
 use crate::flags::{PlainFlags, bulk_etag, evaluate_by_plugins, flag_keys, is_flag_key};
 use crate::node::Node;
 use crate::plugins::types::{ErrorCode, EvalContext, Evaluation, FlagValue, MetadataValue, Reason};
 use crate::raft::Change;
-use crate::raft::history::Continuity;
+use crate::raft::history::{ChangeReceiver, Continuity};
 
 /// Query parameters of evaluation requests.
 #[derive(Debug, Deserialize)]
@@ -438,7 +438,7 @@ fn refetch_event(revision: Option<u64>) -> Event {
 /// One `GET /ofrep/v1/events` stream: the node's changes, and where in their
 /// revisions it is (contiguous, except across a snapshot install).
 struct Refetch {
-    rx: broadcast::Receiver<Arc<Change>>,
+    rx: ChangeReceiver,
     seen: Continuity,
 }
 
@@ -517,9 +517,10 @@ mod tests {
     /// The messages of an events stream that starts after revision `last`
     /// and is fed `changes` through a channel holding at most `capacity`.
     async fn refetches(last: u64, capacity: usize, changes: &[(u64, &str)]) -> Vec<String> {
-        let (tx, rx) = broadcast::channel(capacity);
-        for (revision, key) in changes {
-            tx.send(change(*revision, key)).unwrap();
+        let (tx, rx) = ChangeReceiver::test_channel(capacity);
+        let kept: Vec<_> = changes.iter().map(|(rev, key)| change(*rev, key)).collect();
+        for c in &kept {
+            tx.send(Arc::downgrade(c)).unwrap();
         }
         drop(tx);
         let refetch = Refetch {

@@ -29,11 +29,12 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::broadcast::error::RecvError;
 
 use super::error::ApiError;
 use crate::node::Node;
 use crate::raft::Change;
+use crate::raft::history::ChangeReceiver;
 
 /// Keep-alive comment interval.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -84,7 +85,7 @@ fn error_event(code: &str, message: String, resume: Option<u64>) -> Event {
 
 struct Watch {
     backlog: VecDeque<Arc<Change>>,
-    rx: Option<broadcast::Receiver<Arc<Change>>>,
+    rx: Option<ChangeReceiver>,
     last: u64,
     prefix: String,
 }

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -60,7 +60,9 @@ struct Active {
     file: PathBuf,
     stamp: (SystemTime, u64),
     /// Sender into this plugin's on-change worker (None: no on-change hook).
-    reactor: Option<SyncSender<Arc<Change>>>,
+    /// Weak references: the change history holds the changes (and bounds
+    /// their bytes); one it dropped before the worker got to it is lost.
+    reactor: Option<SyncSender<Weak<Change>>>,
 }
 
 #[derive(Default)]
@@ -262,16 +264,21 @@ impl PluginHost {
 
     /// Starts the worker thread that feeds this plugin's on-change hook, in
     /// commit order, from a bounded queue.
-    fn start_reactor(&self, plugin: &Arc<LoadedPlugin>) -> Option<SyncSender<Arc<Change>>> {
+    fn start_reactor(&self, plugin: &Arc<LoadedPlugin>) -> Option<SyncSender<Weak<Change>>> {
         if !plugin.has_hook(types::Hook::OnChange) {
             return None;
         }
-        let (tx, rx) = sync_channel::<Arc<Change>>(self.limits.on_change_queue);
+        let (tx, rx) = sync_channel::<Weak<Change>>(self.limits.on_change_queue);
         let p = plugin.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("on-change-{}", p.name()))
             .spawn(move || {
                 while let Ok(change) = rx.recv() {
+                    let Some(change) = change.upgrade() else {
+                        p.stats.dropped(1);
+                        tracing::warn!(plugin = %p.name(), "on-change worker fell behind the change history; event dropped");
+                        continue;
+                    };
                     let c = types::Change {
                         key: change.key.clone(),
                         old_value: change.old.as_ref().map(|r| r.value.clone()),
@@ -359,7 +366,7 @@ impl PluginHost {
             if !a.plugin.matches(&change.key) {
                 continue;
             }
-            match tx.try_send(change.clone()) {
+            match tx.try_send(Arc::downgrade(&change)) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) => {
                     a.plugin.stats.dropped(1);

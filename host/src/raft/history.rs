@@ -8,14 +8,24 @@
 //! changes after that point are available, and an older `since` is answered
 //! with [`Compacted`].
 //!
+//! The history holds the only strong references to published changes: the
+//! live channel and the plugins' on-change queues carry weak ones. So what
+//! subscribers have not consumed yet is bounded by the same bytes (besides
+//! the channel's count), not by their count times the largest value: a
+//! subscriber that falls behind the history loses those changes and is told
+//! so ([`ChangeReceiver::recv`] reports them as lagged), as one that falls
+//! behind the channel is. The changes of the latest publish are always kept
+//! until the next one, so a subscriber that keeps up loses nothing.
+//!
 //! [`Continuity`] follows a live stream's revisions and names the ones a
 //! snapshot install skipped (reactor dispatch and OFREP events use it).
 
 use std::collections::VecDeque;
 use std::ops::RangeInclusive;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::broadcast;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use super::state_machine::Change;
 
@@ -62,7 +72,61 @@ pub fn gap_len(gap: &RangeInclusive<u64>) -> u64 {
 }
 
 /// Already-applied changes to replay, then the live stream of later ones.
-pub type Resume = (Vec<Arc<Change>>, broadcast::Receiver<Arc<Change>>);
+pub type Resume = (Vec<Arc<Change>>, ChangeReceiver);
+
+/// A subscriber's end of the live stream of changes.
+#[derive(Debug)]
+pub struct ChangeReceiver {
+    rx: broadcast::Receiver<Weak<Change>>,
+    /// A change found right after lost ones, returned by the next `recv`.
+    pending: Option<Arc<Change>>,
+}
+
+impl ChangeReceiver {
+    /// A channel of `capacity` outside any history (tests of subscribers:
+    /// they keep the changes alive themselves).
+    #[cfg(test)]
+    pub fn test_channel(capacity: usize) -> (broadcast::Sender<Weak<Change>>, ChangeReceiver) {
+        let (tx, rx) = broadcast::channel(capacity);
+        (tx, ChangeReceiver { rx, pending: None })
+    }
+
+    /// The next change. `Lagged(n)`: `n` changes were lost, because the
+    /// subscriber fell behind the channel or behind the history (which
+    /// dropped them); the changes after them follow.
+    pub async fn recv(&mut self) -> Result<Arc<Change>, RecvError> {
+        if let Some(change) = self.pending.take() {
+            return Ok(change);
+        }
+        let mut lost = 0;
+        loop {
+            let next = if lost == 0 {
+                self.rx.recv().await
+            } else {
+                // Count every lost change already queued, as one report.
+                match self.rx.try_recv() {
+                    Ok(weak) => Ok(weak),
+                    Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
+                    Err(TryRecvError::Empty | TryRecvError::Closed) => {
+                        return Err(RecvError::Lagged(lost));
+                    }
+                }
+            };
+            match next {
+                Ok(weak) => match weak.upgrade() {
+                    Some(change) if lost == 0 => return Ok(change),
+                    Some(change) => {
+                        self.pending = Some(change);
+                        return Err(RecvError::Lagged(lost));
+                    }
+                    None => lost += 1,
+                },
+                Err(RecvError::Lagged(n)) => lost += n,
+                Err(RecvError::Closed) => return Err(RecvError::Closed),
+            }
+        }
+    }
+}
 
 /// Changes kept for resuming watchers, by default.
 pub const DEFAULT_HISTORY: usize = 10_000;
@@ -108,7 +172,7 @@ struct Inner {
 #[derive(Clone)]
 pub struct History {
     inner: Arc<Mutex<Inner>>,
-    live: broadcast::Sender<Arc<Change>>,
+    live: broadcast::Sender<Weak<Change>>,
 }
 
 impl History {
@@ -135,7 +199,7 @@ impl History {
         if let Ok(mut h) = self.inner.lock() {
             h.capacity = capacity.max(1);
             h.max_bytes = max_bytes;
-            trim(&mut h);
+            trim(&mut h, 0);
         }
     }
 
@@ -146,17 +210,19 @@ impl History {
         self.live = live;
     }
 
-    /// Records and publishes newly applied changes, in order.
+    /// Records and publishes newly applied changes, in order. Older ones
+    /// make room; these stay at least until the next publish.
     pub fn publish(&self, changes: Vec<Change>) {
         let Ok(mut h) = self.inner.lock() else { return };
+        let new = changes.len();
         for change in changes {
             let change = Arc::new(change);
             h.bytes += weight(&change);
-            h.changes.push_back(change.clone());
             // No receivers is fine: nobody is watching.
-            let _ = self.live.send(change);
+            let _ = self.live.send(Arc::downgrade(&change));
+            h.changes.push_back(change);
         }
-        trim(&mut h);
+        trim(&mut h, new);
     }
 
     /// After a snapshot install at `index`: nothing at or before it is known.
@@ -169,8 +235,11 @@ impl History {
     }
 
     /// Subscribes from now on (no backlog).
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
-        self.live.subscribe()
+    pub fn subscribe(&self) -> ChangeReceiver {
+        ChangeReceiver {
+            rx: self.live.subscribe(),
+            pending: None,
+        }
     }
 
     /// The changes after `since` that are already applied, and a receiver
@@ -192,12 +261,14 @@ impl History {
             .filter(|c| c.revision > since)
             .cloned()
             .collect();
-        Ok((backlog, self.live.subscribe()))
+        Ok((backlog, self.subscribe()))
     }
 }
 
-fn trim(h: &mut Inner) {
-    while h.changes.len() > h.capacity || h.bytes > h.max_bytes {
+/// Drops the oldest changes until both bounds hold, but never the newest
+/// `keep`.
+fn trim(h: &mut Inner, keep: usize) {
+    while (h.changes.len() > h.capacity || h.bytes > h.max_bytes) && h.changes.len() > keep {
         let Some(old) = h.changes.pop_front() else {
             break;
         };
@@ -220,8 +291,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn resumes_without_gaps_and_reports_compaction() {
+    #[tokio::test]
+    async fn resumes_without_gaps_and_reports_compaction() {
         let h = History::new(10, 3, 16);
         assert_eq!(h.watch_from(9).unwrap_err().horizon, 10);
         let (backlog, _rx) = h.watch_from(10).unwrap();
@@ -233,7 +304,7 @@ mod tests {
             vec![12, 14]
         );
         h.publish(vec![change(15)]);
-        assert_eq!(rx.try_recv().unwrap().revision, 15);
+        assert_eq!(rx.recv().await.unwrap().revision, 15);
         // Capacity 3: 11 is gone, so resuming after 10 is refused, after 11 is fine.
         let compacted = h.watch_from(10).unwrap_err();
         assert_eq!(
@@ -269,7 +340,9 @@ mod tests {
     fn history_is_bounded_by_bytes_too() {
         let h = History::new(0, 1_000, 16);
         h.set_capacity(1_000, 3 * (1 << 20) + 3 * 200);
-        h.publish((1..=5).map(|r| put(r, 1 << 20)).collect());
+        for r in 1..=5 {
+            h.publish(vec![put(r, 1 << 20)]);
+        }
         // Three 1 MiB changes fit; 1 and 2 were dropped.
         assert_eq!(h.watch_from(1).unwrap_err().horizon, 2);
         let (backlog, _rx) = h.watch_from(2).unwrap();
@@ -278,16 +351,52 @@ mod tests {
         h.publish((6..=10).map(|r| put(r, 10)).collect());
         let (backlog, _rx) = h.watch_from(3).unwrap();
         assert_eq!(backlog.first().map(|c| c.revision), Some(4));
-        // A change over the whole bound is not kept at all.
+        // A change over the whole bound is kept until the next publish.
         h.publish(vec![put(11, 4 << 20)]);
-        assert_eq!(h.watch_from(10).unwrap_err().horizon, 11);
-        let (backlog, _rx) = h.watch_from(11).unwrap();
-        assert!(backlog.is_empty());
+        assert_eq!(h.watch_from(10).unwrap().0.len(), 1);
         h.publish(vec![put(12, 1)]);
+        assert_eq!(h.watch_from(10).unwrap_err().horizon, 11);
         assert_eq!(h.watch_from(11).unwrap().0.len(), 1);
         // A reset recounts what is left.
         h.reset(11);
         assert_eq!(h.inner.lock().unwrap().bytes, weight(&put(12, 1)));
+    }
+
+    /// Subscribers hold weak references: what the history dropped before a
+    /// subscriber got to it is reported as lost, once for a run of them,
+    /// and the stream goes on after them.
+    #[tokio::test]
+    async fn a_subscriber_behind_the_history_loses_changes_and_is_told() {
+        let h = History::new(0, 1_000, 64);
+        h.set_capacity(3, usize::MAX);
+        let mut fast = h.subscribe();
+        let mut slow = h.subscribe();
+        for r in 1..=3 {
+            h.publish(vec![put(r, 8)]);
+            assert_eq!(fast.recv().await.unwrap().revision, r);
+        }
+        // One batch larger than the history: all of it is kept for now.
+        h.publish((4..=8).map(|r| put(r, 8)).collect());
+        for r in 4..=8 {
+            assert_eq!(fast.recv().await.unwrap().revision, r);
+        }
+        // The slow one finds 1..=3 gone, reported once, then 4 onwards.
+        assert!(matches!(slow.recv().await, Err(RecvError::Lagged(3))));
+        assert_eq!(slow.recv().await.unwrap().revision, 4);
+        h.publish(vec![put(9, 8)]);
+        // 4..=6 went with that publish (capacity 3): 5 and 6 are lost now.
+        assert!(matches!(slow.recv().await, Err(RecvError::Lagged(2))));
+        assert_eq!(slow.recv().await.unwrap().revision, 7);
+        let mut late = h.subscribe();
+        h.publish(vec![put(10, 8)]);
+        h.publish(vec![put(11, 8), put(12, 8), put(13, 8)]);
+        assert!(matches!(late.recv().await, Err(RecvError::Lagged(1))));
+        assert_eq!(late.recv().await.unwrap().revision, 11);
+        // Lost changes with nothing after them are reported too.
+        let mut last = h.subscribe();
+        h.publish(vec![put(14, 8)]);
+        h.set_capacity(1, 0);
+        assert!(matches!(last.recv().await, Err(RecvError::Lagged(1))));
     }
 
     #[test]

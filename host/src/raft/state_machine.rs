@@ -34,9 +34,8 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use fjall::{Database, Keyspace, PersistMode, Readable};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, StorageIOError};
-use tokio::sync::broadcast;
 
-use super::history::{Compacted, DEFAULT_HISTORY, History, Resume};
+use super::history::{ChangeReceiver, Compacted, DEFAULT_HISTORY, History, Resume};
 use super::record_cache::{DEFAULT_READ_CACHE_BYTES, RecordCache};
 use super::snapshot_file::{self, PairReader, SnapshotWriter, Written};
 
@@ -197,7 +196,7 @@ impl KvReader {
     }
 
     /// Subscribes to committed changes, in commit order, from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
+    pub fn subscribe(&self) -> ChangeReceiver {
         self.history.subscribe()
     }
 

@@ -37,6 +37,9 @@ pub const CURRENT: &str = "current";
 const MAGIC: &[u8; 8] = b"FLGSNAP2";
 /// Suffix of snapshot files being written (left over only by a crash).
 const TMP_SUFFIX: &str = ".tmp";
+/// Largest metadata accepted (a membership config of a few nodes is far
+/// smaller): a garbled length must not allocate the file's size.
+const MAX_META: u64 = 1 << 20;
 /// Buffer size for streaming a snapshot to or from its file.
 const IO_BUFFER: usize = 256 * 1024;
 /// Makes temp file names unique within the process.
@@ -249,12 +252,11 @@ fn read_trailer(file: &mut File) -> io::Result<(SnapshotMeta, u64)> {
     file.seek(SeekFrom::Start(len - 8))?;
     file.read_exact(&mut word)?;
     let meta_len = u64::from_be_bytes(word);
-    if meta_len > len - fixed {
+    if meta_len > len - fixed || meta_len > MAX_META {
         return Err(corrupt("metadata length"));
     }
     let pairs_end = len - 8 - meta_len;
     file.seek(SeekFrom::Start(pairs_end))?;
-    // `meta_len` is below the file's length, read from disk: no huge buffer.
     let mut meta_bytes = vec![0u8; meta_len as usize];
     file.read_exact(&mut meta_bytes)?;
     let meta = rmp_serde::from_slice(&meta_bytes).map_err(|_| corrupt("metadata"))?;
@@ -417,7 +419,7 @@ pub fn upgrade_first_format(dir: &Path) -> io::Result<bool> {
     file.seek(SeekFrom::Start(0))?;
     file.read_exact(&mut word)?;
     let meta_len = u64::from_be_bytes(word);
-    if meta_len > len.saturating_sub(16) {
+    if meta_len > len.saturating_sub(16) || meta_len > MAX_META {
         return Err(corrupt("metadata length (first format)"));
     }
     let mut meta_bytes = vec![0u8; meta_len as usize];

@@ -101,6 +101,10 @@ pub struct NodeConfig {
     /// How often the plugins directory is checked for changes.
     pub plugin_reload_every: Duration,
     /// Applied changes kept in memory for watchers resuming with `since`.
+    /// Watchers and plugins' on-change queues hold references to these: a
+    /// change the history dropped before they got to it is lost to them
+    /// (reported as lagged), so this also bounds how far they may fall
+    /// behind, besides `watch_buffer` and the plugins' queue length.
     pub watch_history: usize,
     /// Bytes of those changes' keys and values kept, at most.
     pub watch_history_bytes: usize,

@@ -127,6 +127,11 @@ struct Kept {
 /// measured (BENCHMARKS item 30). A follower further behind reads from fjall.
 pub const RECENT_BYTES: usize = 2 * 1024 * 1024;
 
+/// About how many encoded bytes of entries one AppendEntries carries at most
+/// (one entry more when a single entry is larger), well below the default
+/// Raft RPC body limit of 64 MiB.
+pub const PAYLOAD_BYTES: usize = 8 * 1024 * 1024;
+
 impl Shared {
     /// The first index of the entries held in memory (unflushed or recent).
     fn first_in_memory(&self) -> Option<u64> {
@@ -570,6 +575,33 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
+        self.read_entries(range, usize::MAX)
+    }
+
+    /// What replication sends in one AppendEntries: entries from `start`, up
+    /// to about [`PAYLOAD_BYTES`] of them. openraft asks for up to 300
+    /// entries at a time, and an entry carries up to 4 MiB of values: a
+    /// follower catching up after a stretch of large writes would otherwise
+    /// have the leader read (and encode) a gigabyte at once.
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry>, StorageError> {
+        self.read_entries(start..end, PAYLOAD_BYTES)
+    }
+}
+
+impl LogStore {
+    /// Entries in `range`; reading from fjall stops after the entry that
+    /// brings the encoded bytes read to `budget` (always at least one), so
+    /// the result may be a prefix of the range. Entries held in memory are
+    /// few (the tail is bounded by [`RECENT_BYTES`]) and always all returned.
+    fn read_entries<RB: RangeBounds<u64> + Clone>(
+        &self,
+        range: RB,
+        budget: usize,
+    ) -> Result<Vec<Entry>, StorageError> {
         // Hold the lock while reading fjall so the writer cannot move an entry
         // from `pending` to fjall (or finish a truncation) half-way through.
         let s = self.lock()?;
@@ -597,18 +629,28 @@ impl RaftLogReader<TypeConfig> for LogStore {
         }
         let hidden_from = s.hidden_from();
         let mut out: BTreeMap<u64, Entry> = BTreeMap::new();
+        let (mut bytes, mut cut) = (0usize, None);
         for item in self
             .log
             .range((to_bound(range.start_bound()), to_bound(range.end_bound())))
         {
             let (_, value) = item.into_inner().map_err(read_err)?;
             let entry: Entry = rmp_serde::from_slice(&value).map_err(read_err)?;
-            if hidden_from.is_some_and(|h| entry.log_id.index >= h) {
+            let index = entry.log_id.index;
+            if hidden_from.is_some_and(|h| index >= h) {
                 break;
             }
-            out.insert(entry.log_id.index, entry);
+            out.insert(index, entry);
+            bytes = bytes.saturating_add(value.len());
+            if bytes >= budget {
+                cut = Some(index);
+                break;
+            }
         }
         for (i, k) in s.pending.range(bounds) {
+            if cut.is_some_and(|c| *i > c) {
+                break;
+            }
             out.insert(*i, k.entry.clone());
         }
         Ok(out.into_values().collect())
@@ -789,6 +831,46 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
+    }
+
+    /// Replication reads about [`PAYLOAD_BYTES`] of large entries at a time
+    /// (a prefix of what it asked for, never nothing); small entries, and
+    /// every other read, come whole.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replication_reads_large_entries_a_few_at_a_time() {
+        let (_dir, mut store) = open();
+        let big = |i: u64| Entry {
+            log_id: log_id(1, 1, i),
+            payload: openraft::EntryPayload::Normal(crate::raft::Command::Put {
+                key: format!("blob/{i}"),
+                value: vec![i as u8; 1 << 20],
+                content_type: None,
+                precondition: crate::raft::Precondition::None,
+            }),
+        };
+        store
+            .blocking_append((1..=24).map(big))
+            .await
+            .expect("append");
+        let limited = store.limited_get_log_entries(1, 25).await.unwrap();
+        let indexes: Vec<u64> = limited.iter().map(|e| e.log_id.index).collect();
+        assert_eq!(indexes, (1..=8).collect::<Vec<_>>());
+        assert_eq!(limited[7], big(8));
+        let whole = store.try_get_log_entries(1..25).await.unwrap();
+        assert_eq!(whole.len(), 24);
+        // One entry over the budget still goes, alone.
+        let one = store.read_entries(3..25, 1).unwrap();
+        assert_eq!(one.len(), 1);
+        // The tail held in memory comes whole.
+        let tail = store.limited_get_log_entries(23, 25).await.unwrap();
+        assert_eq!(tail.len(), 2);
+
+        store
+            .blocking_append((25..=400).map(|i| blank_ent::<TypeConfig>(1, 1, i)))
+            .await
+            .expect("append");
+        let blanks = store.limited_get_log_entries(25, 401).await.unwrap();
+        assert_eq!(blanks.len(), 376);
     }
 
     /// The store's disk refuses a write: every append of the failed group

@@ -59,5 +59,6 @@ curl -sf -o "$WORK/got" "$URL4/v1/kv/blob/$N" || { echo "FAIL: node 4 never serv
 cmp -s "$WORK/got" "$WORK/blob" || { echo "FAIL: node 4's blob/$N differs" >&2; exit 1; }
 grep -h 'installed snapshot' "$WORK/4.log" | sed 's/\x1b\[[0-9;]*m//g; s/^.*installed snapshot/installed snapshot/' | tail -1
 echo "node 4 caught up in $(( (t1 - t0) / 1000000 )) ms; peak RSS (MiB):$(peaks)"
+echo "warnings in node 4's log: $(grep -c WARN "$WORK/4.log" || true)"
 echo "snapshot warnings in the leader's log: $(grep -c 'WARN.*[Ss]napshot' "$WORK/1.log" || true)"
 grep -h 'WARN.*[Ss]napshot' "$WORK/1.log" | sed 's/\x1b\[[0-9;]*m//g' | cut -c 1-200 | head -3 || true

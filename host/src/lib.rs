@@ -6,7 +6,8 @@
 //!
 //! # Layout
 //!
-//! - [`raft`]: type configuration, log store, state machine, Raft RPC client.
+//! - [`raft`]: type configuration, log store, state machine, snapshot files,
+//!   Raft RPC client.
 //! - [`http`]: the axum router: key/value API, cluster API, Raft RPC server.
 //! - [`node`]: wires storage, Raft and HTTP together; the library API
 //!   ([`Node::set_custom_data`] and friends) and `run(listener, shutdown)`.

@@ -1,5 +1,6 @@
 //! Raft plumbing: type configuration, the fjall-backed log store and state
-//! machine, and the HTTP network client. Nothing here knows about the HTTP API.
+//! machine, the streamed snapshot files, and the HTTP network client. Nothing
+//! here knows about the HTTP API.
 
 // openraft's storage traits dictate `StorageError` (about 224 bytes) as the
 // error type; boxing it in helpers would only add conversions at every call.

@@ -293,6 +293,37 @@ async fn late_joiner_catches_up_through_snapshot_and_members_can_be_removed() {
     }
 }
 
+/// A new member catches up on 40 MiB of large values from the log. Each
+/// AppendEntries must answer within the heartbeat interval (openraft's RPC
+/// timeout): sent all at once, they timed out again and again (a member took
+/// 30 s here, or never caught up); replication now reads about 1 MiB of
+/// entries per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_on_large_values_goes_in_small_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let n1 = start_node(1, dir.path(), None, fast_tuning()).await;
+    wait_converged(std::slice::from_ref(&n1), 1).await;
+    let value = |i: usize| vec![i as u8; 256 * 1024];
+    for i in 0..160 {
+        n1.set_custom_data(&format!("blob/{i:03}"), value(i))
+            .await
+            .unwrap();
+    }
+    let n2 = start_node(2, dir.path(), Some(n1.advertise()), fast_tuning()).await;
+    // About a second here; sent all at once it took 30 s or never ended.
+    wait_for("node 2 to catch up", Duration::from_secs(10), || async {
+        let k = n2.list_custom_data_keys("blob/").await.unwrap();
+        (k.len() == 160).then_some(())
+    })
+    .await;
+    for i in [0, 77, 159] {
+        let got = n2.get_custom_data(&format!("blob/{i:03}")).await.unwrap();
+        assert!(got == Some(value(i)), "blob {i}");
+    }
+    n2.shutdown().await;
+    n1.shutdown().await;
+}
+
 /// A catch-up larger than the peers' Raft RPC body limit still happens: the
 /// follower refuses the big AppendEntries with 413 and the leader resends the
 /// entries in smaller parts. A body over the limit gets a JSON 413.

@@ -128,9 +128,11 @@ struct Kept {
 pub const RECENT_BYTES: usize = 2 * 1024 * 1024;
 
 /// About how many encoded bytes of entries one AppendEntries carries at most
-/// (one entry more when a single entry is larger), well below the default
-/// Raft RPC body limit of 64 MiB.
-pub const PAYLOAD_BYTES: usize = 8 * 1024 * 1024;
+/// (one entry more when a single entry is larger). openraft 0.9 gives an
+/// AppendEntries one heartbeat interval (100 ms) to be answered, the
+/// follower's fsync included, and resends the same entries after a timeout:
+/// a catch-up on large values sent 40 MiB at a time never finished.
+pub const PAYLOAD_BYTES: usize = 1024 * 1024;
 
 impl Shared {
     /// The first index of the entries held in memory (unflushed or recent).
@@ -582,7 +584,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
     /// to about [`PAYLOAD_BYTES`] of them. openraft asks for up to 300
     /// entries at a time, and an entry carries up to 4 MiB of values: a
     /// follower catching up after a stretch of large writes would otherwise
-    /// have the leader read (and encode) a gigabyte at once.
+    /// get them all in one request that cannot be answered in time (and the
+    /// leader would read and encode up to a gigabyte at once).
     async fn limited_get_log_entries(
         &mut self,
         start: u64,
@@ -843,7 +846,7 @@ mod tests {
             log_id: log_id(1, 1, i),
             payload: openraft::EntryPayload::Normal(crate::raft::Command::Put {
                 key: format!("blob/{i}"),
-                value: vec![i as u8; 1 << 20],
+                value: vec![i as u8; PAYLOAD_BYTES / 4],
                 content_type: None,
                 precondition: crate::raft::Precondition::None,
             }),
@@ -854,8 +857,9 @@ mod tests {
             .expect("append");
         let limited = store.limited_get_log_entries(1, 25).await.unwrap();
         let indexes: Vec<u64> = limited.iter().map(|e| e.log_id.index).collect();
-        assert_eq!(indexes, (1..=8).collect::<Vec<_>>());
-        assert_eq!(limited[7], big(8));
+        // Each a little over a quarter of the budget.
+        assert_eq!(indexes, (1..=4).collect::<Vec<_>>());
+        assert_eq!(limited[3], big(4));
         let whole = store.try_get_log_entries(1..25).await.unwrap();
         assert_eq!(whole.len(), 24);
         // One entry over the budget still goes, alone.

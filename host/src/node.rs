@@ -213,6 +213,7 @@ impl Node {
                 .unwrap_or_else(|| local_addr.to_string()),
         );
         let (mut log_store, mut state_machine) = open_storage(&config.data_dir, config.id)?;
+        log_store.purge_after(&state_machine.coverage());
         state_machine.set_history_capacity(config.watch_history, config.watch_history_bytes);
         state_machine.set_watch_buffer(config.watch_buffer);
         state_machine.set_read_cache(config.read_cache_bytes);

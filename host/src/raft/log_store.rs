@@ -80,6 +80,7 @@ use fjall::{Database, Keyspace, PersistMode};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, RaftLogReader, StorageIOError, Vote};
 
+use super::state_machine::{Coverage, Covered};
 use super::types::{Entry, LogId, NodeId, StorageError, TypeConfig};
 
 const VOTE: &str = "vote";
@@ -242,6 +243,9 @@ pub struct LogStore {
     /// This node: entries whose log id names another leader are a follower's.
     id: NodeId,
     committed_index: Arc<AtomicU64>,
+    /// When set, a purge waits until the state machine's durable state
+    /// covers it ([`LogStore::purge_after`]).
+    covered: Option<tokio::sync::watch::Receiver<Covered>>,
     #[cfg(test)]
     hooks: Arc<Hooks>,
 }
@@ -311,6 +315,7 @@ impl LogStore {
             in_place,
             id,
             committed_index: Arc::new(AtomicU64::new(0)),
+            covered: None,
             #[cfg(test)]
             hooks,
         };
@@ -318,6 +323,14 @@ impl LogStore {
             store.committed_index.store(c.index, Ordering::Relaxed);
         }
         Ok(store)
+    }
+
+    /// Purges wait until `coverage` (the state machine's) reaches them: the
+    /// log is never purged past what a restart would find in the key space
+    /// or the snapshot file. Without it (a log store on its own, as in
+    /// openraft's storage suite) purges go ahead at once.
+    pub fn purge_after(&mut self, coverage: &Coverage) {
+        self.covered = Some(coverage.subscribe());
     }
 
     /// The highest index known committed on this node (0 if none).
@@ -774,6 +787,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         self.check_writable()?;
+        if let Some(covered) = &self.covered {
+            // After a snapshot install openraft purges at once, while the
+            // install may still be running (see `Coverage`). Waiting here
+            // holds the Raft core for the rest of the install.
+            let mut covered = covered.clone();
+            let reached = covered
+                .wait_for(|c| c.failed || c.index >= log_id.index)
+                .await
+                .map(|c| !c.failed);
+            if !matches!(reached, Ok(true)) {
+                return Err(write_err(std::io::Error::other(format!(
+                    "not purging the log up to {}: the state machine does not cover it",
+                    log_id.index
+                ))));
+            }
+        }
         self.meta
             .insert(PURGED, rmp_serde::to_vec(&log_id).map_err(write_err)?)
             .map_err(write_err)?;
@@ -834,6 +863,36 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
+    }
+
+    /// A purge waits until the state machine covers it, and is refused if
+    /// the install that was to cover it failed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_purge_waits_for_the_state_machine_to_cover_it() {
+        let (_dir, mut store) = open();
+        append_blanks(&mut store, 10).await;
+        let coverage = Coverage::new(3);
+        store.purge_after(&coverage);
+        store.purge(log_id(1, 1, 2)).await.expect("covered already");
+        let mut purger = store.clone();
+        let purge = tokio::spawn(async move { purger.purge(log_id(1, 1, 8)).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!purge.is_finished(), "purged past the state machine");
+        coverage.advance(8);
+        purge.await.unwrap().expect("purge once covered");
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(log_id(1, 1, 8)));
+
+        let mut purger = store.clone();
+        let purge = tokio::spawn(async move { purger.purge(log_id(1, 1, 10)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        coverage.fail();
+        assert!(
+            purge.await.unwrap().is_err(),
+            "a failed install covers nothing"
+        );
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(log_id(1, 1, 8)));
     }
 
     /// Replication reads about [`PAYLOAD_BYTES`] of large entries at a time

@@ -66,6 +66,63 @@ fn is_kv_keyspace_name(name: &str) -> bool {
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
+/// How far the state machine's durable state reaches: the index up to which
+/// a restart finds every change in the key space or in `snapshot/current`.
+/// The log must not be purged past it (see [`Coverage`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Covered {
+    /// Log index covered.
+    pub index: u64,
+    /// The last install failed: what it would have covered never will be.
+    pub failed: bool,
+}
+
+/// The state machine's side of [`Covered`], watched by the log store.
+///
+/// openraft 0.9 purges a follower's log as soon as it has *handed* a
+/// snapshot to the state machine, not once the install is done: a crash in
+/// between left a log purged past everything the restarted node had, which
+/// openraft refuses at startup (`purge_upto <= committed`), for good. The
+/// log store waits for this instead ([`super::LogStore::purge_after`]).
+#[derive(Debug, Clone)]
+pub struct Coverage(Arc<tokio::sync::watch::Sender<Covered>>);
+
+impl Coverage {
+    pub(crate) fn new(index: u64) -> Self {
+        Coverage(Arc::new(
+            tokio::sync::watch::channel(Covered {
+                index,
+                failed: false,
+            })
+            .0,
+        ))
+    }
+
+    /// Everything up to `index` is durable.
+    pub(crate) fn advance(&self, index: u64) {
+        self.0.send_if_modified(|c| {
+            let changed = index > c.index || c.failed;
+            if changed {
+                *c = Covered {
+                    index: c.index.max(index),
+                    failed: false,
+                };
+            }
+            changed
+        });
+    }
+
+    /// An install failed.
+    pub(crate) fn fail(&self) {
+        self.0.send_modify(|c| c.failed = true);
+    }
+
+    /// A receiver for the log store.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Covered> {
+        self.0.subscribe()
+    }
+}
+
 /// The keyspace that holds the key space now, shared by the state machine
 /// and its readers; an install swaps it.
 #[derive(Clone)]
@@ -229,6 +286,7 @@ pub struct StateMachineStore {
     cache: Arc<RecordCache>,
     snapshot_seq: u64,
     replay_until: u64,
+    coverage: Coverage,
 }
 
 impl StateMachineStore {
@@ -321,8 +379,12 @@ impl StateMachineStore {
             cache: Arc::new(RecordCache::new(DEFAULT_READ_CACHE_BYTES)),
             snapshot_seq: 0,
             replay_until: 0,
+            coverage: Coverage::new(0),
         };
         sm.catch_up_with_snapshot_file()?;
+        // What the key space holds now is what a restart finds (a prefix of
+        // the journal), and the snapshot file is no further ahead of it.
+        sm.coverage.advance(sm.last_applied.map_or(0, |l| l.index));
         Ok(sm)
     }
 
@@ -425,6 +487,68 @@ impl StateMachineStore {
         );
         let (kv, rev) = Self::ingest(&self.db, self.kv_generation + 1, file)?;
         self.switch_to(kv, &meta, rev)
+    }
+
+    /// Installs a snapshot received into `snapshot` (see the module docs).
+    async fn install(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<tokio::fs::File>,
+    ) -> Result<(), StorageError> {
+        let started = std::time::Instant::now();
+        let mut file = snapshot.into_std().await;
+        let (db, generation) = (self.db.clone(), self.kv_generation + 1);
+        let (dir, lock, want) = (
+            self.snapshot_dir.clone(),
+            self.snapshot_lock.clone(),
+            meta.clone(),
+        );
+        let (kv, rev, bytes) =
+            tokio::task::spawn_blocking(move || -> Result<(Keyspace, u64, u64), StorageError> {
+                let read_err = |e| snap_err(ErrorVerb::Read, e);
+                let write_err = |e| snap_err(ErrorVerb::Write, e);
+                let copy = if snapshot_file::is_this_format(&mut file).map_err(read_err)? {
+                    // The data names the snapshot it holds: it must be this one.
+                    let named = snapshot_file::read_meta(&mut file).map_err(read_err)?;
+                    if named != want {
+                        return Err(read_err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!(
+                                "snapshot data holds snapshot {}, not {}",
+                                named.snapshot_id, want.snapshot_id
+                            ),
+                        )));
+                    }
+                    // The copy becomes `current`: the received file has no name.
+                    Written::copy_of(&dir, &mut file).map_err(write_err)?
+                } else {
+                    // From a node of an older version: data without metadata.
+                    Written::from_first_format_data(&dir, &mut file, &want).map_err(read_err)?
+                };
+                let bytes = file.metadata().map_err(read_err)?.len();
+                drop(file);
+                // Every pair is checked while it is ingested: a bad file
+                // fails here, before anything is published or switched.
+                let (kv, rev) = Self::ingest(&db, generation, copy.reopen().map_err(read_err)?)?;
+                copy.publish(&dir, &lock, &want).map_err(write_err)?;
+                Ok((kv, rev, bytes))
+            })
+            .await
+            .map_err(|e| snap_err(ErrorVerb::Write, e))??;
+        self.switch_to(kv, meta, rev)?;
+        tracing::info!(
+            snapshot = %meta.snapshot_id,
+            bytes,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "installed snapshot"
+        );
+        Ok(())
+    }
+
+    /// How far this state machine's durable state reaches (for the log
+    /// store's purges).
+    pub fn coverage(&self) -> Coverage {
+        self.coverage.clone()
     }
 
     /// A read handle sharing this state machine's keyspace and counters.
@@ -550,6 +674,7 @@ pub struct SnapshotBuilder {
     membership: StoredMembership,
     rev: u64,
     seq: u64,
+    coverage: Coverage,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -592,6 +717,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             })
             .await
             .map_err(|e| snap_err(ErrorVerb::Write, e))??;
+        // `current` now holds this snapshot or a newer one.
+        self.coverage
+            .advance(self.last_applied.map_or(0, |l| l.index));
         tracing::info!(
             snapshot = %meta.snapshot_id,
             bytes,
@@ -666,6 +794,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             membership: self.membership.clone(),
             rev: self.rev,
             seq: self.snapshot_seq,
+            coverage: self.coverage.clone(),
         }
     }
 
@@ -681,54 +810,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         meta: &SnapshotMeta,
         snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
-        let started = std::time::Instant::now();
-        let mut file = snapshot.into_std().await;
-        let (db, generation) = (self.db.clone(), self.kv_generation + 1);
-        let (dir, lock, want) = (
-            self.snapshot_dir.clone(),
-            self.snapshot_lock.clone(),
-            meta.clone(),
-        );
-        let (kv, rev, bytes) =
-            tokio::task::spawn_blocking(move || -> Result<(Keyspace, u64, u64), StorageError> {
-                let read_err = |e| snap_err(ErrorVerb::Read, e);
-                let write_err = |e| snap_err(ErrorVerb::Write, e);
-                let copy = if snapshot_file::is_this_format(&mut file).map_err(read_err)? {
-                    // The data names the snapshot it holds: it must be this one.
-                    let named = snapshot_file::read_meta(&mut file).map_err(read_err)?;
-                    if named != want {
-                        return Err(read_err(std::io::Error::new(
-                            std::io::ErrorKind::InvalidData,
-                            format!(
-                                "snapshot data holds snapshot {}, not {}",
-                                named.snapshot_id, want.snapshot_id
-                            ),
-                        )));
-                    }
-                    // The copy becomes `current`: the received file has no name.
-                    Written::copy_of(&dir, &mut file).map_err(write_err)?
-                } else {
-                    // From a node of an older version: data without metadata.
-                    Written::from_first_format_data(&dir, &mut file, &want).map_err(read_err)?
-                };
-                let bytes = file.metadata().map_err(read_err)?.len();
-                drop(file);
-                // Every pair is checked while it is ingested: a bad file
-                // fails here, before anything is published or switched.
-                let (kv, rev) = Self::ingest(&db, generation, copy.reopen().map_err(read_err)?)?;
-                copy.publish(&dir, &lock, &want).map_err(write_err)?;
-                Ok((kv, rev, bytes))
-            })
-            .await
-            .map_err(|e| snap_err(ErrorVerb::Write, e))??;
-        self.switch_to(kv, meta, rev)?;
-        tracing::info!(
-            snapshot = %meta.snapshot_id,
-            bytes,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "installed snapshot"
-        );
-        Ok(())
+        let installed = self.install(meta, snapshot).await;
+        match &installed {
+            Ok(()) => self
+                .coverage
+                .advance(meta.last_log_id.map_or(0, |l| l.index)),
+            Err(_) => self.coverage.fail(),
+        }
+        installed
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {

@@ -111,12 +111,25 @@ pub struct Proc {
     pub id: u64,
     pub data_dir: PathBuf,
     pub url: String,
+    /// Extra `serve` arguments, given again on restart.
+    args: Vec<String>,
     child: Option<Child>,
 }
 
 impl Proc {
     /// Spawns a node; `listen` may be `127.0.0.1:0`.
     pub fn spawn(id: u64, data_dir: &Path, listen: &str, join: Option<&str>) -> Proc {
+        Proc::spawn_with(id, data_dir, listen, join, &[])
+    }
+
+    /// [`Proc::spawn`] with extra `serve` arguments.
+    pub fn spawn_with(
+        id: u64,
+        data_dir: &Path,
+        listen: &str,
+        join: Option<&str>,
+        args: &[&str],
+    ) -> Proc {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_flagstone"));
         cmd.args([
             "serve",
@@ -136,6 +149,7 @@ impl Proc {
         if let Some(j) = join {
             cmd.args(["--join", j]);
         }
+        cmd.args(args);
         let mut child = cmd.spawn().expect("spawn flagstone");
         let stdout = child.stdout.take().unwrap();
         let mut line = String::new();
@@ -151,6 +165,7 @@ impl Proc {
             id,
             data_dir: data_dir.to_owned(),
             url,
+            args: args.iter().map(|a| a.to_string()).collect(),
             child: Some(child),
         }
     }
@@ -191,7 +206,8 @@ impl Proc {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "still running");
         let listen = self.listen().to_owned();
-        let again = Proc::spawn(self.id, &self.data_dir, &listen, None);
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let again = Proc::spawn_with(self.id, &self.data_dir, &listen, None, &args);
         assert_eq!(again.url, self.url);
         *self = again;
     }

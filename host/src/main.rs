@@ -56,6 +56,9 @@ struct ServeArgs {
     /// Build a snapshot and compact the log every N entries.
     #[arg(long, default_value_t = 10_000)]
     snapshot_every: u64,
+    /// Also build one once the log took this many MiB since the last (0: off).
+    #[arg(long, default_value_t = 256)]
+    snapshot_every_mib: u64,
     /// Directory of WebAssembly plugins (`*.wasm`), reloaded when files change.
     #[arg(long, env = "FLAGSTONE_PLUGINS_DIR")]
     plugins_dir: Option<PathBuf>,
@@ -139,6 +142,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.advertise = args.advertise;
     config.join = args.join;
     config.raft.snapshot_every = args.snapshot_every;
+    config.raft.snapshot_every_bytes = args.snapshot_every_mib.saturating_mul(1024 * 1024);
     config.plugins_dir = args.plugins_dir;
     config.plugin_limits.validate = Duration::from_millis(args.validate_timeout_ms);
     config.plugin_limits.evaluate = Duration::from_millis(args.evaluate_timeout_ms);

@@ -62,6 +62,11 @@ pub struct RaftTuning {
     pub snapshot_every: u64,
     /// Entries kept in the log behind the last snapshot, for lagging followers.
     pub keep_behind_snapshot: u64,
+    /// Also build a snapshot once this many bytes of entries were appended
+    /// since the last one (0: by entries only); see `raft/compaction.rs`.
+    pub snapshot_every_bytes: u64,
+    /// Keep at most about this many bytes of entries behind a snapshot.
+    pub keep_behind_snapshot_bytes: u64,
     /// Largest body a `/raft/*` request may have (default 64 MiB). A larger
     /// AppendEntries is refused with 413 and its sender retries with fewer
     /// entries; snapshot chunks are at most half of it. Keep it well above
@@ -76,6 +81,8 @@ impl Default for RaftTuning {
             election_timeout_ms: (400, 800),
             snapshot_every: 10_000,
             keep_behind_snapshot: 1_000,
+            snapshot_every_bytes: 256 * 1024 * 1024,
+            keep_behind_snapshot_bytes: 64 * 1024 * 1024,
             rpc_body_limit: 64 * 1024 * 1024,
         }
     }
@@ -270,6 +277,7 @@ impl Node {
         }
         .validate()
         .map_err(|e| NodeError::Raft(e.to_string()))?;
+        let compaction_log = log_store.clone();
         let raft = Raft::new(
             config.id,
             Arc::new(raft_config),
@@ -281,6 +289,16 @@ impl Node {
         .map_err(|e| NodeError::Raft(e.to_string()))?;
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let compaction = tokio::spawn(crate::raft::compaction::run(
+            raft.clone(),
+            compaction_log,
+            crate::raft::compaction::ByBytes {
+                snapshot_every: config.raft.snapshot_every_bytes,
+                keep_behind: config.raft.keep_behind_snapshot_bytes,
+                keep_behind_entries: config.raft.keep_behind_snapshot,
+            },
+            shutdown_rx.clone(),
+        ));
         let node = Arc::new(Node {
             id: config.id,
             advertise,
@@ -329,6 +347,7 @@ impl Node {
             }
         });
         node.track(server);
+        node.track(compaction);
 
         if fresh {
             match &config.join {

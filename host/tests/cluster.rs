@@ -324,6 +324,48 @@ async fn a_catch_up_on_large_values_goes_in_small_appends() {
     n1.shutdown().await;
 }
 
+/// Large values take a snapshot by bytes long before `snapshot_every`
+/// entries, and the log behind it is purged down to the bytes kept: a member
+/// that joins later gets the snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_values_snapshot_and_purge_the_log_by_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let tuning = RaftTuning {
+        snapshot_every_bytes: 2 << 20,
+        keep_behind_snapshot_bytes: 1 << 20,
+        ..fast_tuning()
+    };
+    let n1 = start_node(1, dir.path(), None, tuning.clone()).await;
+    wait_converged(std::slice::from_ref(&n1), 1).await;
+    let value = |i: usize| vec![i as u8; 256 * 1024];
+    for i in 0..12 {
+        n1.set_custom_data(&format!("blob/{i:02}"), value(i))
+            .await
+            .unwrap();
+    }
+    // 3 MiB in 12 entries (of 10,000 by count): a snapshot, then a purge
+    // keeping at most 1 MiB (four of these entries) behind it.
+    let (snapshot, purged) = wait_for("snapshot and purge", Duration::from_secs(10), || async {
+        let m = n1.raft().metrics().borrow().clone();
+        Some((m.snapshot?.index, m.purged?.index))
+    })
+    .await;
+    assert!(snapshot >= 9, "snapshot at {snapshot}");
+    assert!(snapshot - purged <= 4, "kept {} entries", snapshot - purged);
+
+    let n2 = start_node(2, dir.path(), Some(n1.advertise()), tuning).await;
+    wait_for("node 2 to catch up", Duration::from_secs(10), || async {
+        let k = n2.list_custom_data_keys("blob/").await.unwrap();
+        (k.len() == 12).then_some(())
+    })
+    .await;
+    assert!(n2.get_custom_data("blob/03").await.unwrap() == Some(value(3)));
+    let installed = n2.raft().metrics().borrow().snapshot;
+    assert!(installed.is_some(), "node 2 caught up without the snapshot");
+    n2.shutdown().await;
+    n1.shutdown().await;
+}
+
 /// A catch-up larger than the peers' Raft RPC body limit still happens: the
 /// follower refuses the big AppendEntries with 413 and the leader resends the
 /// entries in smaller parts. A body over the limit gets a JSON 413.

@@ -246,6 +246,8 @@ pub struct LogStore {
     /// When set, a purge waits until the state machine's durable state
     /// covers it ([`LogStore::purge_after`]).
     covered: Option<tokio::sync::watch::Receiver<Covered>>,
+    /// Encoded bytes of every entry appended since the store was opened.
+    appended_bytes: Arc<AtomicU64>,
     #[cfg(test)]
     hooks: Arc<Hooks>,
 }
@@ -316,6 +318,7 @@ impl LogStore {
             id,
             committed_index: Arc::new(AtomicU64::new(0)),
             covered: None,
+            appended_bytes: Arc::new(AtomicU64::new(0)),
             #[cfg(test)]
             hooks,
         };
@@ -331,6 +334,41 @@ impl LogStore {
     /// openraft's storage suite) purges go ahead at once.
     pub fn purge_after(&mut self, coverage: &Coverage) {
         self.covered = Some(coverage.subscribe());
+    }
+
+    /// Encoded bytes of the entries appended since the store was opened.
+    pub fn appended_bytes(&self) -> Arc<AtomicU64> {
+        self.appended_bytes.clone()
+    }
+
+    /// Where to purge the log so that at most about `keep` bytes of entries
+    /// stay at or before `upto` (a snapshot's index): the index of the newest
+    /// entry that does not fit, or `None` when every entry after `floor`
+    /// (where a purge goes anyway) up to `upto` fits.
+    pub fn purge_point(
+        &self,
+        floor: u64,
+        upto: u64,
+        keep: u64,
+    ) -> Result<Option<u64>, StorageError> {
+        let mut bytes = 0u64;
+        let range = (
+            Bound::Excluded(index_key(floor)),
+            Bound::Included(index_key(upto)),
+        );
+        for item in self.log.range(range).rev() {
+            let (key, value) = item.into_inner().map_err(read_err)?;
+            bytes = bytes.saturating_add(value.len() as u64);
+            if bytes > keep {
+                let index = key
+                    .as_ref()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| read_err(std::io::Error::other("a log key is not an index")))?;
+                return Ok(Some(index));
+            }
+        }
+        Ok(None)
     }
 
     /// The highest index known committed on this node (0 if none).
@@ -746,6 +784,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for e in &entries {
             encoded.push((e.log_id, rmp_serde::to_vec(e).map_err(write_err)?));
         }
+        let bytes: usize = encoded.iter().map(|(_, b)| b.len()).sum();
+        self.appended_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
         // Another leader's entries: this node is a follower, whose Raft task
         // waits for the flush anyway.
         let follower = entries
@@ -927,6 +968,13 @@ mod tests {
         // The tail held in memory comes whole.
         let tail = store.limited_get_log_entries(23, 25).await.unwrap();
         assert_eq!(tail.len(), 2);
+        // Keeping a budget's worth behind index 24: 22..=24 fit, 21 does not.
+        let budget = PAYLOAD_BYTES as u64;
+        assert_eq!(store.purge_point(0, 24, budget).unwrap(), Some(21));
+        assert_eq!(store.purge_point(0, 24, u64::MAX).unwrap(), None);
+        // Entries at or before the floor are not looked at.
+        assert_eq!(store.purge_point(21, 24, budget).unwrap(), None);
+        assert!(store.appended_bytes().load(Ordering::Relaxed) > 24 * budget / 4);
 
         store
             .blocking_append((25..=400).map(|i| blank_ent::<TypeConfig>(1, 1, i)))

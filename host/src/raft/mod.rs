@@ -6,6 +6,7 @@
 // error type; boxing it in helpers would only add conversions at every call.
 #![allow(clippy::result_large_err)]
 
+pub mod compaction;
 pub mod follower_read;
 pub mod history;
 pub mod log_store;

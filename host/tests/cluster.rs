@@ -366,6 +366,61 @@ async fn large_values_snapshot_and_purge_the_log_by_bytes() {
     n1.shutdown().await;
 }
 
+/// Adding a member finishes even when the caller gives up: the leader adds
+/// a learner, waits for it to catch up, then makes it a voter. A caller that
+/// disconnects in between (a joining node that crashed, a client timeout)
+/// must not leave a learner nobody would promote: a restarted node with a
+/// data dir does not ask to join again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_a_member_finishes_when_the_caller_gives_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let n1 = start_node(1, dir.path(), None, fast_tuning()).await;
+    wait_converged(std::slice::from_ref(&n1), 1).await;
+    // An address with nothing behind it yet: the leader waits for it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("http://127.0.0.1:{port}");
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let gave_up = impatient
+        .post(url(&n1, "/v1/cluster/members"))
+        .json(&serde_json::json!({ "id": 2, "addr": addr }))
+        .send()
+        .await;
+    assert!(
+        gave_up.is_err(),
+        "the leader answered before node 2 existed"
+    );
+
+    // Node 2 comes up there, fresh; its own join attempts go nowhere.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut config = flagstone::NodeConfig::new(2, dir.path().join("node-2"));
+    config.raft = fast_tuning();
+    config.join = Some("http://127.0.0.1:1".into());
+    let n2 = Node::start(config, listener).await.unwrap();
+    wait_for(
+        "node 2 to become a voter",
+        Duration::from_secs(10),
+        || async {
+            let info = n1.cluster_info();
+            info.members
+                .iter()
+                .any(|m| m.id == 2 && m.voter)
+                .then_some(())
+        },
+    )
+    .await;
+    n2.shutdown().await;
+    n1.shutdown().await;
+}
+
 /// A catch-up larger than the peers' Raft RPC body limit still happens: the
 /// follower refuses the big AppendEntries with 413 and the leader resends the
 /// entries in smaller parts. A body over the limit gets a JSON 413.

@@ -1238,7 +1238,12 @@ mod tests {
             append_truncate_append_held(&store, own, log_id(1, 2, 2), blank_ent(2, 1, 2)).await;
         assert_eq!(store.hooks.in_place.load(Ordering::SeqCst), 0);
         assert_eq!(ids, vec![log_id(1, 2, 1), log_id(2, 1, 2)]);
-        // With the queue drained, the next follower append is in place.
+        // With the queue drained, the next follower append is in place. The
+        // writer reports a flush before it gives up its turn: wait for that.
+        wait_until("the writer to be idle", Duration::from_secs(5), || {
+            store.in_place.turn.writing.try_lock().is_ok()
+        })
+        .await;
         store
             .blocking_append([blank_ent::<TypeConfig>(2, 1, 3)])
             .await

@@ -59,3 +59,30 @@ pub fn open_storage(
     );
     Ok((log, sm))
 }
+
+/// Helpers shared by the unit tests of the state machine and snapshot files.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::types::{SnapshotMeta, StoredMembership, ValueRecord};
+
+    /// The encoding of a record created and last written at `rev`.
+    pub fn record(rev: u64, value: &[u8]) -> Vec<u8> {
+        ValueRecord {
+            revision: rev,
+            create_revision: rev,
+            version: 1,
+            content_type: None,
+            value: value.to_vec(),
+        }
+        .encode()
+    }
+
+    /// The metadata of a snapshot at `index` (term 1, leader 1).
+    pub fn meta(index: u64) -> SnapshotMeta {
+        SnapshotMeta {
+            last_log_id: Some(openraft::testing::log_id(1, 1, index)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: format!("1-{index}"),
+        }
+    }
+}

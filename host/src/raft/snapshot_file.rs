@@ -437,28 +437,8 @@ pub fn upgrade_first_format(dir: &Path) -> io::Result<bool> {
 
 #[cfg(test)]
 mod tests {
-    use openraft::StoredMembership;
-
     use super::*;
-
-    fn meta(index: u64) -> SnapshotMeta {
-        SnapshotMeta {
-            last_log_id: Some(openraft::testing::log_id(1, 1, index)),
-            last_membership: StoredMembership::default(),
-            snapshot_id: format!("1-{index}"),
-        }
-    }
-
-    fn record(rev: u64, value: &[u8]) -> Vec<u8> {
-        ValueRecord {
-            revision: rev,
-            create_revision: rev,
-            version: 1,
-            content_type: None,
-            value: value.to_vec(),
-        }
-        .encode()
-    }
+    use crate::raft::test_support::{meta, record};
 
     fn write(dir: &Path, index: u64, pairs: &[(&str, Vec<u8>)]) -> Written {
         let mut w = SnapshotWriter::create(dir, 7).unwrap();

@@ -836,17 +836,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn record(rev: u64, value: &[u8]) -> Vec<u8> {
-        ValueRecord {
-            revision: rev,
-            create_revision: rev,
-            version: 1,
-            content_type: None,
-            value: value.to_vec(),
-        }
-        .encode()
-    }
+    use crate::raft::test_support::{meta, record};
 
     /// A published snapshot file in `dir` at revision `rev` holding `pairs`
     /// (keys in order), described by `meta`; returns it open.
@@ -875,14 +865,6 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let file = snapshot_in(dir.path(), meta, rev, pairs);
         Box::new(tokio::fs::File::from_std(file))
-    }
-
-    fn meta(index: u64) -> SnapshotMeta {
-        SnapshotMeta {
-            last_log_id: Some(openraft::testing::log_id(1, 1, index)),
-            last_membership: StoredMembership::default(),
-            snapshot_id: format!("1-{index}"),
-        }
     }
 
     fn entry(index: u64, cmd: Command) -> Entry {

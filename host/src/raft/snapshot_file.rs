@@ -263,11 +263,6 @@ fn read_trailer(file: &mut File) -> io::Result<(SnapshotMeta, u64)> {
     Ok((meta, pairs_end))
 }
 
-/// Whether `file` is a snapshot file of this format (by its first bytes).
-pub fn is_this_format(file: &mut File) -> io::Result<bool> {
-    starts_with_magic(file)
-}
-
 /// The metadata of a snapshot file, from its trailer; the file is left at
 /// its start.
 pub fn read_meta(file: &mut File) -> io::Result<SnapshotMeta> {
@@ -279,7 +274,8 @@ pub fn read_meta(file: &mut File) -> io::Result<SnapshotMeta> {
     Ok(meta)
 }
 
-fn starts_with_magic(file: &mut File) -> io::Result<bool> {
+/// Whether `file` is a snapshot file of this format (by its first bytes).
+pub fn starts_with_magic(file: &mut File) -> io::Result<bool> {
     let mut magic = [0u8; MAGIC.len()];
     if file.metadata()?.len() < MAGIC.len() as u64 {
         return Ok(false);

@@ -66,6 +66,19 @@ fn is_kv_keyspace_name(name: &str) -> bool {
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
+/// Deletes the keyspace `name` of `db` (one a crash or a failed install left).
+fn delete_stray_keyspace(db: &Database, name: &str) -> Result<(), StorageError> {
+    tracing::info!(
+        keyspace = name,
+        "removing a stray keyspace of the key space"
+    );
+    let write_err = |e: fjall::Error| sm_err(ErrorVerb::Write, e);
+    let stray = db
+        .keyspace(name, fjall::KeyspaceCreateOptions::default)
+        .map_err(write_err)?;
+    db.delete_keyspace(stray).map_err(write_err)
+}
+
 /// How far the state machine's durable state reaches: the index up to which
 /// a restart finds every change in the key space or in `snapshot/current`.
 /// The log must not be purged past it (see [`Coverage`]).
@@ -350,12 +363,7 @@ impl StateMachineStore {
         // the one an install replaced if the crash came before it was gone.
         for name in db.list_keyspace_names() {
             if is_kv_keyspace_name(&name) && *name != *live_name {
-                tracing::info!(keyspace = %&*name, "removing a stray keyspace of the key space");
-                let stray = db
-                    .keyspace(&name, fjall::KeyspaceCreateOptions::default)
-                    .map_err(open_err)?;
-                db.delete_keyspace(stray)
-                    .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+                delete_stray_keyspace(db, &name)?;
             }
         }
         let kv = db
@@ -401,10 +409,7 @@ impl StateMachineStore {
         let name = kv_keyspace_name(generation);
         if db.keyspace_exists(&name) {
             // Left by an install that failed without a restart.
-            let stray = db
-                .keyspace(&name, fjall::KeyspaceCreateOptions::default)
-                .map_err(write_err)?;
-            db.delete_keyspace(stray).map_err(write_err)?;
+            delete_stray_keyspace(db, &name)?;
         }
         let kv = db
             .keyspace(&name, fjall::KeyspaceCreateOptions::default)
@@ -507,7 +512,7 @@ impl StateMachineStore {
             tokio::task::spawn_blocking(move || -> Result<(Keyspace, u64, u64), StorageError> {
                 let read_err = |e| snap_err(ErrorVerb::Read, e);
                 let write_err = |e| snap_err(ErrorVerb::Write, e);
-                let copy = if snapshot_file::is_this_format(&mut file).map_err(read_err)? {
+                let copy = if snapshot_file::starts_with_magic(&mut file).map_err(read_err)? {
                     // The data names the snapshot it holds: it must be this one.
                     let named = snapshot_file::read_meta(&mut file).map_err(read_err)?;
                     if named != want {

@@ -72,6 +72,22 @@ impl SseReader {
         }
     }
 
+    /// Reads up to the stream's error event: how many events came before
+    /// it, and the error.
+    async fn until_error(&mut self) -> (usize, Sse) {
+        let mut delivered = 0;
+        loop {
+            let e = self
+                .next()
+                .await
+                .expect("stream must end with an error event");
+            if e.event == "error" {
+                return (delivered, e);
+            }
+            delivered += 1;
+        }
+    }
+
     async fn take(&mut self, n: usize) -> Vec<Sse> {
         let mut out = Vec::new();
         while out.len() < n {
@@ -203,14 +219,7 @@ async fn a_slow_consumer_is_cut_off_with_a_reason() {
         w.await.unwrap();
     }
     // Reading now: some events, then the error, then the end.
-    let mut delivered = 0;
-    let error = loop {
-        let e = w.next().await.expect("stream must end with an error event");
-        if e.event == "error" {
-            break e;
-        }
-        delivered += 1;
-    };
+    let (delivered, error) = w.until_error().await;
     assert!(
         delivered < 200,
         "everything was delivered; the consumer was not slow"
@@ -245,14 +254,7 @@ async fn a_slow_consumer_of_large_values_is_cut_off_by_bytes() {
             .await
             .unwrap();
     }
-    let mut delivered = 0;
-    let error = loop {
-        let e = w.next().await.expect("stream must end with an error event");
-        if e.event == "error" {
-            break e;
-        }
-        delivered += 1;
-    };
+    let (delivered, error) = w.until_error().await;
     assert!(delivered < 200, "everything was delivered");
     assert_eq!(error.data["code"], "slow_consumer", "{}", error.data);
     let resume = error.data["resume_since"].as_u64().unwrap();

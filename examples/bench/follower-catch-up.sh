@@ -13,32 +13,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 BIN=${1:-$ROOT/target/release/flagstone}
 N=${2:-120}
-[[ -x "$BIN" ]] || { echo "no flagstone binary at $BIN (cargo build --release -p flagstone)" >&2; exit 2; }
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/flagstone-follower.XXXXXX")
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]:-}"; do [[ -n "$p" ]] && kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]:-}"; do [[ -n "$p" ]] && wait "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
-
-# start ID LISTEN [ARGS...]: node ID in the background; PIDS[ID] is its PID.
-start() {
-  local id=$1 listen=$2; shift 2
-  rm -f "$WORK/$id.out"
-  "$BIN" serve --id "$id" --listen "$listen" --data-dir "$WORK/node-$id" "$@" \
-    >"$WORK/$id.out" 2>>"$WORK/$id.log" &
-  PIDS[id]=$!
-}
-url() {
-  for _ in $(seq 1 100); do
-    [[ -s "$WORK/$1.out" ]] && { awk '{print $NF; exit}' "$WORK/$1.out"; return 0; }
-    sleep 0.05
-  done
-  echo "node $1 did not start" >&2; exit 1
-}
-peak_mib() { awk '/VmHWM/ {printf "%d", $2 / 1024}' "/proc/$1/status"; }
+NAME=follower
+# shellcheck source=nodes.sh
+source "$(dirname "${BASH_SOURCE[0]}")/nodes.sh"
 
 start 1 127.0.0.1:0; URL1=$(url 1)
 start 2 127.0.0.1:0 --join "$URL1"; start 3 127.0.0.1:0 --join "$URL1"

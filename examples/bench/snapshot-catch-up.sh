@@ -14,34 +14,15 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 BIN=${1:-$ROOT/target/release/flagstone}
 N=${2:-200}
-[[ -x "$BIN" ]] || { echo "no flagstone binary at $BIN (cargo build --release -p flagstone)" >&2; exit 2; }
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/flagstone-catch-up.XXXXXX")
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]:-}"; do [[ -n "$p" ]] && kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]:-}"; do [[ -n "$p" ]] && wait "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
+NAME=catch-up
+# shellcheck source=nodes.sh
+source "$(dirname "${BASH_SOURCE[0]}")/nodes.sh"
+peaks() { local out=""; for i in "${!PIDS[@]}"; do out+=" node-$i $(peak_mib "${PIDS[$i]}")"; done; echo "$out"; }
+# Every node snapshots every 200 entries.
+node() { local id=$1; shift; start "$id" 127.0.0.1:0 --snapshot-every 200 "$@"; }
 
-start() {
-  local id=$1; shift
-  "$BIN" serve --id "$id" --listen 127.0.0.1:0 --data-dir "$WORK/node-$id" --snapshot-every 200 "$@" \
-    >"$WORK/$id.out" 2>"$WORK/$id.log" &
-  PIDS+=($!)
-}
-url() {
-  for _ in $(seq 1 100); do
-    [[ -s "$WORK/$1.out" ]] && { awk '{print $NF; exit}' "$WORK/$1.out"; return 0; }
-    sleep 0.05
-  done
-  echo "node $1 did not start" >&2; exit 1
-}
-peak_mib() { awk '/VmHWM/ {printf "%d", $2 / 1024}' "/proc/$1/status"; }
-peaks() { local out=""; for i in "${!PIDS[@]}"; do out+=" node-$((i + 1)) $(peak_mib "${PIDS[$i]}")"; done; echo "$out"; }
-
-start 1; URL1=$(url 1)
-start 2 --join "$URL1"; start 3 --join "$URL1"; url 2 >/dev/null; url 3 >/dev/null
+node 1; URL1=$(url 1)
+node 2 --join "$URL1"; node 3 --join "$URL1"; url 2 >/dev/null; url 3 >/dev/null
 for _ in $(seq 1 100); do curl -sf -o /dev/null -X PUT --data-binary x "$URL1/v1/kv/ready" && break; sleep 0.1; done
 for i in $(seq 1 "$N"); do
   head -c 1048576 /dev/urandom >"$WORK/blob"
@@ -51,7 +32,7 @@ for i in $(seq 1 1300); do curl -sf -o /dev/null -X PUT --data-binary "v$i" "$UR
 sleep 2
 echo "after $N blobs of 1 MiB and 1300 small writes, peak RSS (MiB):$(peaks)"
 
-start 4 --join "$URL1"; URL4=$(url 4)
+node 4 --join "$URL1"; URL4=$(url 4)
 t0=$(date +%s%N)
 for _ in $(seq 1 1200); do curl -sf -o /dev/null "$URL4/v1/kv/small/1300" && break; sleep 0.05; done
 t1=$(date +%s%N)

@@ -50,7 +50,8 @@ struct ServeArgs {
     /// Data directory (default: ./data/node-<id>).
     #[arg(long, env = "FLAGSTONE_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// URL of a cluster member to join (only used when the data dir is empty).
+    /// URL of a cluster member to join (when the data dir is empty, or its
+    /// membership does not make this node a voter).
     #[arg(long, env = "FLAGSTONE_JOIN")]
     join: Option<String>,
     /// Build a snapshot and compact the log every N entries.

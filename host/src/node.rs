@@ -97,7 +97,8 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// URL other nodes use to reach this one; defaults to `http://<listen addr>`.
     pub advertise: Option<String>,
-    /// A member to ask for admission, used only when the data dir is empty.
+    /// A member to ask for admission: from an empty data dir, or when the
+    /// stored membership does not make this node a voter.
     pub join: Option<String>,
     /// Raft timing and compaction.
     pub raft: RaftTuning,
@@ -208,7 +209,8 @@ pub struct Node {
 impl Node {
     /// Opens the data dir, starts Raft and serves the HTTP API on `listener`.
     /// A fresh node without `join` initializes a single-node cluster; with
-    /// `join` it asks that member to add it. An existing data dir resumes.
+    /// `join` it asks that member to add it. An existing data dir resumes;
+    /// with `join`, a node it does not make a voter asks to be added again.
     pub async fn start(config: NodeConfig, listener: TcpListener) -> Result<Arc<Node>, NodeError> {
         let local_addr = listener
             .local_addr()
@@ -360,13 +362,26 @@ impl Node {
                     tracing::info!(id = node.id, "initialized a single-node cluster");
                 }
                 Some(seed) => {
-                    let task =
-                        tokio::spawn(join_loop(node.clone(), with_scheme(seed), shutdown_rx));
+                    let task = tokio::spawn(join_loop(
+                        node.clone(),
+                        with_scheme(seed),
+                        shutdown_rx,
+                        Start::Fresh,
+                    ));
                     node.track(task);
                 }
             }
-        } else if config.join.is_some() {
-            tracing::info!("data dir holds cluster state: resuming, --join ignored");
+        } else if let Some(seed) = &config.join {
+            // A node the leader made a learner but never promoted (the leader
+            // failed in between, or the promotion did) has cluster state but
+            // no vote: it asks again, as often as a fresh node would.
+            let task = tokio::spawn(join_loop(
+                node.clone(),
+                with_scheme(seed),
+                shutdown_rx,
+                Start::Resumed,
+            ));
+            node.track(task);
         }
         Ok(node)
     }
@@ -841,6 +856,16 @@ impl Node {
         }
     }
 
+    /// Whether this node is a voter in the membership it knows.
+    pub fn is_voter(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.membership_config
+            .membership()
+            .voter_ids()
+            .any(|id| id == self.id)
+    }
+
     /// Ready: a member of a cluster with a known leader, caught up locally.
     pub fn is_ready(&self) -> bool {
         let info = self.cluster_info();
@@ -938,10 +963,46 @@ fn with_scheme(url: &str) -> String {
     }
 }
 
-/// Asks the seed to add this node until it succeeds or the node stops.
-async fn join_loop(node: Arc<Node>, seed: String, mut stop: watch::Receiver<bool>) {
+/// How a node with `--join` started.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// From an empty data dir.
+    Fresh,
+    /// From a data dir with cluster state.
+    Resumed,
+}
+
+/// How long a resumed node waits for Raft to report the membership it
+/// loaded before it judges whether it is a voter.
+const LOADED_MEMBERSHIP_WAIT: Duration = Duration::from_secs(2);
+
+/// Asks the seed to add this node until it succeeds, this node is a voter,
+/// or the node stops. A resumed node asks only if the membership it loaded
+/// does not make it a voter (a learner nobody promoted).
+async fn join_loop(node: Arc<Node>, seed: String, mut stop: watch::Receiver<bool>, start: Start) {
+    if start == Start::Resumed {
+        // Until its core has run once, Raft reports an empty membership; a
+        // data dir without any (only a vote) stays empty: not a voter.
+        let _ = node
+            .raft
+            .wait(Some(LOADED_MEMBERSHIP_WAIT))
+            .metrics(
+                |m| m.membership_config.log_id().is_some(),
+                "the stored membership",
+            )
+            .await;
+        if node.is_voter() {
+            tracing::info!("data dir holds cluster state: resuming, --join not needed");
+            return;
+        }
+        tracing::info!(seed, "resuming as a non-voter: asking to be added again");
+    }
     let mut delay = Duration::from_millis(100);
     loop {
+        if node.is_voter() {
+            tracing::info!("a voter of the cluster: no join needed");
+            return;
+        }
         match node.peers.join(&seed, node.id, &node.advertise).await {
             Ok(()) => {
                 tracing::info!(seed, "joined the cluster");

@@ -421,6 +421,69 @@ async fn adding_a_member_finishes_when_the_caller_gives_up() {
     n1.shutdown().await;
 }
 
+/// A node the leader made a learner but never promoted (the leader, or the
+/// node, failed between the two steps) has a data dir with cluster state.
+/// Restarted with `--join`, it asks again and becomes a voter: the data dir
+/// alone must not leave it a learner for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_restarted_with_join_asks_again_and_becomes_a_voter() {
+    let dir = tempfile::tempdir().unwrap();
+    let n1 = start_node(1, dir.path(), None, fast_tuning()).await;
+    wait_converged(std::slice::from_ref(&n1), 1).await;
+    n1.put("before", b"1".to_vec(), PutOptions::default())
+        .await
+        .unwrap();
+
+    // Node 2 starts fresh; its own join attempts go nowhere, so it becomes
+    // a learner only by the leader's first step, and the second never comes.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut config = flagstone::NodeConfig::new(2, dir.path().join("node-2"));
+    config.raft = fast_tuning();
+    config.join = Some("http://127.0.0.1:1".into());
+    let n2 = Node::start(config.clone(), listener).await.unwrap();
+    n1.raft()
+        .add_learner(2, openraft::BasicNode::new(n2.advertise()), true)
+        .await
+        .unwrap();
+    wait_for(
+        "node 2 to hold the data as a learner",
+        Duration::from_secs(10),
+        || async {
+            let learner = n2
+                .cluster_info()
+                .members
+                .iter()
+                .any(|m| m.id == 2 && !m.voter);
+            (learner && n2.get("before", false).await.ok().flatten().is_some()).then_some(())
+        },
+    )
+    .await;
+    n2.shutdown().await;
+    drop(n2);
+    assert!(
+        !n1.cluster_info()
+            .members
+            .iter()
+            .any(|m| m.id == 2 && m.voter),
+        "node 2 was promoted without asking"
+    );
+
+    // Restarted on the same address, now with a reachable seed.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    config.join = Some(n1.advertise().to_owned());
+    let n2 = Node::start(config, listener).await.unwrap();
+    let nodes = vec![n1.clone(), n2.clone()];
+    wait_converged(&nodes, 2).await;
+    n2.put("after", b"2".to_vec(), PutOptions::default())
+        .await
+        .unwrap();
+    n2.shutdown().await;
+    n1.shutdown().await;
+}
+
 /// A catch-up larger than the peers' Raft RPC body limit still happens: the
 /// follower refuses the big AppendEntries with 413 and the leader resends the
 /// entries in smaller parts. A body over the limit gets a JSON 413.

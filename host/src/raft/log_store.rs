@@ -288,7 +288,7 @@ impl LogStore {
     /// Opens (or creates) the log keyspaces in `db` for node `id` and starts
     /// the writer thread.
     pub fn open(db: &Database, id: NodeId) -> Result<Self, fjall::Error> {
-        let log = db.keyspace("raft_log", fjall::KeyspaceCreateOptions::default)?;
+        let log = db.keyspace("raft_log", super::bulk_keyspace)?;
         let meta = db.keyspace("raft_meta", fjall::KeyspaceCreateOptions::default)?;
         let (tx, rx) = mpsc::channel::<Queued>();
         let shared = Arc::new(Mutex::new(Shared::default()));

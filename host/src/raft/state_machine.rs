@@ -367,7 +367,7 @@ impl StateMachineStore {
             }
         }
         let kv = db
-            .keyspace(&live_name, fjall::KeyspaceCreateOptions::default)
+            .keyspace(&live_name, super::bulk_keyspace)
             .map_err(open_err)?;
         let history = History::new(rev, DEFAULT_HISTORY, CHANGE_CHANNEL_CAPACITY);
         let mut sm = StateMachineStore {
@@ -412,7 +412,7 @@ impl StateMachineStore {
             delete_stray_keyspace(db, &name)?;
         }
         let kv = db
-            .keyspace(&name, fjall::KeyspaceCreateOptions::default)
+            .keyspace(&name, super::bulk_keyspace)
             .map_err(write_err)?;
         let (_, pairs) = PairReader::open(file).map_err(read_err)?;
         let rev = pairs.revision();

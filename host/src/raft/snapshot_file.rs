@@ -92,12 +92,45 @@ fn create_tmp(dir: &Path) -> io::Result<(File, TempPath)> {
     Ok((file, TempPath(Some(path))))
 }
 
-/// A temp file in `dir` with no name: it is gone when closed, crash or not
-/// (what a follower receives a snapshot into).
-pub fn anonymous(dir: &Path) -> io::Result<File> {
-    let (file, path) = create_tmp(dir)?;
-    drop(path);
-    Ok(file)
+/// The temp file a follower receives a snapshot into. Its name is removed
+/// when this is dropped (a transfer given up; a crash leaves it to
+/// [`remove_stale_tmp_files`]) unless the install adopts the file as it is
+/// ([`Receiving::adopt`]): the received bytes become `current` by a
+/// rename, not a copy.
+pub struct Receiving {
+    path: TempPath,
+    /// Device and inode of the file, to recognize it when it comes back.
+    id: (u64, u64),
+}
+
+fn file_id(file: &File) -> io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata()?;
+    Ok((m.dev(), m.ino()))
+}
+
+impl Receiving {
+    /// A new temp file in `dir`, open for reading and writing, and its name.
+    pub fn create(dir: &Path) -> io::Result<(File, Receiving)> {
+        let (file, path) = create_tmp(dir)?;
+        let id = file_id(&file)?;
+        Ok((file, Receiving { path, id }))
+    }
+
+    /// Whether `file` is the file this names.
+    pub fn holds(&self, file: &File) -> bool {
+        file_id(file).is_ok_and(|id| id == self.id)
+    }
+
+    /// The received file (the one this names, complete), fsynced, ready to
+    /// be checked and published like a copy of it.
+    pub fn adopt(self, file: File) -> io::Result<Written> {
+        file.sync_all()?;
+        Ok(Written {
+            file,
+            path: self.path,
+        })
+    }
 }
 
 /// Removes temp snapshot files a crash left behind (best effort).

@@ -15,11 +15,12 @@
 //! space into a temp file and makes it `snapshot/current` (fsync + rename);
 //! a build and an install can run at the same time, and `current` is only
 //! ever replaced by a newer snapshot (by `last_log_id`). A follower receives
-//! a snapshot into a nameless temp file.
+//! a snapshot into a temp file of the snapshot directory (removed if the
+//! transfer is given up, or at the next open after a crash).
 //!
-//! An install streams the snapshot's pairs into the tables of a fresh
-//! keyspace (`kv-<generation>`, fjall's bulk ingestion: no journal, no
-//! memtable), makes the file `current`, then switches in one fsynced batch
+//! An install fsyncs the received file, streams its pairs into the tables of
+//! a fresh keyspace (`kv-<generation>`, fjall's bulk ingestion: no journal,
+//! no memtable), renames the file to `current` (no copy), then switches in one fsynced batch
 //! (the live generation, the applied log id, membership and revision) and
 //! drops the old keyspace. Readers see the old key space until the switch and
 //! the new one after it, never a mix; a crash before the switch leaves the
@@ -286,6 +287,9 @@ pub struct StateMachineStore {
     kv_generation: u64,
     meta: Keyspace,
     snapshot_dir: PathBuf,
+    /// The file the snapshot being received goes into (see
+    /// [`snapshot_file::Receiving`]).
+    receiving: Option<snapshot_file::Receiving>,
     /// Serializes writes of `snapshot_dir/current` (builds and installs).
     snapshot_lock: Arc<Mutex<()>>,
     last_applied: Option<LogId>,
@@ -377,6 +381,7 @@ impl StateMachineStore {
             kv_generation,
             meta,
             snapshot_dir,
+            receiving: None,
             snapshot_lock: Arc::new(Mutex::new(())),
             applied: Arc::new(AtomicU64::new(last_applied.map_or(0, |l| l.index))),
             last_applied,
@@ -502,6 +507,9 @@ impl StateMachineStore {
     ) -> Result<(), StorageError> {
         let started = std::time::Instant::now();
         let mut file = snapshot.into_std().await;
+        // The file this node received into (not a copy someone else handed
+        // over) is published as it is.
+        let received = self.receiving.take().filter(|r| r.holds(&file));
         let (db, generation) = (self.db.clone(), self.kv_generation + 1);
         let (dir, lock, want) = (
             self.snapshot_dir.clone(),
@@ -512,6 +520,7 @@ impl StateMachineStore {
             tokio::task::spawn_blocking(move || -> Result<(Keyspace, u64, u64), StorageError> {
                 let read_err = |e| snap_err(ErrorVerb::Read, e);
                 let write_err = |e| snap_err(ErrorVerb::Write, e);
+                let bytes = file.metadata().map_err(read_err)?.len();
                 let copy = if snapshot_file::starts_with_magic(&mut file).map_err(read_err)? {
                     // The data names the snapshot it holds: it must be this one.
                     let named = snapshot_file::read_meta(&mut file).map_err(read_err)?;
@@ -524,14 +533,14 @@ impl StateMachineStore {
                             ),
                         )));
                     }
-                    // The copy becomes `current`: the received file has no name.
-                    Written::copy_of(&dir, &mut file).map_err(write_err)?
+                    match received {
+                        Some(received) => received.adopt(file).map_err(write_err)?,
+                        None => Written::copy_of(&dir, &mut file).map_err(write_err)?,
+                    }
                 } else {
                     // From a node of an older version: data without metadata.
                     Written::from_first_format_data(&dir, &mut file, &want).map_err(read_err)?
                 };
-                let bytes = file.metadata().map_err(read_err)?.len();
-                drop(file);
                 // Every pair is checked while it is ingested: a bad file
                 // fails here, before anything is published or switched.
                 let (kv, rev) = Self::ingest(&db, generation, copy.reopen().map_err(read_err)?)?;
@@ -804,9 +813,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
-        // Nameless: a transfer that is abandoned (or a crash) leaves nothing.
-        let file = snapshot_file::anonymous(&self.snapshot_dir)
+        // openraft receives one snapshot at a time: a new one means the
+        // previous transfer was given up, and its file's name goes now.
+        let (file, receiving) = snapshot_file::Receiving::create(&self.snapshot_dir)
             .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        self.receiving = Some(receiving);
         Ok(Box::new(tokio::fs::File::from_std(file)))
     }
 
@@ -1098,6 +1109,50 @@ mod tests {
         assert_eq!(value_of(&reader, "y").as_deref(), Some(&b"2"[..]));
         assert_eq!(value_of(&reader, "k"), None);
         assert_eq!(reader.applied_index(), 52);
+    }
+
+    /// The file a snapshot is received into becomes `current` by a rename
+    /// (the same inode: no copy of the snapshot on disk), and a transfer
+    /// given up leaves no file behind.
+    #[tokio::test]
+    async fn a_received_snapshot_is_published_without_a_copy() {
+        use std::os::unix::fs::MetadataExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = open_db(dir.path());
+        let mut sm = StateMachineStore::open(&db, dir.path()).expect("open");
+        let mut bytes = Vec::new();
+        received(&meta(30), 2, &[("a", b"1"), ("b", b"2")])
+            .read_to_end(&mut bytes)
+            .await
+            .unwrap();
+        let names = |sm: &StateMachineStore| -> Vec<String> {
+            let mut names: Vec<String> = std::fs::read_dir(&sm.snapshot_dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+
+        let mut given_up = sm.begin_receiving_snapshot().await.unwrap();
+        given_up.write_all(&bytes[..bytes.len() / 2]).await.unwrap();
+        given_up.flush().await.unwrap();
+        assert_eq!(names(&sm).len(), 1, "{:?}", names(&sm));
+        let mut file = sm.begin_receiving_snapshot().await.unwrap();
+        drop(given_up);
+        assert_eq!(names(&sm).len(), 1, "the given-up file's name is gone");
+        file.write_all(&bytes).await.unwrap();
+        file.shutdown().await.unwrap();
+        let inode = file.metadata().await.unwrap().ino();
+
+        sm.install_snapshot(&meta(30), file).await.unwrap();
+        assert_eq!(names(&sm), vec![snapshot_file::CURRENT.to_owned()]);
+        let current = std::fs::metadata(sm.snapshot_dir.join(snapshot_file::CURRENT)).unwrap();
+        assert_eq!(current.ino(), inode, "current is the received file itself");
+        assert_eq!(value_of(&sm.reader(), "b").as_deref(), Some(&b"2"[..]));
+        assert_eq!(sm.reader().applied_index(), 30);
     }
 
     /// A node of an older version sends `u64 revision | pairs` without the

@@ -373,8 +373,8 @@ impl Node {
             }
         } else if let Some(seed) = &config.join {
             // A node the leader made a learner but never promoted (the leader
-            // failed in between, or the promotion did) has cluster state but
-            // no vote: it asks again, as often as a fresh node would.
+            // or this node failed in between) has cluster state without being
+            // a voter: it asks again, as often as a fresh node would.
             let task = tokio::spawn(join_loop(
                 node.clone(),
                 with_scheme(seed),

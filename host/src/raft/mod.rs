@@ -44,9 +44,9 @@ pub enum OpenError {
 /// under 1 MiB blob writes; 32 MiB takes ≈ 50 MiB and ≈ 60 MiB off those,
 /// with the same write throughput, at the cost of more frequent flushes
 /// (≈ 1 ms more at p99 under 64 writers, ≈ 13 % more bytes written for
-/// blobs through compactions; BENCHMARKS item 61). Stored with a keyspace when it
-/// is created: a data dir keeps what it was created with until its key
-/// space is replaced by a snapshot install.
+/// blobs through compactions; BENCHMARKS item 61). Stored with a keyspace
+/// when it is created: a data dir keeps what it was created with until its
+/// key space is replaced by a snapshot install.
 pub const MEMTABLE_BYTES: u64 = 32 * 1024 * 1024;
 
 /// Creation options of the Raft log and key-space keyspaces.

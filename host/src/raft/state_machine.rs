@@ -20,12 +20,13 @@
 //!
 //! An install fsyncs the received file, streams its pairs into the tables of
 //! a fresh keyspace (`kv-<generation>`, fjall's bulk ingestion: no journal,
-//! no memtable), renames the file to `current` (no copy), then switches in one fsynced batch
-//! (the live generation, the applied log id, membership and revision) and
-//! drops the old keyspace. Readers see the old key space until the switch and
-//! the new one after it, never a mix; a crash before the switch leaves the
-//! old one and a stray keyspace that the next open deletes, and if `current`
-//! is then ahead of the key space, the open installs it.
+//! no memtable), renames the file to `current` (no copy), then switches in
+//! one fsynced batch (the live generation, the applied log id, membership
+//! and revision) and drops the old keyspace. Readers see the old key space
+//! until the switch and the new one after it, never a mix; a crash before
+//! the switch leaves the old one and a stray keyspace that the next open
+//! deletes, and if `current` is then ahead of the key space, the open
+//! installs it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

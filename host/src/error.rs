@@ -121,4 +121,8 @@ pub enum NodeError {
     /// The listener or the HTTP client could not be set up.
     #[error("network: {0}")]
     Network(String),
+    /// The seed to join through could not be read from or recorded in the
+    /// data dir.
+    #[error("data dir: join seed: {0}")]
+    JoinIntent(#[source] std::io::Error),
 }

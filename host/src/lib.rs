@@ -13,7 +13,8 @@
 //!   ([`Node::set_custom_data`] and friends) and `run(listener, shutdown)`.
 //! - [`batcher`], [`validate`]: group commit of concurrent writes, and the
 //!   validator plugins that admit them, called back to back.
-//! - [`keys`]: key and value limits.
+//! - [`keys`]: key and value limits; [`join_intent`]: the data dir's record
+//!   of the cluster its node was started to join.
 //! - [`flags`]: flag evaluation from local state (plugins + plain booleans);
 //!   [`evaluations`]: single-flag evaluations that arrive together, run back
 //!   to back.
@@ -27,6 +28,7 @@ pub mod evaluations;
 pub mod flags;
 pub mod forward;
 pub mod http;
+pub mod join_intent;
 pub mod keys;
 pub mod node;
 pub mod peer;

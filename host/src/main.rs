@@ -51,7 +51,7 @@ struct ServeArgs {
     #[arg(long, env = "FLAGSTONE_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// URL of a cluster member to join (when the data dir is empty, or its
-    /// membership does not make this node a voter).
+    /// membership does not make this node a voter); the data dir remembers it.
     #[arg(long, env = "FLAGSTONE_JOIN")]
     join: Option<String>,
     /// Build a snapshot and compact the log every N entries.

@@ -34,6 +34,7 @@ use crate::batcher::{self, WriteBatcher};
 pub use crate::error::{ClusterError, NodeError, ReadError, WriteError};
 use crate::evaluations::Evaluations;
 use crate::forward::Forwarder;
+use crate::join_intent;
 use crate::keys::{MAX_VALUE_BYTES, validate_key};
 use crate::peer::PeerClient;
 use crate::plugins::types::{EvalContext, Evaluation, EvaluationError};
@@ -98,7 +99,8 @@ pub struct NodeConfig {
     /// URL other nodes use to reach this one; defaults to `http://<listen addr>`.
     pub advertise: Option<String>,
     /// A member to ask for admission: from an empty data dir, or when the
-    /// stored membership does not make this node a voter.
+    /// stored membership does not make this node a voter. Recorded in the
+    /// data dir (`join_intent`); `None` falls back to the recorded seed.
     pub join: Option<String>,
     /// Raft timing and compaction.
     pub raft: RaftTuning,
@@ -208,9 +210,10 @@ pub struct Node {
 
 impl Node {
     /// Opens the data dir, starts Raft and serves the HTTP API on `listener`.
-    /// A fresh node without `join` initializes a single-node cluster; with
-    /// `join` it asks that member to add it. An existing data dir resumes;
-    /// with `join`, a node it does not make a voter asks to be added again.
+    /// A fresh node without `join` (given or recorded in the data dir)
+    /// initializes a single-node cluster; with one it asks that member to
+    /// add it. An existing data dir resumes; with a seed, a node it does not
+    /// make a voter asks to be added again.
     pub async fn start(config: NodeConfig, listener: TcpListener) -> Result<Arc<Node>, NodeError> {
         let local_addr = listener
             .local_addr()
@@ -351,8 +354,12 @@ impl Node {
         node.track(server);
         node.track(compaction);
 
+        // Whom to ask to be added: `--join`, else the seed an earlier start
+        // with `--join` recorded in the data dir (`join_intent.rs`).
+        let recorded = join_intent::recall(&config.data_dir).map_err(NodeError::JoinIntent)?;
+        let seed = config.join.as_deref().map(with_scheme).or(recorded);
         if fresh {
-            match &config.join {
+            match seed {
                 None => {
                     let members = BTreeMap::from([(node.id, BasicNode::new(&node.advertise))]);
                     node.raft
@@ -362,25 +369,25 @@ impl Node {
                     tracing::info!(id = node.id, "initialized a single-node cluster");
                 }
                 Some(seed) => {
-                    let task = tokio::spawn(join_loop(
-                        node.clone(),
-                        with_scheme(seed),
-                        shutdown_rx,
-                        Start::Fresh,
-                    ));
+                    if config.join.is_none() {
+                        tracing::info!(
+                            seed,
+                            "the data dir was started to join a cluster: asking again, not initializing one"
+                        );
+                    }
+                    // On disk before the first request: from then on the
+                    // leader may count this node a member.
+                    join_intent::record(&config.data_dir, &seed).map_err(NodeError::JoinIntent)?;
+                    let task =
+                        tokio::spawn(join_loop(node.clone(), seed, shutdown_rx, Start::Fresh));
                     node.track(task);
                 }
             }
-        } else if let Some(seed) = &config.join {
+        } else if let Some(seed) = seed {
             // A node the leader made a learner but never promoted (the leader
             // or this node failed in between) has cluster state without being
             // a voter: it asks again, as often as a fresh node would.
-            let task = tokio::spawn(join_loop(
-                node.clone(),
-                with_scheme(seed),
-                shutdown_rx,
-                Start::Resumed,
-            ));
+            let task = tokio::spawn(join_loop(node.clone(), seed, shutdown_rx, Start::Resumed));
             node.track(task);
         }
         Ok(node)

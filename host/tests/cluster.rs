@@ -484,6 +484,46 @@ async fn a_learner_restarted_with_join_asks_again_and_becomes_a_voter() {
     n1.shutdown().await;
 }
 
+/// A node started with `--join` and stopped before the leader added it has a
+/// data dir without Raft state. Restarted without `--join`, it must not take
+/// that for a new store and initialize a cluster of its own (a second cluster
+/// under an id the real one may already count): it keeps asking the seed it
+/// was started with, and joins once the seed answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_node_restarted_without_join_keeps_joining() {
+    let dir = tempfile::tempdir().unwrap();
+    // The seed's address, with nothing behind it yet.
+    let seed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let seed = format!("http://127.0.0.1:{seed_port}");
+    let n2 = start_node(2, dir.path(), Some(&seed), fast_tuning()).await;
+    n2.shutdown().await;
+    drop(n2);
+
+    let n2 = start_node(2, dir.path(), None, fast_tuning()).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let info = n2.cluster_info();
+    assert_eq!(info.leader_id, None, "node 2 made a cluster of its own");
+    assert!(info.members.is_empty(), "{:?}", info.members);
+
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", seed_port))
+        .await
+        .unwrap();
+    let mut config = flagstone::NodeConfig::new(1, dir.path().join("node-1"));
+    config.raft = fast_tuning();
+    let n1 = Node::start(config, listener).await.unwrap();
+    let nodes = vec![n1.clone(), n2.clone()];
+    wait_converged(&nodes, 2).await;
+    n2.put("joined", b"yes".to_vec(), PutOptions::default())
+        .await
+        .unwrap();
+    n2.shutdown().await;
+    n1.shutdown().await;
+}
+
 /// A catch-up larger than the peers' Raft RPC body limit still happens: the
 /// follower refuses the big AppendEntries with 413 and the leader resends the
 /// entries in smaller parts. A body over the limit gets a JSON 413.

@@ -202,8 +202,10 @@ async fn a_member_killed_while_installing_a_snapshot_ends_with_everything() {
     }
 
     let mut p4 = Proc::spawn_with(4, &dir.path().join("n4"), "127.0.0.1:0", Some(&url), &args);
-    // Once it is a member (a learner), the leader replicates to it whatever
-    // happens to it; a restart needs no `--join`.
+    // Restarts need no `--join`: the data dir remembers the seed (killed
+    // before the leader replicated anything, the node would otherwise take
+    // its empty data dir for a new store and initialize a cluster of its
+    // own — this test failed 2 times in 15 so).
     wait_for("node 4 to be a member", Duration::from_secs(10), || async {
         let j = cluster_json(&c, &url).await?;
         j["members"]

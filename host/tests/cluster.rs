@@ -377,11 +377,7 @@ async fn adding_a_member_finishes_when_the_caller_gives_up() {
     let n1 = start_node(1, dir.path(), None, fast_tuning()).await;
     wait_converged(std::slice::from_ref(&n1), 1).await;
     // An address with nothing behind it yet: the leader waits for it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = unused_port();
     let addr = format!("http://127.0.0.1:{port}");
     let impatient = reqwest::Client::builder()
         .timeout(Duration::from_millis(300))
@@ -398,13 +394,10 @@ async fn adding_a_member_finishes_when_the_caller_gives_up() {
     );
 
     // Node 2 comes up there, fresh; its own join attempts go nowhere.
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let mut config = flagstone::NodeConfig::new(2, dir.path().join("node-2"));
-    config.raft = fast_tuning();
-    config.join = Some("http://127.0.0.1:1".into());
-    let n2 = Node::start(config, listener).await.unwrap();
+    let n2 = start_on(port, 2, dir.path(), |c| {
+        c.join = Some("http://127.0.0.1:1".into());
+    })
+    .await;
     wait_for(
         "node 2 to become a voter",
         Duration::from_secs(10),
@@ -436,12 +429,11 @@ async fn a_learner_restarted_with_join_asks_again_and_becomes_a_voter() {
 
     // Node 2 starts fresh; its own join attempts go nowhere, so it becomes
     // a learner only by the leader's first step, and the second never comes.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let mut config = flagstone::NodeConfig::new(2, dir.path().join("node-2"));
-    config.raft = fast_tuning();
-    config.join = Some("http://127.0.0.1:1".into());
-    let n2 = Node::start(config.clone(), listener).await.unwrap();
+    let n2 = start_with(2, dir.path(), |c| {
+        c.join = Some("http://127.0.0.1:1".into());
+    })
+    .await;
+    let port = n2.local_addr().port();
     n1.raft()
         .add_learner(2, openraft::BasicNode::new(n2.advertise()), true)
         .await
@@ -470,11 +462,8 @@ async fn a_learner_restarted_with_join_asks_again_and_becomes_a_voter() {
     );
 
     // Restarted on the same address, now with a reachable seed.
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    config.join = Some(n1.advertise().to_owned());
-    let n2 = Node::start(config, listener).await.unwrap();
+    let seed = n1.advertise().to_owned();
+    let n2 = start_on(port, 2, dir.path(), |c| c.join = Some(seed)).await;
     let nodes = vec![n1.clone(), n2.clone()];
     wait_converged(&nodes, 2).await;
     n2.put("after", b"2".to_vec(), PutOptions::default())
@@ -493,11 +482,7 @@ async fn a_learner_restarted_with_join_asks_again_and_becomes_a_voter() {
 async fn a_joining_node_restarted_without_join_keeps_joining() {
     let dir = tempfile::tempdir().unwrap();
     // The seed's address, with nothing behind it yet.
-    let seed_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let seed_port = unused_port();
     let seed = format!("http://127.0.0.1:{seed_port}");
     let n2 = start_node(2, dir.path(), Some(&seed), fast_tuning()).await;
     n2.shutdown().await;
@@ -509,12 +494,7 @@ async fn a_joining_node_restarted_without_join_keeps_joining() {
     assert_eq!(info.leader_id, None, "node 2 made a cluster of its own");
     assert!(info.members.is_empty(), "{:?}", info.members);
 
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", seed_port))
-        .await
-        .unwrap();
-    let mut config = flagstone::NodeConfig::new(1, dir.path().join("node-1"));
-    config.raft = fast_tuning();
-    let n1 = Node::start(config, listener).await.unwrap();
+    let n1 = start_on(seed_port, 1, dir.path(), |_| {}).await;
     let nodes = vec![n1.clone(), n2.clone()];
     wait_converged(&nodes, 2).await;
     n2.put("joined", b"yes".to_vec(), PutOptions::default())

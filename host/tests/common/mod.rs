@@ -43,7 +43,19 @@ where
 /// Starts an in-process node on 127.0.0.1:0 with test timings, after
 /// `configure` has adjusted its config.
 pub async fn start_with(id: u64, dir: &Path, configure: impl FnOnce(&mut NodeConfig)) -> Arc<Node> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    start_on(0, id, dir, configure).await
+}
+
+/// [`start_with`] on `127.0.0.1:port` (0: any free port).
+pub async fn start_on(
+    port: u16,
+    id: u64,
+    dir: &Path,
+    configure: impl FnOnce(&mut NodeConfig),
+) -> Arc<Node> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
     let mut config = NodeConfig::new(id, dir.join(format!("node-{id}")));
     config.raft = fast_tuning();
     configure(&mut config);
@@ -57,6 +69,15 @@ pub async fn start_node(id: u64, dir: &Path, join: Option<&str>, tuning: RaftTun
         c.raft = tuning;
     })
     .await
+}
+
+/// A port on 127.0.0.1 with nothing listening on it (yet).
+pub fn unused_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A single-node cluster in a fresh temporary directory, ready for writes.

@@ -357,7 +357,11 @@ impl Node {
         // Whom to ask to be added: `--join`, else the seed an earlier start
         // with `--join` recorded in the data dir (`join_intent.rs`).
         let recorded = join_intent::recall(&config.data_dir).map_err(NodeError::JoinIntent)?;
-        let seed = config.join.as_deref().map(with_scheme).or(recorded);
+        let seed = config
+            .join
+            .as_deref()
+            .map(with_scheme)
+            .or_else(|| recorded.clone());
         if fresh {
             match seed {
                 None => {
@@ -377,7 +381,10 @@ impl Node {
                     }
                     // On disk before the first request: from then on the
                     // leader may count this node a member.
-                    join_intent::record(&config.data_dir, &seed).map_err(NodeError::JoinIntent)?;
+                    if recorded.as_deref() != Some(seed.as_str()) {
+                        join_intent::record(&config.data_dir, &seed)
+                            .map_err(NodeError::JoinIntent)?;
+                    }
                     let task =
                         tokio::spawn(join_loop(node.clone(), seed, shutdown_rx, Start::Fresh));
                     node.track(task);
@@ -998,11 +1005,9 @@ async fn join_loop(node: Arc<Node>, seed: String, mut stop: watch::Receiver<bool
                 "the stored membership",
             )
             .await;
-        if node.is_voter() {
-            tracing::info!("data dir holds cluster state: resuming, --join not needed");
-            return;
+        if !node.is_voter() {
+            tracing::info!(seed, "resuming as a non-voter: asking to be added again");
         }
-        tracing::info!(seed, "resuming as a non-voter: asking to be added again");
     }
     let mut delay = Duration::from_millis(100);
     loop {

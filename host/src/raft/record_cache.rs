@@ -15,8 +15,10 @@
 //! applied index (a linearizable read) or that saw a change published finds
 //! the new record in the cache or nothing.
 //!
-//! Readers fill the cache on a miss with what they read from `kv`, and that
-//! read may race with a commit. A sequence number (odd while an update is
+//! Readers fill the cache on a miss with what they read from `kv` — a key's
+//! absence included, so a write that creates a key, validated on this node
+//! and then applied here, reads `kv` for it once, not twice — and that read
+//! may race with a commit. A sequence number (odd while an update is
 //! under way) guards it: a reader notes the number before its read and
 //! inserts only if it is even and unchanged, checked under the lock the
 //! state machine takes to begin and finish an update. Either the insert comes
@@ -31,8 +33,11 @@ use quick_cache::sync::Cache;
 
 use super::types::ValueRecord;
 
-/// Bytes a cached record is charged besides its key, value and content type.
+/// Bytes a cached entry is charged besides its key, value and content type.
 const ENTRY_OVERHEAD: u64 = 96;
+
+/// What the cache knows of a key: its record, or (`None`) that it is absent.
+type Known = Option<Arc<ValueRecord>>;
 
 /// Default capacity of the cache, in bytes of keys, values and overhead.
 pub const DEFAULT_READ_CACHE_BYTES: u64 = 32 * 1024 * 1024;
@@ -40,17 +45,20 @@ pub const DEFAULT_READ_CACHE_BYTES: u64 = 32 * 1024 * 1024;
 #[derive(Clone)]
 struct RecordWeight;
 
-impl Weighter<String, Arc<ValueRecord>> for RecordWeight {
-    fn weight(&self, key: &String, record: &Arc<ValueRecord>) -> u64 {
-        let ct = record.content_type.as_ref().map_or(0, String::len);
-        (key.len() + ct + record.value.len()) as u64 + ENTRY_OVERHEAD
+impl Weighter<String, Known> for RecordWeight {
+    fn weight(&self, key: &String, known: &Known) -> u64 {
+        let record = known.as_ref().map_or(0, |r| {
+            r.content_type.as_ref().map_or(0, String::len) + r.value.len()
+        });
+        (key.len() + record) as u64 + ENTRY_OVERHEAD
     }
 }
 
-/// Decoded records of recently read or written keys (see the module docs).
+/// Decoded records of recently read or written keys, and recently read
+/// absent keys (see the module docs).
 pub struct RecordCache {
     /// `None` when the capacity is 0: caching is off.
-    records: Option<Cache<String, Arc<ValueRecord>, RecordWeight>>,
+    records: Option<Cache<String, Known, RecordWeight>>,
     /// Odd while the state machine is updating `kv` and the cache.
     seq: AtomicU64,
     /// Taken to begin and to finish an update, and by a reader to fill.
@@ -78,34 +86,34 @@ impl RecordCache {
         self.lock.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The record of `key`: from the cache, else from `load` (a read of
-    /// `kv`), which then fills the cache unless an update raced with it.
+    /// The record of `key` (`None`: absent): from the cache, else from
+    /// `load` (a read of `kv`), which then fills the cache unless an update
+    /// raced with it.
     pub fn get<E>(
         &self,
         key: &str,
         load: impl FnOnce() -> Result<Option<ValueRecord>, E>,
-    ) -> Result<Option<Arc<ValueRecord>>, E> {
+    ) -> Result<Known, E> {
         let Some(records) = &self.records else {
             return Ok(load()?.map(Arc::new));
         };
         if let Some(hit) = records.get(key) {
-            return Ok(Some(hit));
+            return Ok(hit);
         }
         let seen = self.seq.load(Ordering::Acquire);
-        let Some(record) = load()?.map(Arc::new) else {
-            return Ok(None);
-        };
+        let known = load()?.map(Arc::new);
         if seen.is_multiple_of(2) {
             let _guard = self.lock();
             if self.seq.load(Ordering::Acquire) == seen {
-                records.insert(key.to_owned(), record.clone());
+                records.insert(key.to_owned(), known.clone());
             }
         }
-        Ok(Some(record))
+        Ok(known)
     }
 
-    /// The cached record of `key`, if any; never reads `kv`.
-    pub fn cached(&self, key: &str) -> Option<Arc<ValueRecord>> {
+    /// What the cache knows of `key` without reading `kv`: `None` if
+    /// nothing, `Some(None)` if it knows the key is absent.
+    pub fn cached(&self, key: &str) -> Option<Known> {
         self.records.as_ref()?.get(key)
     }
 
@@ -117,7 +125,7 @@ impl RecordCache {
     }
 
     /// Ends an update: applies `apply` to the records and lets fills resume.
-    fn end(&self, apply: impl FnOnce(&Cache<String, Arc<ValueRecord>, RecordWeight>)) {
+    fn end(&self, apply: impl FnOnce(&Cache<String, Known, RecordWeight>)) {
         let _guard = self.lock();
         if let Some(records) = &self.records {
             apply(records);
@@ -144,7 +152,7 @@ impl Drop for Update<'_> {
 
 impl Update<'_> {
     /// Ends the update (once, whichever way) with `apply` to the records.
-    fn end(mut self, apply: impl FnOnce(&Cache<String, Arc<ValueRecord>, RecordWeight>)) {
+    fn end(mut self, apply: impl FnOnce(&Cache<String, Known, RecordWeight>)) {
         if let Some(cache) = self.cache.take() {
             cache.end(apply);
         }
@@ -159,7 +167,9 @@ impl Update<'_> {
         self.end(|records| {
             for (key, record) in written {
                 match record {
-                    Some(r) => records.insert(key.to_owned(), r.clone()),
+                    Some(r) => records.insert(key.to_owned(), Some(r.clone())),
+                    // Not cached as absent: a large delete would push the
+                    // records of live keys out.
                     None => {
                         records.remove(key);
                     }
@@ -200,10 +210,47 @@ mod tests {
             .get("k", || -> Loaded { panic!("a hit must not load") })
             .unwrap();
         assert_eq!(got.unwrap().revision, 1);
-        // Absent keys are not cached: the next read loads again.
-        assert!(cache.get("none", || Loaded::Ok(None)).unwrap().is_none());
-        let got = cache.get("none", || Loaded::Ok(Some(record(2, "b"))));
-        assert_eq!(got.unwrap().unwrap().revision, 2);
+    }
+
+    #[test]
+    fn an_absent_key_is_cached_until_a_write_creates_it() {
+        let cache = RecordCache::new(1 << 20);
+        assert!(cache.get("new", || Loaded::Ok(None)).unwrap().is_none());
+        assert!(matches!(cache.cached("new"), Some(None)));
+        let again = cache
+            .get("new", || -> Loaded {
+                panic!("a known absence must not load")
+            })
+            .unwrap();
+        assert!(again.is_none());
+        // The write that creates the key replaces what the cache knew.
+        let created = Arc::new(record(2, "b"));
+        cache.begin().finish([("new", Some(&created))]);
+        let got = cache.get("new", || -> Loaded { panic!("cached") }).unwrap();
+        assert_eq!(got.unwrap().revision, 2);
+        // A delete forgets the key rather than caching its absence.
+        cache.begin().finish([("new", None)]);
+        assert!(cache.cached("new").is_none());
+    }
+
+    #[test]
+    fn an_absence_read_racing_the_write_that_creates_the_key_is_not_cached() {
+        let cache = RecordCache::new(1 << 20);
+        let created = Arc::new(record(1, "created"));
+        let got = cache
+            .get("k", || {
+                // The read found nothing; meanwhile a batch created the key.
+                cache.begin().finish([("k", Some(&created))]);
+                Loaded::Ok(None)
+            })
+            .unwrap();
+        assert!(got.is_none(), "the read returns what it read");
+        let got = cache.get("k", || -> Loaded { panic!("cached") }).unwrap();
+        assert_eq!(
+            got.unwrap().value,
+            b"created",
+            "the stale absence was cached"
+        );
     }
 
     #[test]
@@ -266,7 +313,7 @@ mod tests {
         drop(cache.begin());
         assert!(cache.cached("k").is_none());
         cache.get("k", || Loaded::Ok(Some(record(2, "b")))).unwrap();
-        assert_eq!(cache.cached("k").unwrap().revision, 2);
+        assert_eq!(cache.cached("k").flatten().unwrap().revision, 2);
     }
 
     #[test]
@@ -284,7 +331,7 @@ mod tests {
                 .unwrap();
         }
         let held: u64 = (0..64)
-            .filter_map(|i| small.records.as_ref().unwrap().peek(&format!("k{i}")))
+            .filter_map(|i| small.records.as_ref().unwrap().peek(&format!("k{i}"))?)
             .map(|r| r.value.len() as u64)
             .sum();
         assert!(held <= 64 * 1024, "holds {held} bytes");

@@ -920,6 +920,10 @@ mod tests {
         let reader = sm.reader();
         let value = |key: &str| reader.get(key).unwrap().map(|r| r.value.clone());
 
+        // Absent keys are cached as absent until a write creates them.
+        assert_eq!(value("k"), None);
+        assert_eq!(reader.revision("k").unwrap(), None);
+        assert_eq!(value("fresh"), None);
         sm.apply([put_entry(1, "k", "v1"), put_entry(2, "other", "o1")])
             .await
             .unwrap();
@@ -952,11 +956,15 @@ mod tests {
 
         // An install replaces the key space: cached keys it lacks are gone.
         assert_eq!(value("other").as_deref(), Some(&b"o1"[..]));
-        sm.install_snapshot(&meta(20), received(&meta(20), 9, &[("k", b"snap")]))
-            .await
-            .unwrap();
+        let snapshot = received(&meta(20), 9, &[("fresh", b"f"), ("k", b"snap")]);
+        sm.install_snapshot(&meta(20), snapshot).await.unwrap();
         assert_eq!(value("other"), None);
         assert_eq!(value("k").as_deref(), Some(&b"snap"[..]));
+        assert_eq!(
+            value("fresh").as_deref(),
+            Some(&b"f"[..]),
+            "absence outlived the install"
+        );
     }
 
     /// A crash after an install's snapshot file was written but before its

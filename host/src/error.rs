@@ -104,6 +104,18 @@ pub enum ClusterError {
     /// Raft refused or failed the change.
     #[error("membership change failed: {0}")]
     Failed(String),
+    /// The node was added as a learner but did not catch up in time, so it
+    /// was not made a voter (it stays a learner: ask again, or remove it).
+    #[error(
+        "node {id} was added as a learner but did not catch up within {waited:?}, so it is \
+         not a voter (can the leader reach its address?); ask again to promote it, or remove it"
+    )]
+    NotCaughtUp {
+        /// The node id.
+        id: NodeId,
+        /// How long the leader waited.
+        waited: std::time::Duration,
+    },
 }
 
 /// Starting a node failed.

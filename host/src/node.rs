@@ -73,6 +73,14 @@ pub struct RaftTuning {
     /// entries; snapshot chunks are at most half of it. Keep it well above
     /// one log entry (a write batch: up to ~5 MiB).
     pub rpc_body_limit: usize,
+    /// How long a write may wait to be committed (a quorum down: it never
+    /// is) before it answers 503, "may or may not have been applied".
+    pub write_timeout: Duration,
+    /// How long adding a member waits for it to catch up as a learner
+    /// before it would be promoted to voter; if it does not, it stays a
+    /// learner and the request fails (a voter that cannot be reached would
+    /// cost the cluster its quorum).
+    pub learner_catch_up: Duration,
 }
 
 impl Default for RaftTuning {
@@ -85,6 +93,8 @@ impl Default for RaftTuning {
             snapshot_every_bytes: 256 * 1024 * 1024,
             keep_behind_snapshot_bytes: 64 * 1024 * 1024,
             rpc_body_limit: 64 * 1024 * 1024,
+            write_timeout: Duration::from_secs(10),
+            learner_catch_up: Duration::from_secs(20),
         }
     }
 }
@@ -202,6 +212,8 @@ pub struct Node {
     batcher: WriteBatcher,
     forwarder: Forwarder,
     rpc_body_limit: usize,
+    write_timeout: Duration,
+    learner_catch_up: Duration,
     leader_read_index: ReadIndexBatcher,
     shutdown_tx: watch::Sender<bool>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
@@ -321,6 +333,8 @@ impl Node {
             batcher: WriteBatcher::new(crate::batcher::DEFAULT_INFLIGHT),
             forwarder: Forwarder::default(),
             rpc_body_limit: config.raft.rpc_body_limit,
+            write_timeout: config.raft.write_timeout,
+            learner_catch_up: config.raft.learner_catch_up,
             leader_read_index: ReadIndexBatcher::default(),
             shutdown_tx,
             tasks: std::sync::Mutex::new(Vec::new()),
@@ -664,14 +678,20 @@ impl Node {
     /// Routes a command to the leader (forwarding from followers) and turns a
     /// failed precondition into an error.
     pub async fn write(&self, cmd: Command) -> Result<CommandResult, WriteError> {
-        let result = self
-            .with_leader(
-                || WriteError::NoLeader,
-                |e| matches!(e, WriteError::NotLeader { .. } | WriteError::NoLeader),
-                || self.write_local(cmd.clone()),
-                |addr| self.forwarder.forward(&self.peers, addr, cmd.clone()),
-            )
-            .await;
+        let write = self.with_leader(
+            || WriteError::NoLeader,
+            |e| matches!(e, WriteError::NotLeader { .. } | WriteError::NoLeader),
+            || self.write_local(cmd.clone()),
+            |addr| self.forwarder.forward(&self.peers, addr, cmd.clone()),
+        );
+        let result = tokio::time::timeout(self.write_timeout, write)
+            .await
+            .unwrap_or_else(|_| {
+                Err(WriteError::Unavailable(format!(
+                    "not committed within {:?} (is a quorum of the cluster up?)",
+                    self.write_timeout
+                )))
+            });
         match result {
             Ok(CommandResult::PreconditionFailed { current }) => {
                 Err(WriteError::PreconditionFailed { current })
@@ -904,10 +924,14 @@ impl Node {
                 return Ok(current);
             }
         }
-        self.raft
-            .add_learner(id, BasicNode::new(addr), true)
+        // Not openraft's blocking add: its wait for the learner gives up
+        // after half a second and promotes the node all the same.
+        let added = self
+            .raft
+            .add_learner(id, BasicNode::new(addr), false)
             .await
             .map_err(cluster_err)?;
+        self.wait_caught_up(id, added.log_id.index).await?;
         let mut voters: BTreeSet<NodeId> = current
             .members
             .iter()
@@ -921,6 +945,40 @@ impl Node {
             .map_err(cluster_err)?;
         tracing::info!(id, addr, "added voter");
         Ok(self.cluster_info())
+    }
+
+    /// Waits until the leader has replicated to learner `id` everything up
+    /// to log index `upto` (the entry that added it), within
+    /// `learner_catch_up`.
+    async fn wait_caught_up(&self, id: NodeId, upto: u64) -> Result<(), ClusterError> {
+        let matched = |m: &openraft::RaftMetrics<NodeId, BasicNode>| {
+            m.replication
+                .as_ref()
+                .and_then(|r| r.get(&id))
+                .and_then(|l| l.as_ref())
+                .is_some_and(|l| l.index >= upto)
+        };
+        let me = self.id;
+        let waited = self
+            .raft
+            .wait(Some(self.learner_catch_up))
+            .metrics(
+                |m| matched(m) || m.current_leader != Some(me),
+                "learner caught up",
+            )
+            .await;
+        match waited {
+            Ok(m) if matched(&m) => Ok(()),
+            Ok(_) => Err(ClusterError::NoLeader),
+            Err(openraft::metrics::WaitError::Timeout(..)) => {
+                tracing::warn!(id, waited = ?self.learner_catch_up, "learner did not catch up; not promoted");
+                Err(ClusterError::NotCaughtUp {
+                    id,
+                    waited: self.learner_catch_up,
+                })
+            }
+            Err(e) => Err(ClusterError::Failed(e.to_string())),
+        }
     }
 
     /// On the leader: removes `id` from the cluster (voter or learner).

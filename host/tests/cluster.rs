@@ -414,6 +414,134 @@ async fn adding_a_member_finishes_when_the_caller_gives_up() {
     n1.shutdown().await;
 }
 
+/// Adding a member nobody can reach must not make it a voter: a voter that
+/// cannot be reached would cost the cluster its quorum (a single node adding
+/// one: no writes at all, even after a restart). The request fails once the
+/// learner has not caught up in time, and the node stays a learner that can
+/// be removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_does_not_catch_up_is_not_made_a_voter() {
+    let dir = tempfile::tempdir().unwrap();
+    let n1 = start_with(1, dir.path(), |c| {
+        c.raft.learner_catch_up = Duration::from_millis(800);
+    })
+    .await;
+    wait_converged(std::slice::from_ref(&n1), 1).await;
+    let c = client();
+    let addr = format!("http://127.0.0.1:{}", unused_port());
+    let resp = c
+        .post(url(&n1, "/v1/cluster/members"))
+        .json(&serde_json::json!({ "id": 2, "addr": addr }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "learner_not_caught_up", "{body}");
+    let members = n1.cluster_info().members;
+    assert!(
+        members.iter().any(|m| m.id == 2 && !m.voter),
+        "node 2 should stay a learner: {members:?}"
+    );
+    // The cluster still has its quorum: writes go through.
+    n1.put("still", b"writable".to_vec(), PutOptions::default())
+        .await
+        .unwrap();
+    let resp = c
+        .delete(url(&n1, "/v1/cluster/members/2"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(!n1.cluster_info().members.iter().any(|m| m.id == 2));
+    n1.shutdown().await;
+}
+
+/// A write that cannot be committed (a quorum is down) answers 503 once the
+/// write timeout passes, instead of holding the client forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_without_a_quorum_times_out_with_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let short = |c: &mut flagstone::NodeConfig| {
+        c.raft.write_timeout = Duration::from_millis(1500);
+    };
+    let n1 = start_with(1, dir.path(), short).await;
+    wait_converged(std::slice::from_ref(&n1), 1).await;
+    let seed = n1.advertise().to_owned();
+    let n2 = start_with(2, dir.path(), |c| {
+        short(c);
+        c.join = Some(seed);
+    })
+    .await;
+    let leader = wait_converged(&[n1.clone(), n2.clone()], 2).await;
+    let (leader, other) = if leader == 1 { (n1, n2) } else { (n2, n1) };
+    leader
+        .put("before", b"1".to_vec(), PutOptions::default())
+        .await
+        .unwrap();
+    other.shutdown().await;
+    drop(other);
+
+    let started = std::time::Instant::now();
+    let resp = client()
+        .put(url(&leader, "/v1/kv/after"))
+        .body("2")
+        .send()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(resp.status(), 503);
+    let body: Value = resp.json().await.unwrap();
+    let code = &body["error"]["code"];
+    assert!(code == "unavailable" || code == "no_leader", "{body}");
+    assert!(took < Duration::from_secs(10), "answered after {took:?}");
+    leader.shutdown().await;
+}
+
+/// `/raft/*` shares the client port. A vote from a node that is not a voter,
+/// or any RPC with a term near `u64::MAX` (openraft's next election would
+/// overflow it and panic, at every restart), is refused before openraft sees
+/// it, and the node's term does not move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_raft_rpcs_are_refused_and_change_nothing() {
+    let (_dir, n1) = single_node(|_| {}).await;
+    let c = client();
+    let term = n1.cluster_info().term;
+    let send = |path: &'static str, body: Vec<u8>| {
+        let c = c.clone();
+        let url = url(&n1, path);
+        async move { c.post(url).body(body).send().await.unwrap() }
+    };
+    let vote = |term: u64, from: u64| {
+        let req = openraft::raft::VoteRequest::new(openraft::Vote::new(term, from), None);
+        rmp_serde::to_vec(&req).unwrap()
+    };
+
+    let r = send("/raft/vote", vote(term + 1000, 99)).await;
+    assert_eq!(r.status(), 403);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_a_voter", "{body}");
+
+    let r = send("/raft/vote", vote(u64::MAX, 1)).await;
+    assert_eq!(r.status(), 400);
+    let append = openraft::raft::AppendEntriesRequest::<flagstone::raft::TypeConfig> {
+        vote: openraft::Vote::new_committed(u64::MAX, 99),
+        prev_log_id: None,
+        entries: vec![],
+        leader_commit: None,
+    };
+    let r = send("/raft/append", rmp_serde::to_vec(&append).unwrap()).await;
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_rpc_body", "{body}");
+
+    assert_eq!(n1.cluster_info().term, term, "a refused RPC moved the term");
+    n1.put("after", b"ok".to_vec(), PutOptions::default())
+        .await
+        .unwrap();
+    n1.shutdown().await;
+}
+
 /// A node the leader made a learner but never promoted (the leader, or the
 /// node, failed between the two steps) has a data dir with cluster state.
 /// Restarted with `--join`, it asks again and becomes a voter: the data dir

@@ -99,7 +99,14 @@ pub async fn add_member(
     {
         return Ok(resp);
     }
-    Ok(Json(node.add_member(req.id, &addr).await?).into_response())
+    // On a task of its own: a caller that gives up (a joining node that
+    // crashed, a client timeout) must not stop the leader between adding
+    // the learner and promoting it once it caught up.
+    let adding = tokio::spawn(async move { node.add_member(req.id, &addr).await });
+    let info = adding
+        .await
+        .map_err(|e| ClusterError::Failed(e.to_string()))??;
+    Ok(Json(info).into_response())
 }
 
 /// `DELETE /v1/cluster/members/{id}`

@@ -123,6 +123,11 @@ impl From<ClusterError> for ApiError {
                 "membership_change_failed",
                 msg,
             ),
+            ClusterError::NotCaughtUp { .. } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "learner_not_caught_up",
+                msg,
+            ),
         }
     }
 }

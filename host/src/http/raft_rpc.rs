@@ -9,6 +9,21 @@
 //!   shape nodes before `forward-batch` send (and that newer followers fall
 //!   back to when the leader does not know `forward-batch`).
 //! - `read-index`: a follower asks the leader for a linearizable read index.
+//!
+//! # What is refused before openraft sees it
+//!
+//! These endpoints share the client port and are not authenticated (put the
+//! nodes on a private network). Two checks keep one stray or forged request
+//! from breaking a node for good:
+//!
+//! - a term above [`MAX_TERM`] in a vote, append or snapshot (400): openraft
+//!   adopts the highest term it sees and its next election adds one to it,
+//!   which overflows at `u64::MAX` (a panic that every restart repeats);
+//!   real terms grow by one per election;
+//! - a vote from a node that is not a voter of this node's membership (403):
+//!   it would still move this node's term. A node that learned of a newer
+//!   membership first may refuse a new voter's vote for a moment; the
+//!   election then goes to another candidate.
 
 use std::sync::Arc;
 
@@ -48,6 +63,43 @@ fn decode<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T,
     })
 }
 
+/// The highest Raft term a request may carry (2^48: millions of elections a
+/// second for centuries).
+pub const MAX_TERM: u64 = 1 << 48;
+
+/// 400 for a vote whose term is out of range (see the module docs).
+fn check_term(vote: &openraft::Vote<NodeId>) -> Result<(), ApiError> {
+    let term = vote.leader_id().get_term();
+    if term > MAX_TERM {
+        return Err(ApiError::bad_request(
+            "invalid_rpc_body",
+            format!("term {term} is out of range (at most {MAX_TERM})"),
+        ));
+    }
+    Ok(())
+}
+
+/// 403 unless `candidate` is a voter of this node's membership (the
+/// latest it has, committed or not; both halves of a joint one).
+fn check_voter(node: &Node, candidate: Option<NodeId>) -> Result<(), ApiError> {
+    let metrics = node.raft().metrics();
+    let voter = candidate.is_some_and(|id| {
+        let m = metrics.borrow();
+        m.membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == id)
+    });
+    if !voter {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "not_a_voter",
+            format!("vote request from {candidate:?}, which is not a voter of this node's cluster"),
+        ));
+    }
+    Ok(())
+}
+
 fn reply<T: Serialize>(value: &T) -> Response {
     match rmp_serde::to_vec(value) {
         Ok(bytes) => ([(header::CONTENT_TYPE, MSGPACK)], bytes).into_response(),
@@ -66,6 +118,7 @@ pub async fn append(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: openraft::raft::AppendEntriesRequest<TypeConfig> = decode(body)?;
+    check_term(&req.vote)?;
     Ok(reply(&node.raft().append_entries(req).await))
 }
 
@@ -75,6 +128,8 @@ pub async fn vote(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: openraft::raft::VoteRequest<NodeId> = decode(body)?;
+    check_term(&req.vote)?;
+    check_voter(&node, req.vote.leader_id().voted_for())?;
     Ok(reply(&node.raft().vote(req).await))
 }
 
@@ -84,7 +139,9 @@ pub async fn snapshot(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let chunk: crate::raft::network::SnapshotChunk = decode(body)?;
-    Ok(reply(&node.raft().install_snapshot(chunk.into()).await))
+    let req: openraft::raft::InstallSnapshotRequest<TypeConfig> = chunk.into();
+    check_term(&req.vote)?;
+    Ok(reply(&node.raft().install_snapshot(req).await))
 }
 
 /// `POST /raft/forward`: validate and propose one write a follower forwarded.

@@ -427,6 +427,16 @@ impl Node {
         }
     }
 
+    /// Resolves once the node is shutting down: long-lived responses (watch
+    /// and OFREP event streams) end on it, so a graceful shutdown does not
+    /// wait on them.
+    pub fn stopping(&self) -> impl std::future::Future<Output = ()> + Send + use<> {
+        let mut rx = self.shutdown_tx.subscribe();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    }
+
     /// Stops serving (in-flight requests finish), stops Raft and flushes.
     pub async fn shutdown(&self) {
         let _ = self.shutdown_tx.send(true);

@@ -373,3 +373,31 @@ async fn a_hundred_concurrent_watchers_each_see_every_change_in_order() {
     }
     node.shutdown().await;
 }
+
+/// An open watch (and OFREP event stream) ends when its node shuts down,
+/// so a graceful shutdown does not wait on it (it waited 5 s per node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_streams_end_when_the_node_shuts_down() {
+    let (_dir, n1) = single_node(|_| {}).await;
+    let c = client();
+    let mut watch = SseReader::open(&c, url(&n1, "/v1/watch?prefix=k"), None).await;
+    let mut events = c
+        .get(url(&n1, "/ofrep/v1/events"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), 200);
+    n1.put("k", b"v".to_vec(), Default::default()).await.unwrap();
+    assert_eq!(watch.next().await.expect("an event").event, "put");
+
+    let started = std::time::Instant::now();
+    n1.shutdown().await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
+    assert!(watch.next().await.is_none(), "the watch did not end");
+    let rest = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(Some(_)) = events.chunk().await {}
+    })
+    .await;
+    assert!(rest.is_ok(), "the OFREP event stream did not end");
+}

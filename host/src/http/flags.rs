@@ -22,7 +22,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
@@ -421,7 +421,7 @@ pub async fn events(
         rx: reader.subscribe(),
         seen,
     };
-    let stream = futures::stream::unfold(refetch, Refetch::next);
+    let stream = futures::stream::unfold(refetch, Refetch::next).take_until(node.stopping());
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 

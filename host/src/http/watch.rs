@@ -18,6 +18,8 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+
+use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -179,7 +181,7 @@ pub async fn watch(
             return Ok(Sse::new(stream).into_response());
         }
     };
-    let stream = futures::stream::unfold(state, Watch::next);
+    let stream = futures::stream::unfold(state, Watch::next).take_until(node.stopping());
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
         .into_response())

@@ -381,13 +381,11 @@ async fn open_streams_end_when_the_node_shuts_down() {
     let (_dir, n1) = single_node(|_| {}).await;
     let c = client();
     let mut watch = SseReader::open(&c, url(&n1, "/v1/watch?prefix=k"), None).await;
-    let mut events = c
-        .get(url(&n1, "/ofrep/v1/events"))
-        .send()
+    let mut events = c.get(url(&n1, "/ofrep/v1/events")).send().await.unwrap();
+    assert_eq!(events.status(), 200);
+    n1.put("k", b"v".to_vec(), Default::default())
         .await
         .unwrap();
-    assert_eq!(events.status(), 200);
-    n1.put("k", b"v".to_vec(), Default::default()).await.unwrap();
     assert_eq!(watch.next().await.expect("an event").event, "put");
 
     let started = std::time::Instant::now();

@@ -16,6 +16,9 @@ pub enum WriteError {
     /// The value is over the size limit.
     #[error("value is {0} bytes; the limit is {max}", max = crate::keys::MAX_VALUE_BYTES)]
     ValueTooLarge(usize),
+    /// The value's content type is not acceptable.
+    #[error("invalid content type: {0}")]
+    InvalidContentType(String),
     /// `If-Match` / `If-None-Match` did not hold when the write was applied.
     #[error("precondition failed: the key's current revision is {}", current.map_or("none (absent)".to_string(), |r| r.to_string()))]
     PreconditionFailed {
@@ -44,6 +47,12 @@ pub enum WriteError {
     /// applied: check, or retry with `If-Match` / `If-None-Match`.
     #[error("leader unavailable (the write may or may not have been applied): {0}")]
     Unavailable(String),
+}
+
+impl From<crate::keys::ContentTypeError> for WriteError {
+    fn from(e: crate::keys::ContentTypeError) -> Self {
+        WriteError::InvalidContentType(e.to_string())
+    }
 }
 
 impl From<KeyError> for WriteError {

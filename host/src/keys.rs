@@ -4,6 +4,9 @@
 pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
 /// Longest accepted key, in bytes of UTF-8.
 pub const MAX_KEY_BYTES: usize = 1024;
+/// Longest accepted `Content-Type` of a value, in bytes (it is stored with
+/// the value and sent back with every read and watch event).
+pub const MAX_CONTENT_TYPE_BYTES: usize = 256;
 
 /// Why a key was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -33,9 +36,52 @@ pub fn validate_key(key: &str) -> Result<(), KeyError> {
     Ok(())
 }
 
+/// Why a value's `Content-Type` was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ContentTypeError {
+    /// Longer than [`MAX_CONTENT_TYPE_BYTES`].
+    #[error("Content-Type is {0} bytes long; the limit is {MAX_CONTENT_TYPE_BYTES}")]
+    TooLong(usize),
+    /// A byte other than visible ASCII or a space (a header value could not
+    /// carry it back).
+    #[error("Content-Type may hold only visible ASCII and spaces (byte {0:#04x} at {1})")]
+    Invalid(u8, usize),
+}
+
+/// Checks a value's content type: at most 256 bytes of visible ASCII and
+/// spaces.
+pub fn validate_content_type(ct: &str) -> Result<(), ContentTypeError> {
+    if ct.len() > MAX_CONTENT_TYPE_BYTES {
+        return Err(ContentTypeError::TooLong(ct.len()));
+    }
+    match ct
+        .bytes()
+        .enumerate()
+        .find(|(_, b)| !matches!(b, b' '..=b'~'))
+    {
+        Some((at, b)) => Err(ContentTypeError::Invalid(b, at)),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn content_types() {
+        assert!(validate_content_type("application/json; charset=utf-8").is_ok());
+        assert!(validate_content_type(&"a".repeat(MAX_CONTENT_TYPE_BYTES)).is_ok());
+        assert_eq!(
+            validate_content_type(&"a".repeat(MAX_CONTENT_TYPE_BYTES + 1)),
+            Err(ContentTypeError::TooLong(MAX_CONTENT_TYPE_BYTES + 1))
+        );
+        assert_eq!(
+            validate_content_type("text/plain\r\nX: y"),
+            Err(ContentTypeError::Invalid(b'\r', 10))
+        );
+        assert!(validate_content_type("t\u{e9}xt").is_err());
+    }
 
     #[test]
     fn keys() {

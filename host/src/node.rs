@@ -588,6 +588,9 @@ impl Node {
         if value.len() > MAX_VALUE_BYTES {
             return Err(WriteError::ValueTooLarge(value.len()));
         }
+        if let Some(ct) = &opts.content_type {
+            crate::keys::validate_content_type(ct)?;
+        }
         let cmd = Command::Put {
             key: key.to_owned(),
             value,
@@ -756,10 +759,18 @@ impl Node {
             ));
         };
         validate_key(key)?;
-        if let Command::Put { value, .. } = cmd
-            && value.len() > MAX_VALUE_BYTES
+        if let Command::Put {
+            value,
+            content_type,
+            ..
+        } = cmd
         {
-            return Err(WriteError::ValueTooLarge(value.len()));
+            if value.len() > MAX_VALUE_BYTES {
+                return Err(WriteError::ValueTooLarge(value.len()));
+            }
+            if let Some(ct) = content_type {
+                crate::keys::validate_content_type(ct)?;
+            }
         }
         Ok(())
     }

@@ -105,6 +105,111 @@ async fn put_get_delete_list_round_trip() {
     node.shutdown().await;
 }
 
+/// Sends `method url` with `headers`, each pair its own header line (a name
+/// may repeat), and for a PUT the body `new`.
+async fn send_with(
+    c: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut req = c.request(method.clone(), url);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    if method == reqwest::Method::PUT {
+        req = req.body("new");
+    }
+    req.send().await.unwrap()
+}
+
+/// `If-Match` takes `*` or one strong ETag as served (`"12"`, or the bare
+/// revision `12`), canonical: no sign, no leading zero, balanced quotes;
+/// `If-None-Match` only `*`, and only on a PUT. Anything else, a header
+/// repeated on several lines included, is 400 `invalid_precondition` and
+/// writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_preconditions_are_refused_and_change_nothing() {
+    use reqwest::Method;
+    let (_dir, node) = single_node(|_| {}).await;
+    let c = client();
+    let base = node.advertise();
+    let k = format!("{base}/v1/kv/k");
+    let fresh = format!("{base}/v1/kv/fresh");
+    let mut rev = 0;
+    for _ in 0..12 {
+        let r = c.put(&k).body("v").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        rev = r.json::<Value>().await.unwrap()["revision"]
+            .as_u64()
+            .unwrap();
+    }
+    let exact = format!("\"{rev}\"");
+    let padded = format!("\"0{rev}\"");
+    let signed = format!("+{rev}");
+    let open_quote = format!("\"{rev}");
+    let close_quote = format!("{rev}\"");
+    let listed = format!("{exact}, \"1\"");
+    let bad_if_match: Vec<Vec<(&str, &str)>> = vec![
+        vec![("if-match", open_quote.as_str())],
+        vec![("if-match", close_quote.as_str())],
+        vec![("if-match", signed.as_str())],
+        vec![("if-match", padded.as_str())],
+        vec![("if-match", "w/\"1\"")],
+        vec![("if-match", "W/\"1")],
+        vec![("if-match", "")],
+        vec![("if-match", "\"99999999999999999999999\"")],
+        vec![("if-match", listed.as_str())],
+        vec![("if-match", exact.as_str()), ("if-match", "\"999\"")],
+        vec![("if-match", "\"999\""), ("if-match", exact.as_str())],
+    ];
+    for headers in &bad_if_match {
+        for method in [Method::PUT, Method::DELETE] {
+            let r = send_with(&c, method.clone(), &k, headers).await;
+            let e = error_code(r, StatusCode::BAD_REQUEST).await;
+            assert_eq!(e["code"], "invalid_precondition", "{method} {headers:?}");
+        }
+    }
+    for headers in [
+        &[("if-none-match", "*"), ("if-none-match", "*")][..],
+        &[("if-none-match", "\"1\"")][..],
+    ] {
+        let r = send_with(&c, Method::PUT, &fresh, headers).await;
+        let e = error_code(r, StatusCode::BAD_REQUEST).await;
+        assert_eq!(e["code"], "invalid_precondition", "{headers:?}");
+    }
+    let r = send_with(&c, Method::DELETE, &k, &[("if-none-match", "*")]).await;
+    let e = error_code(r, StatusCode::BAD_REQUEST).await;
+    let message = e["message"].as_str().unwrap();
+    assert!(
+        message.contains("DELETE does not take If-None-Match"),
+        "{message}"
+    );
+
+    // Nothing was written.
+    let r = c.get(&k).send().await.unwrap();
+    assert_eq!(r.headers()["etag"].to_str().unwrap(), exact);
+    assert_eq!(r.text().await.unwrap(), "v");
+    assert_eq!(c.get(&fresh).send().await.unwrap().status(), 404);
+
+    // The well-formed forms still work.
+    let r = send_with(&c, Method::PUT, &k, &[("if-match", "\"1\"")]).await;
+    error_code(r, StatusCode::PRECONDITION_FAILED).await;
+    let r = send_with(&c, Method::PUT, &k, &[("if-match", "W/\"1\"")]).await;
+    error_code(r, StatusCode::PRECONDITION_FAILED).await;
+    let r = send_with(&c, Method::PUT, &k, &[("if-match", exact.as_str())]).await;
+    assert_eq!(r.status(), 200);
+    let rev = r.json::<Value>().await.unwrap()["revision"]
+        .as_u64()
+        .unwrap();
+    let bare = rev.to_string();
+    let r = send_with(&c, Method::DELETE, &k, &[("if-match", bare.as_str())]).await;
+    assert_eq!(r.status(), 200);
+    let r = send_with(&c, Method::PUT, &fresh, &[("if-none-match", "*")]).await;
+    assert_eq!(r.status(), 200);
+    node.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compare_and_set_and_create_only() {
     let (_dir, node) = single_node(|_| {}).await;
@@ -525,6 +630,64 @@ async fn bad_input_is_refused_and_changes_nothing() {
 /// Followers forward writes to the leader over `/raft/forward-batch`; nodes of
 /// the version before it send one MessagePack command per `/raft/forward`
 /// request. Both shapes are served, so a rolling upgrade keeps writes going.
+/// A value's Content-Type is stored and sent back with every read and watch
+/// event: at most 256 bytes of visible ASCII, from a client or forwarded by
+/// a follower; an empty one means none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_types_are_bounded_on_every_path() {
+    use flagstone::WriteError;
+    use flagstone::raft::{Command, CommandResult, Precondition};
+
+    let (_dir, node) = single_node(|_| {}).await;
+    let c = client();
+    let k = format!("{}/v1/kv/typed", node.advertise());
+    let put = |ct: String| c.put(&k).header("content-type", ct).body("v").send();
+
+    let longest = format!("text/{}", "x".repeat(256 - 5));
+    assert_eq!(put(longest.clone()).await.unwrap().status(), 200);
+    let r = c.get(&k).send().await.unwrap();
+    assert_eq!(r.headers()["content-type"].to_str().unwrap(), longest);
+    let etag = r.headers()["etag"].clone();
+
+    let r = put(format!("{longest}x")).await.unwrap();
+    let e = error_code(r, StatusCode::BAD_REQUEST).await;
+    assert_eq!(e["code"], "invalid_content_type");
+    let r = c.get(&k).send().await.unwrap();
+    assert_eq!(r.headers()["etag"], etag, "a refused write changed the key");
+
+    assert_eq!(put(String::new()).await.unwrap().status(), 200);
+    let r = c.get(&k).send().await.unwrap();
+    assert_eq!(r.headers()["content-type"], "application/octet-stream");
+
+    let forged = Command::Put {
+        key: "forwarded".into(),
+        value: b"v".to_vec(),
+        content_type: Some("text/plain\r\nX-Injected: 1".into()),
+        precondition: Precondition::None,
+    };
+    let r = c
+        .post(format!("{}/raft/forward", node.advertise()))
+        .header("content-type", "application/msgpack")
+        .body(rmp_serde::to_vec(&forged).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let answer: Result<CommandResult, WriteError> =
+        rmp_serde::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert!(
+        matches!(answer, Err(WriteError::InvalidContentType(_))),
+        "{answer:?}"
+    );
+    let r = c
+        .get(format!("{}/v1/kv/forwarded", node.advertise()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    node.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_writes_in_both_wire_shapes() {
     use flagstone::WriteError;

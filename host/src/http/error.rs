@@ -67,6 +67,7 @@ impl From<WriteError> for ApiError {
         let msg = e.to_string();
         match e {
             WriteError::InvalidKey(_) => ApiError::bad_request("invalid_key", msg),
+            WriteError::InvalidContentType(_) => ApiError::bad_request("invalid_content_type", msg),
             WriteError::ValueTooLarge(_) => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "value_too_large", msg)
             }

@@ -1,9 +1,10 @@
 //! `/v1/kv`: put, get, delete and list custom data.
 //!
 //! Values are raw bytes; their Content-Type is stored and returned. Revisions
-//! travel as `ETag: "<revision>"`; `If-Match` makes a write compare-and-set,
-//! `If-None-Match: *` makes a put create-only. Reads are local unless
-//! `?consistency=linearizable`.
+//! travel as `ETag: "<revision>"`; `If-Match` (that ETag exactly, the bare revision, or `*`)
+//! makes a write compare-and-set, `If-None-Match: *` makes a put create-only.
+//! Any other form, or either header more than once, is a 400. Reads are local
+//! unless `?consistency=linearizable`.
 
 use std::sync::Arc;
 
@@ -62,53 +63,183 @@ fn key_of(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError>
     Ok(key)
 }
 
+/// The value's Content-Type: none if absent or empty; 400 unless at most
+/// 256 bytes of visible ASCII and spaces (it is stored with the value and
+/// sent back with every read and watch event).
+fn content_type_of(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(None);
+    };
+    let invalid = |msg: String| ApiError::bad_request("invalid_content_type", msg);
+    let text = v
+        .to_str()
+        .map_err(|_| invalid("Content-Type is not ASCII".into()))?
+        .trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    crate::keys::validate_content_type(text).map_err(|e| invalid(e.to_string()))?;
+    Ok(Some(text.to_owned()))
+}
+
 fn etag(revision: u64) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{revision}\"")).unwrap_or(HeaderValue::from_static("\"0\""))
 }
 
-/// Parses `If-Match` / `If-None-Match` into a precondition.
-fn precondition(headers: &HeaderMap, allow_create_only: bool) -> Result<Precondition, ApiError> {
-    let text = |name: header::HeaderName| -> Result<Option<String>, ApiError> {
-        headers
-            .get(&name)
-            .map(|v| {
-                v.to_str().map(|s| s.trim().to_owned()).map_err(|_| {
-                    ApiError::bad_request("invalid_precondition", format!("{name} is not ASCII"))
-                })
-            })
-            .transpose()
-    };
-    match (text(header::IF_MATCH)?, text(header::IF_NONE_MATCH)?) {
-        (Some(_), Some(_)) => Err(ApiError::bad_request(
-            "invalid_precondition",
-            "use either If-Match or If-None-Match, not both",
-        )),
-        (Some(m), None) if m == "*" => Ok(Precondition::Present),
-        // If-Match compares strongly (RFC 9110 §13.1.1): a weak tag never
-        // matches, whatever the key holds (this server only sends strong ones).
-        (Some(m), None) if m.starts_with("W/") => Err(ApiError::new(
-            StatusCode::PRECONDITION_FAILED,
-            "precondition_failed",
-            format!(
-                "If-Match compares entity tags strongly: the weak tag {m} never matches; send the ETag as returned"
+/// Which write a precondition guards: only a put can be create-only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriteKind {
+    /// `PUT /v1/kv/{key}`
+    Put,
+    /// `DELETE /v1/kv/{key}`
+    Delete,
+}
+
+/// Why `If-Match` / `If-None-Match` cannot be acted on. A weak `If-Match`
+/// tag is well-formed but never matches (412); everything else is a 400
+/// `invalid_precondition`, and nothing is written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum PreconditionError {
+    /// The header holds bytes outside visible ASCII.
+    #[error("{0} is not ASCII")]
+    NotAscii(&'static str),
+    /// More than one value: a comma-separated list, or the header sent more
+    /// than once (RFC 9110 §5.3: repeated lines are one comma-joined list).
+    #[error("{0} takes a single value, not a list (comma-separated or a repeated header)")]
+    List(&'static str),
+    /// Both headers on one request.
+    #[error("use either If-Match or If-None-Match, not both")]
+    Both,
+    /// `If-Match` is neither `*` nor an entity tag as this server issues them.
+    #[error(
+        "If-Match must be * or an ETag as returned, a revision in double quotes such as \"42\" (or bare: 42; decimal, no sign, no leading zeros, at most {max}), not {0:?}",
+        max = u64::MAX
+    )]
+    MalformedIfMatch(String),
+    /// `If-Match` compares strongly (RFC 9110 §13.1.1): a weak tag never
+    /// matches, whatever the key holds (this server only sends strong ones).
+    #[error(
+        "If-Match compares entity tags strongly: the weak tag {0} never matches; send the ETag as returned"
+    )]
+    WeakIfMatch(String),
+    /// `If-None-Match` on a put is only `*` (create only).
+    #[error("If-None-Match on a PUT must be * (create only), not {0:?}")]
+    NoneMatchNotStar(String),
+    /// `If-None-Match: *` makes a put create-only; a delete of a key that must
+    /// not exist would do nothing, so a delete takes no `If-None-Match`.
+    #[error(
+        "If-None-Match: * makes a PUT create-only; DELETE does not take If-None-Match (use If-Match to make it conditional)"
+    )]
+    NoneMatchOnDelete,
+}
+
+impl From<PreconditionError> for ApiError {
+    fn from(e: PreconditionError) -> Self {
+        match e {
+            PreconditionError::WeakIfMatch(_) => ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                "precondition_failed",
+                e.to_string(),
             ),
-        )),
-        (Some(m), None) => {
-            let bare = m.trim_matches('"');
-            bare.parse::<u64>()
-                .map(Precondition::Revision)
-                .map_err(|_| {
-                    ApiError::bad_request(
-                        "invalid_precondition",
-                        format!("If-Match must be a revision such as \"42\", not {m:?}"),
-                    )
-                })
+            _ => ApiError::bad_request("invalid_precondition", e.to_string()),
         }
-        (None, Some(n)) if n == "*" && allow_create_only => Ok(Precondition::Absent),
-        (None, Some(n)) => Err(ApiError::bad_request(
-            "invalid_precondition",
-            format!("only If-None-Match: * is supported on writes, not {n:?}"),
-        )),
+    }
+}
+
+/// One entity tag (RFC 9110 §8.8.3) in the only form this server issues:
+/// the revision in canonical decimal within double quotes, maybe weak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EntityTag {
+    /// `"52"`
+    Strong(u64),
+    /// `W/"52"`
+    Weak(u64),
+}
+
+/// Parses `"<revision>"` or `W/"<revision>"`; `None` for anything else
+/// (unquoted, unbalanced quotes, lowercase `w/`, spaces inside, ...).
+fn entity_tag(text: &str) -> Option<EntityTag> {
+    let (weak, tag) = match text.strip_prefix("W/") {
+        Some(tag) => (true, tag),
+        None => (false, text),
+    };
+    let revision = canonical_revision(tag.strip_prefix('"')?.strip_suffix('"')?)?;
+    Some(if weak {
+        EntityTag::Weak(revision)
+    } else {
+        EntityTag::Strong(revision)
+    })
+}
+
+/// A revision written as this server writes it: ASCII digits, no sign, no
+/// leading zero (but `0` itself), within a u64. Entity tags compare as
+/// strings, so `"052"` must not stand for revision 52.
+fn canonical_revision(digits: &str) -> Option<u64> {
+    let canonical = !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (digits == "0" || !digits.starts_with('0'));
+    if !canonical {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The one value of header `name`, trimmed; `None` if absent. Several values,
+/// on one line or on several, are refused rather than all but one ignored.
+fn single_value(
+    headers: &HeaderMap,
+    name: &'static str,
+) -> Result<Option<String>, PreconditionError> {
+    let mut values = headers.get_all(name).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(PreconditionError::List(name));
+    }
+    let text = value
+        .to_str()
+        .map_err(|_| PreconditionError::NotAscii(name))?
+        .trim();
+    if text.contains(',') {
+        return Err(PreconditionError::List(name));
+    }
+    Ok(Some(text.to_owned()))
+}
+
+/// `If-Match`: `*` (the key must exist) or the key's exact strong ETag.
+fn if_match(text: String) -> Result<Precondition, PreconditionError> {
+    if text == "*" {
+        return Ok(Precondition::Present);
+    }
+    // The bare revision (`If-Match: 52`) is documented and kept; it too
+    // must be canonical.
+    let tag = entity_tag(&text).or_else(|| canonical_revision(&text).map(EntityTag::Strong));
+    match tag {
+        Some(EntityTag::Strong(revision)) => Ok(Precondition::Revision(revision)),
+        Some(EntityTag::Weak(_)) => Err(PreconditionError::WeakIfMatch(text)),
+        None => Err(PreconditionError::MalformedIfMatch(text)),
+    }
+}
+
+/// `If-None-Match`: only `*` on a put (create only).
+fn if_none_match(text: String, write: WriteKind) -> Result<Precondition, PreconditionError> {
+    match write {
+        WriteKind::Delete => Err(PreconditionError::NoneMatchOnDelete),
+        WriteKind::Put if text == "*" => Ok(Precondition::Absent),
+        WriteKind::Put => Err(PreconditionError::NoneMatchNotStar(text)),
+    }
+}
+
+/// Parses `If-Match` / `If-None-Match` into a precondition.
+fn precondition(headers: &HeaderMap, write: WriteKind) -> Result<Precondition, PreconditionError> {
+    match (
+        single_value(headers, "If-Match")?,
+        single_value(headers, "If-None-Match")?,
+    ) {
+        (Some(_), Some(_)) => Err(PreconditionError::Both),
+        (Some(m), None) => if_match(m),
+        (None, Some(n)) => if_none_match(n, write),
         (None, None) => Ok(Precondition::None),
     }
 }
@@ -181,17 +312,8 @@ pub async fn put(
     body: Body,
 ) -> Result<Response, ApiError> {
     let key = key_of(path)?;
-    let precondition = precondition(&headers, true)?;
-    let content_type = match headers.get(header::CONTENT_TYPE) {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .map_err(|_| {
-                    ApiError::bad_request("invalid_content_type", "Content-Type is not ASCII")
-                })?
-                .to_owned(),
-        ),
-    };
+    let precondition = precondition(&headers, WriteKind::Put)?;
+    let content_type = content_type_of(&headers)?;
     let value = read_value(&headers, body).await?;
     let revision = node
         .put(
@@ -256,7 +378,7 @@ pub async fn delete(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let key = key_of(path)?;
-    let precondition = precondition(&headers, false)?;
+    let precondition = precondition(&headers, WriteKind::Delete)?;
     let (deleted, revision) = node.delete(&key, precondition).await?;
     Ok(Json(json!({ "deleted": deleted, "revision": revision })).into_response())
 }

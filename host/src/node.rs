@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
 use serde::Serialize;
@@ -136,6 +135,9 @@ pub struct NodeConfig {
     pub plugin_cache_dir: Option<PathBuf>,
     /// Bytes of decoded records of hot keys kept for point reads (0: none).
     pub read_cache_bytes: u64,
+    /// How long a client may take to send a request's headers, and how long
+    /// a request body may pause (`http/server.rs`).
+    pub http_read_timeout: Duration,
 }
 
 impl NodeConfig {
@@ -155,6 +157,7 @@ impl NodeConfig {
             watch_history_bytes: crate::raft::history::DEFAULT_HISTORY_BYTES,
             watch_buffer: crate::raft::state_machine::CHANGE_CHANNEL_CAPACITY,
             read_cache_bytes: crate::raft::record_cache::DEFAULT_READ_CACHE_BYTES,
+            http_read_timeout: crate::http::server::DEFAULT_READ_TIMEOUT,
         }
     }
 }
@@ -346,24 +349,13 @@ impl Node {
             node.track_background(host.watch_dir(config.plugin_reload_every));
         }
         let app = crate::http::router(node.clone());
+        let read_timeout = config.http_read_timeout;
         let mut rx = shutdown_rx.clone();
         let server = tokio::spawn(async move {
             let stop = async move {
                 let _ = rx.wait_for(|stop| *stop).await;
             };
-            // Small request/response messages (Raft RPCs, reads) must not wait
-            // for Nagle's algorithm: send every write at once.
-            let listener = listener.tap_io(|tcp| {
-                if let Err(e) = tcp.set_nodelay(true) {
-                    tracing::debug!(error = %e, "TCP_NODELAY");
-                }
-            });
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(stop)
-                .await
-            {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
+            crate::http::server::serve(listener, app, read_timeout, stop).await;
         });
         node.track(server);
         node.track(compaction);

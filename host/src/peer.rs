@@ -58,7 +58,10 @@ impl PeerClient {
     pub fn new() -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(1))
-            .pool_idle_timeout(Duration::from_secs(90))
+            // Below the servers' idle close (`http/server.rs`, 30 s): a
+            // connection is dropped here before the other node closes it
+            // under a request.
+            .pool_idle_timeout(Duration::from_secs(20))
             .pool_max_idle_per_host(256)
             .tcp_nodelay(true)
             .build()?;

@@ -781,3 +781,72 @@ async fn single_node_restarts_with_its_data() {
     node.set_custom_data("after", "restart").await.unwrap();
     node.shutdown().await;
 }
+
+/// A client that sends its request headers, or its body, too slowly is cut
+/// off after the read timeout instead of holding a connection for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off_after_the_read_timeout() {
+    let (_dir, node) = single_node(|c| c.http_read_timeout = Duration::from_millis(500)).await;
+    let addr = node.local_addr();
+
+    // An idle keep-alive connection after a request: closed too.
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
+    let answer = String::from_utf8_lossy(&buf);
+    assert!(read.is_ok(), "an idle connection stayed open: {answer}");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // Headers that never end: the connection is closed.
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
+    assert!(
+        read.is_ok(),
+        "a connection with unfinished headers stayed open"
+    );
+
+    // A body shorter than its Content-Length: 400, and nothing written.
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"PUT /v1/kv/slow HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "a request with a stalled body stayed open");
+    let answer = String::from_utf8_lossy(&buf);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("invalid_body"), "{answer}");
+    let r = client()
+        .get(format!("{}/v1/kv/slow", node.advertise()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
+    // A slow but steady body still goes through.
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        b"PUT /v1/kv/steady HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    for byte in b"abcd" {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        tcp.write_all(&[*byte]).await.unwrap();
+    }
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buf);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    node.shutdown().await;
+}

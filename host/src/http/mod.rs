@@ -9,6 +9,9 @@
 //! | `watch.rs` | `/v1/watch` (Server-Sent Events) |
 //! | `raft_rpc.rs` | `/raft/*` (node to node) |
 //! | `error.rs` | the JSON error body; 404 and 405 fallbacks |
+//!
+//! `server.rs` serves the router (`serve(listener, app, shutdown)`), with
+//! read timeouts against clients that send slowly.
 
 pub mod cluster;
 pub mod error;
@@ -16,6 +19,7 @@ pub mod flags;
 pub mod kv;
 pub mod plugins;
 pub mod raft_rpc;
+pub mod server;
 pub mod watch;
 
 use std::sync::Arc;

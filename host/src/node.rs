@@ -217,6 +217,8 @@ pub struct Node {
     rpc_body_limit: usize,
     write_timeout: Duration,
     learner_catch_up: Duration,
+    /// A leader whose quorum has not answered for longer is not ready.
+    quorum_stale_ms: u64,
     leader_read_index: ReadIndexBatcher,
     shutdown_tx: watch::Sender<bool>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
@@ -338,6 +340,7 @@ impl Node {
             rpc_body_limit: config.raft.rpc_body_limit,
             write_timeout: config.raft.write_timeout,
             learner_catch_up: config.raft.learner_catch_up,
+            quorum_stale_ms: 2 * config.raft.election_timeout_ms.1,
             leader_read_index: ReadIndexBatcher::default(),
             shutdown_tx,
             tasks: std::sync::Mutex::new(Vec::new()),
@@ -913,12 +916,23 @@ impl Node {
             .any(|id| id == self.id)
     }
 
-    /// Ready: a member of a cluster with a known leader, caught up locally.
+    /// Ready: a member of a cluster with a known leader, caught up locally;
+    /// a leader also heard from a quorum within two election timeouts (else
+    /// its writes cannot commit).
     pub fn is_ready(&self) -> bool {
         let info = self.cluster_info();
         info.leader_id.is_some()
             && info.members.iter().any(|m| m.id == self.id)
             && info.applied_index >= info.commit_index
+            && (info.leader_id != Some(self.id)
+                || self
+                    .millis_since_quorum_ack()
+                    .is_some_and(|ms| ms <= self.quorum_stale_ms))
+    }
+
+    /// On a leader: how long ago a quorum last acknowledged it.
+    pub fn millis_since_quorum_ack(&self) -> Option<u64> {
+        self.raft.metrics().borrow().millis_since_quorum_ack
     }
 
     /// On the leader: adds `id` at `addr` as a learner, waits for it to catch

@@ -481,6 +481,17 @@ async fn a_write_without_a_quorum_times_out_with_503() {
         .unwrap();
     other.shutdown().await;
     drop(other);
+    // The leader stops calling itself ready once its quorum is gone.
+    let c = client();
+    wait_for(
+        "the leader to be not ready",
+        Duration::from_secs(5),
+        || async {
+            let r = c.get(url(&leader, "/readyz")).send().await.ok()?;
+            (r.status() == 503).then_some(())
+        },
+    )
+    .await;
 
     let started = std::time::Instant::now();
     let resp = client()

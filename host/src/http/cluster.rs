@@ -143,11 +143,19 @@ pub async fn readyz(State(node): State<Arc<Node>>) -> Result<Response, ApiError>
             StatusCode::SERVICE_UNAVAILABLE,
             "not_ready",
             format!(
-                "leader {:?}, member {}, applied {} of {} committed",
+                "leader {:?}, member {}, applied {} of {} committed{}",
                 info.leader_id,
                 info.members.iter().any(|m| m.id == info.node_id),
                 info.applied_index,
-                info.commit_index
+                info.commit_index,
+                if info.leader_id == Some(info.node_id) {
+                    match node.millis_since_quorum_ack() {
+                        Some(ms) => format!(", a quorum last answered {ms} ms ago"),
+                        None => ", no quorum has answered".into(),
+                    }
+                } else {
+                    String::new()
+                }
             ),
         ))
     }

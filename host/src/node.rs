@@ -714,6 +714,7 @@ impl Node {
     /// admit each before its batch is proposed, back to back with the other
     /// writes queued (`validate.rs`).
     pub async fn write_local(&self, cmd: Command) -> Result<CommandResult, WriteError> {
+        let cmd = without_empty_content_type(cmd);
         self.check(&cmd)?;
         self.batcher
             .submit(cmd, &self.validation(), |c| self.propose(c))
@@ -728,7 +729,10 @@ impl Node {
         &self,
         cmds: Vec<Command>,
     ) -> Vec<Result<CommandResult, WriteError>> {
-        let checked = cmds.into_iter().map(|cmd| self.check(&cmd).map(|()| cmd));
+        let checked = cmds
+            .into_iter()
+            .map(without_empty_content_type)
+            .map(|cmd| self.check(&cmd).map(|()| cmd));
         let validation = self.validation();
         batcher::in_order(
             checked,
@@ -1059,6 +1063,25 @@ fn with_scheme(url: &str) -> String {
         url.to_owned()
     } else {
         format!("http://{url}")
+    }
+}
+
+/// A put with an empty content type stores none, as over HTTP (an older
+/// follower forwards `""` for an empty `Content-Type` header).
+fn without_empty_content_type(cmd: Command) -> Command {
+    match cmd {
+        Command::Put {
+            key,
+            value,
+            content_type: Some(ct),
+            precondition,
+        } if ct.is_empty() => Command::Put {
+            key,
+            value,
+            content_type: None,
+            precondition,
+        },
+        other => other,
     }
 }
 

@@ -685,6 +685,28 @@ async fn content_types_are_bounded_on_every_path() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
+
+    // A forwarded empty content type (older followers send one) means none.
+    let untyped = Command::Put {
+        key: "forwarded".into(),
+        value: b"v".to_vec(),
+        content_type: Some(String::new()),
+        precondition: Precondition::None,
+    };
+    let r = c
+        .post(format!("{}/raft/forward", node.advertise()))
+        .header("content-type", "application/msgpack")
+        .body(rmp_serde::to_vec(&untyped).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c
+        .get(format!("{}/v1/kv/forwarded", node.advertise()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-type"], "application/octet-stream");
     node.shutdown().await;
 }
 

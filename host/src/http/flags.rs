@@ -187,7 +187,7 @@ fn parse_context_text(body: &[u8]) -> Result<EvalContext, (ErrorCode, String)> {
     let fast = serde_json::from_slice::<RawRequest>(body)
         .ok()
         .and_then(|r| r.context)
-        .filter(|c| c.get().starts_with('{'))
+        .filter(|c| c.get().starts_with('{') && !beyond_the_full_parse(c.get()))
         .and_then(|c| {
             let key = serde_json::from_str::<ContextKey>(c.get()).ok()?;
             Some(EvalContext {
@@ -199,6 +199,42 @@ fn parse_context_text(body: &[u8]) -> Result<EvalContext, (ErrorCode, String)> {
         Some(ctx) => Ok(ctx),
         None => parse_context(body).map(|(_, ctx)| ctx),
     }
+}
+
+/// Whether JSON `text` may hold what the full parse refuses but a syntax
+/// check lets through: nesting deeper than serde_json's recursion limit, or
+/// a number with an exponent (which may be out of `f64`'s range, `1e400`).
+/// Such a context takes the full parse, so both paths answer alike. One pass
+/// over the bytes; strings are skipped.
+fn beyond_the_full_parse(text: &str) -> bool {
+    /// serde_json's recursion limit is 128 nested arrays and objects.
+    const DEPTH: usize = 100;
+    let (mut depth, mut in_string, mut escaped, mut prev) = (0usize, false, false, b' ');
+    for &b in text.as_bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > DEPTH {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b'e' | b'E' if prev.is_ascii_digit() || prev == b'.' => return true,
+            _ => {}
+        }
+        prev = b;
+    }
+    false
 }
 
 /// Parses `{"context":{…}}` (an empty body means an empty context).
@@ -574,7 +610,13 @@ mod tests {
 
     #[test]
     fn context_text_fast_path_agrees_with_the_full_parse() {
+        let deep = format!(
+            r#"{{"context":{{"x":{}1{}}}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
         for body in [
+            r#"{"context":{"targetingKey":"u1","n":1.5e3,"s":"1e400 in a string","t":true}}"#,
             r#"{"context":{"targetingKey":"u1","plan":"pro"}}"#,
             r#"{"context":{"plan":"pro"}}"#,
             r#"{"context":{"targetingKey":null}}"#,
@@ -596,6 +638,11 @@ mod tests {
             (r#"{"context":[1]}"#, ErrorCode::InvalidContext),
             (r#"{"context":{}} x"#, ErrorCode::ParseError),
             ("[1]", ErrorCode::ParseError),
+            (
+                r#"{"context":{"targetingKey":"u1","x":1e400}}"#,
+                ErrorCode::ParseError,
+            ),
+            (deep.as_str(), ErrorCode::ParseError),
         ] {
             let (c, _) = parse_context_text(body.as_bytes()).unwrap_err();
             assert_eq!(c, code, "{body}");

@@ -872,3 +872,37 @@ async fn slow_clients_are_cut_off_after_the_read_timeout() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     node.shutdown().await;
 }
+
+/// A query string that does not percent-decode to UTF-8 is refused, not
+/// decoded lossily (`?prefix=%FF` listed the keys starting with U+FFFD).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_that_is_not_utf8_is_refused() {
+    let (_dir, node) = single_node(|_| {}).await;
+    let c = client();
+    let base = node.advertise();
+    let r = c
+        .put(format!("{base}/v1/kv/%C3%A9t%C3%A9"))
+        .body("v")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c
+        .get(format!("{base}/v1/kv?prefix=%C3%A9"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["keys"], serde_json::json!(["été"]));
+    for path in [
+        "/v1/kv?prefix=%FF",
+        "/v1/kv?prefix=a&x=%C3",
+        "/v1/watch?prefix=%FF",
+    ] {
+        let r = c.get(format!("{base}{path}")).send().await.unwrap();
+        let e = error_code(r, StatusCode::BAD_REQUEST).await;
+        assert_eq!(e["code"], "invalid_query", "{path}");
+    }
+    node.shutdown().await;
+}

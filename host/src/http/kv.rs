@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use axum::body::{Body, BodyDataStream, Bytes};
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
@@ -386,11 +386,36 @@ pub async fn delete(
 /// `GET /v1/kv?prefix=P`
 pub async fn list(
     State(node): State<Arc<Node>>,
+    RawQuery(raw): RawQuery,
     query: Result<Query<ReadParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    query_is_utf8(raw.as_deref())?;
     let params = params(query)?;
     let (keys, revision) = node.list(&params.prefix, params.linearizable()?).await?;
     Ok(Json(json!({ "keys": keys, "revision": revision })).into_response())
+}
+
+/// 400 `invalid_query` unless every name and value of the query string
+/// percent-decodes to UTF-8. (The typed parse replaces invalid bytes with
+/// U+FFFD, so `?prefix=%FF` would list the keys that start with U+FFFD.)
+pub fn query_is_utf8(raw: Option<&str>) -> Result<(), ApiError> {
+    for part in raw
+        .unwrap_or_default()
+        .split('&')
+        .flat_map(|p| p.split('='))
+    {
+        let spaced = part.replace('+', " ");
+        if percent_encoding::percent_decode_str(&spaced)
+            .decode_utf8()
+            .is_err()
+        {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("query string part {part:?} does not decode to UTF-8"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Any method on `/v1/kv/` (an empty key).

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::{Query, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -147,9 +147,11 @@ impl Watch {
 /// `GET /v1/watch`
 pub async fn watch(
     State(node): State<Arc<Node>>,
+    RawQuery(raw): RawQuery,
     query: Result<Query<WatchParams>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    super::kv::query_is_utf8(raw.as_deref())?;
     let Query(params) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let last_event_id = match headers.get("last-event-id") {
         None => None,

@@ -955,14 +955,24 @@ impl Node {
                 return Ok(current);
             }
         }
-        // Not openraft's blocking add: its wait for the learner gives up
-        // after half a second and promotes the node all the same.
-        let added = self
-            .raft
-            .add_learner(id, BasicNode::new(addr), false)
-            .await
-            .map_err(cluster_err)?;
-        self.wait_caught_up(id, added.log_id.index).await?;
+        let upto = if current.members.iter().any(|m| m.id == id) {
+            // A learner already (a retry): its catch-up is under way, and
+            // adding it again would restart it (a new membership rebuilds
+            // the replication streams, a snapshot transfer included).
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            m.membership_config.log_id().map_or(0, |l| l.index)
+        } else {
+            // Not openraft's blocking add: its wait for the learner gives up
+            // after half a second and promotes the node all the same.
+            self.raft
+                .add_learner(id, BasicNode::new(addr), false)
+                .await
+                .map_err(cluster_err)?
+                .log_id
+                .index
+        };
+        self.wait_caught_up(id, upto).await?;
         let mut voters: BTreeSet<NodeId> = current
             .members
             .iter()

@@ -428,13 +428,14 @@ async fn a_member_that_does_not_catch_up_is_not_made_a_voter() {
     .await;
     wait_converged(std::slice::from_ref(&n1), 1).await;
     let c = client();
-    let addr = format!("http://127.0.0.1:{}", unused_port());
-    let resp = c
-        .post(url(&n1, "/v1/cluster/members"))
-        .json(&serde_json::json!({ "id": 2, "addr": addr }))
-        .send()
-        .await
-        .unwrap();
+    let port = unused_port();
+    let addr = format!("http://127.0.0.1:{port}");
+    let add = || {
+        c.post(url(&n1, "/v1/cluster/members"))
+            .json(&serde_json::json!({ "id": 2, "addr": addr }))
+            .send()
+    };
+    let resp = add().await.unwrap();
     assert_eq!(resp.status(), 503);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "learner_not_caught_up", "{body}");
@@ -447,13 +448,21 @@ async fn a_member_that_does_not_catch_up_is_not_made_a_voter() {
     n1.put("still", b"writable".to_vec(), PutOptions::default())
         .await
         .unwrap();
-    let resp = c
-        .delete(url(&n1, "/v1/cluster/members/2"))
-        .send()
-        .await
-        .unwrap();
+    // Once the node is up, asking again promotes the learner it already is.
+    let n2 = start_on(port, 2, dir.path(), |c| {
+        c.join = Some("http://127.0.0.1:1".into());
+    })
+    .await;
+    let resp = add().await.unwrap();
     assert_eq!(resp.status(), 200);
-    assert!(!n1.cluster_info().members.iter().any(|m| m.id == 2));
+    assert!(
+        n1.cluster_info()
+            .members
+            .iter()
+            .any(|m| m.id == 2 && m.voter)
+    );
+    wait_converged(&[n1.clone(), n2.clone()], 2).await;
+    n2.shutdown().await;
     n1.shutdown().await;
 }
 

@@ -353,13 +353,13 @@ impl Node {
         }
         let app = crate::http::router(node.clone());
         let read_timeout = config.http_read_timeout;
-        let mut rx = shutdown_rx.clone();
-        let server = tokio::spawn(async move {
-            let stop = async move {
-                let _ = rx.wait_for(|stop| *stop).await;
-            };
-            crate::http::server::serve(listener, app, read_timeout, stop).await;
-        });
+        let stop = node.stopping();
+        let server = tokio::spawn(crate::http::server::serve(
+            listener,
+            app,
+            read_timeout,
+            stop,
+        ));
         node.track(server);
         node.track(compaction);
 
@@ -579,19 +579,15 @@ impl Node {
         value: Vec<u8>,
         opts: PutOptions,
     ) -> Result<u64, WriteError> {
-        validate_key(key)?;
-        if value.len() > MAX_VALUE_BYTES {
-            return Err(WriteError::ValueTooLarge(value.len()));
-        }
-        if let Some(ct) = &opts.content_type {
-            crate::keys::validate_content_type(ct)?;
-        }
         let cmd = Command::Put {
             key: key.to_owned(),
             value,
             content_type: opts.content_type,
             precondition: opts.precondition,
         };
+        // Here too, not only on the leader: a follower refuses before it
+        // forwards.
+        self.check(&cmd)?;
         match self.write(cmd).await? {
             CommandResult::Put { revision } => Ok(revision),
             other => Err(unexpected(other)),
@@ -605,11 +601,11 @@ impl Node {
         key: &str,
         precondition: Precondition,
     ) -> Result<(bool, u64), WriteError> {
-        validate_key(key)?;
         let cmd = Command::Delete {
             key: key.to_owned(),
             precondition,
         };
+        self.check(&cmd)?;
         match self.write(cmd).await? {
             CommandResult::Delete { deleted, revision } => Ok((deleted, revision)),
             other => Err(unexpected(other)),
@@ -912,12 +908,18 @@ impl Node {
 
     /// Whether this node is a voter in the membership it knows.
     pub fn is_voter(&self) -> bool {
+        self.has_voter(self.id)
+    }
+
+    /// Whether `id` is a voter of the latest membership this node knows
+    /// (committed or not; either half of a joint one).
+    pub fn has_voter(&self, id: NodeId) -> bool {
         let m = self.raft.metrics();
         let m = m.borrow();
         m.membership_config
             .membership()
             .voter_ids()
-            .any(|id| id == self.id)
+            .any(|v| v == id)
     }
 
     /// Ready: a member of a cluster with a known leader, caught up locally;
@@ -944,7 +946,8 @@ impl Node {
     pub async fn add_member(&self, id: NodeId, addr: &str) -> Result<ClusterInfo, ClusterError> {
         let _guard = self.membership_lock.lock().await;
         let current = self.cluster_info();
-        if let Some(m) = current.members.iter().find(|m| m.id == id) {
+        let existing = current.members.iter().find(|m| m.id == id);
+        if let Some(m) = existing {
             if m.addr != addr {
                 return Err(ClusterError::Conflict {
                     id,
@@ -955,7 +958,7 @@ impl Node {
                 return Ok(current);
             }
         }
-        let upto = if current.members.iter().any(|m| m.id == id) {
+        let upto = if existing.is_some() {
             // A learner already (a retry): its catch-up is under way, and
             // adding it again would restart it (a new membership rebuilds
             // the replication streams, a snapshot transfer included).

@@ -659,19 +659,20 @@ async fn content_types_are_bounded_on_every_path() {
     let r = c.get(&k).send().await.unwrap();
     assert_eq!(r.headers()["content-type"], "application/octet-stream");
 
-    let forged = Command::Put {
-        key: "forwarded".into(),
-        value: b"v".to_vec(),
-        content_type: Some("text/plain\r\nX-Injected: 1".into()),
-        precondition: Precondition::None,
+    // A follower forwards `content_type` as it got it.
+    let forward = |content_type: &str| {
+        let cmd = Command::Put {
+            key: "forwarded".into(),
+            value: b"v".to_vec(),
+            content_type: Some(content_type.into()),
+            precondition: Precondition::None,
+        };
+        c.post(format!("{}/raft/forward", node.advertise()))
+            .header("content-type", "application/msgpack")
+            .body(rmp_serde::to_vec(&cmd).unwrap())
+            .send()
     };
-    let r = c
-        .post(format!("{}/raft/forward", node.advertise()))
-        .header("content-type", "application/msgpack")
-        .body(rmp_serde::to_vec(&forged).unwrap())
-        .send()
-        .await
-        .unwrap();
+    let r = forward("text/plain\r\nX-Injected: 1").await.unwrap();
     assert_eq!(r.status(), 200);
     let answer: Result<CommandResult, WriteError> =
         rmp_serde::from_slice(&r.bytes().await.unwrap()).unwrap();
@@ -687,19 +688,7 @@ async fn content_types_are_bounded_on_every_path() {
     assert_eq!(r.status(), 404);
 
     // A forwarded empty content type (older followers send one) means none.
-    let untyped = Command::Put {
-        key: "forwarded".into(),
-        value: b"v".to_vec(),
-        content_type: Some(String::new()),
-        precondition: Precondition::None,
-    };
-    let r = c
-        .post(format!("{}/raft/forward", node.advertise()))
-        .header("content-type", "application/msgpack")
-        .body(rmp_serde::to_vec(&untyped).unwrap())
-        .send()
-        .await
-        .unwrap();
+    let r = forward("").await.unwrap();
     assert_eq!(r.status(), 200);
     let r = c
         .get(format!("{}/v1/kv/forwarded", node.advertise()))

@@ -404,8 +404,8 @@ pub fn query_is_utf8(raw: Option<&str>) -> Result<(), ApiError> {
         .split('&')
         .flat_map(|p| p.split('='))
     {
-        let spaced = part.replace('+', " ");
-        if percent_encoding::percent_decode_str(&spaced)
+        // (`+` for a space is ASCII either way: it cannot break UTF-8.)
+        if percent_encoding::percent_decode_str(part)
             .decode_utf8()
             .is_err()
         {

@@ -79,18 +79,10 @@ fn check_term(vote: &openraft::Vote<NodeId>) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// 403 unless `candidate` is a voter of this node's membership (the
-/// latest it has, committed or not; both halves of a joint one).
+/// 403 unless `candidate` is a voter of this node's membership
+/// ([`Node::has_voter`]).
 fn check_voter(node: &Node, candidate: Option<NodeId>) -> Result<(), ApiError> {
-    let metrics = node.raft().metrics();
-    let voter = candidate.is_some_and(|id| {
-        let m = metrics.borrow();
-        m.membership_config
-            .membership()
-            .voter_ids()
-            .any(|v| v == id)
-    });
-    if !voter {
+    if !candidate.is_some_and(|id| node.has_voter(id)) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "not_a_voter",

@@ -346,14 +346,14 @@ pub fn ensure_etcd() -> Result<()> {
 
 /// Builds the example plugins and, unless `bin` names a binary to run
 /// instead (`--flagstone-bin`, to compare builds), the flagstone binary
-/// (release); returns the binary and a plugins directory with flag-schema
+/// (the `dist` profile, what one deploys); returns the binary and a plugins directory with flag-schema
 /// and rollout.
 pub fn build(root: &Path, work: &Path, bin: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let host_ok = bin.is_some()
         || Command::new(&cargo)
             .current_dir(root)
-            .args(["build", "--release", "-p", "flagstone"])
+            .args(["build", "--profile", "dist", "-p", "flagstone"])
             .status()?
             .success();
     let ok = host_ok
@@ -382,6 +382,6 @@ pub fn build(root: &Path, work: &Path, bin: Option<&Path>) -> Result<(PathBuf, P
             plugins.join(format!("{p}.wasm")),
         )?;
     }
-    let bin = bin.map_or_else(|| root.join("target/release/flagstone"), Path::to_owned);
+    let bin = bin.map_or_else(|| root.join("target/dist/flagstone"), Path::to_owned);
     Ok((bin, plugins))
 }

@@ -109,6 +109,7 @@ async fn single_flag_statuses_and_error_codes() {
 
     let cases: &[(&str, &str, u16, &str)] = &[
         ("no-such-flag", ctx, 404, "FLAG_NOT_FOUND"),
+        ("", ctx, 400, "GENERAL"),
         ("broken-flag", ctx, 400, "PARSE_ERROR"),
         ("bool-flag", "{not json", 400, "PARSE_ERROR"),
         ("bool-flag", "[1,2]", 400, "PARSE_ERROR"),

@@ -316,6 +316,18 @@ async fn barrier(
     }
 }
 
+/// `POST /ofrep/v1/evaluate/flags/` (an empty flag key, e.g. a client that
+/// built the URL from an unset variable): 400 in OFREP's error shape, where
+/// the router alone would give the generic 404 that no OFREP client parses.
+pub async fn empty_key() -> Response {
+    failure(
+        StatusCode::BAD_REQUEST,
+        Some(""),
+        ErrorCode::General,
+        "flag key must not be empty",
+    )
+}
+
 /// `POST /ofrep/v1/evaluate/flags/{key}`
 pub async fn evaluate_one(
     State(node): State<Arc<Node>>,

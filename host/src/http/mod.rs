@@ -54,6 +54,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/plugins/logs", get(plugins::logs))
         .route("/v1/flags/{key}/evaluate", post(flags::evaluate_one))
         .route("/ofrep/v1/evaluate/flags/{key}", post(flags::evaluate_one))
+        .route("/ofrep/v1/evaluate/flags/", post(flags::empty_key))
+        .route("/v1/flags//evaluate", post(flags::empty_key))
         .route("/ofrep/v1/evaluate/flags", post(flags::evaluate_bulk))
         .route("/ofrep/v1/configuration", get(flags::configuration))
         .route("/ofrep/v1/events", get(flags::events))

@@ -346,8 +346,8 @@ pub fn ensure_etcd() -> Result<()> {
 
 /// Builds the example plugins and, unless `bin` names a binary to run
 /// instead (`--flagstone-bin`, to compare builds), the flagstone binary
-/// (the `dist` profile, what one deploys); returns the binary and a plugins directory with flag-schema
-/// and rollout.
+/// (the `dist` profile, what one deploys); returns the binary and a plugins
+/// directory with flag-schema and rollout.
 pub fn build(root: &Path, work: &Path, bin: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let host_ok = bin.is_some()

@@ -710,8 +710,7 @@ impl Node {
     /// admit each before its batch is proposed, back to back with the other
     /// writes queued (`validate.rs`).
     pub async fn write_local(&self, cmd: Command) -> Result<CommandResult, WriteError> {
-        let cmd = without_empty_content_type(cmd);
-        self.check(&cmd)?;
+        let cmd = self.checked(cmd)?;
         self.batcher
             .submit(cmd, &self.validation(), |c| self.propose(c))
             .await
@@ -725,10 +724,7 @@ impl Node {
         &self,
         cmds: Vec<Command>,
     ) -> Vec<Result<CommandResult, WriteError>> {
-        let checked = cmds
-            .into_iter()
-            .map(without_empty_content_type)
-            .map(|cmd| self.check(&cmd).map(|()| cmd));
+        let checked = cmds.into_iter().map(|cmd| self.checked(cmd));
         let validation = self.validation();
         batcher::in_order(
             checked,
@@ -745,8 +741,16 @@ impl Node {
         .await
     }
 
+    /// A write as the leader queues it: an empty content type made none (as
+    /// over HTTP), then [`Node::check`]ed.
+    fn checked(&self, cmd: Command) -> Result<Command, WriteError> {
+        let cmd = without_empty_content_type(cmd);
+        self.check(&cmd)?;
+        Ok(cmd)
+    }
+
     /// The checks a write passes before it is queued: a single key within
-    /// the key rules and a value within the size limit.
+    /// the key rules, a value within the size limit and a valid content type.
     fn check(&self, cmd: &Command) -> Result<(), WriteError> {
         let Some(key) = cmd.key() else {
             return Err(WriteError::InvalidKey(

@@ -18,8 +18,6 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-
-use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +27,7 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
+use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;

@@ -104,6 +104,38 @@ pub enum ClusterError {
         /// Its current address.
         addr: String,
     },
+    /// Another member already has this address.
+    #[error("{addr} is already the address of node {id}")]
+    AddrInUse {
+        /// The address asked for.
+        addr: String,
+        /// The member that has it.
+        id: NodeId,
+    },
+    /// The address answers as another node than the one to add.
+    #[error("{addr} answers as node {found}, not node {id}")]
+    WrongNode {
+        /// The node id asked for.
+        id: NodeId,
+        /// The address asked for.
+        addr: String,
+        /// The id the node at `addr` reported.
+        found: NodeId,
+    },
+    /// The learner caught up, but its address could not say which node it
+    /// is, so it was not made a voter (it stays a learner).
+    #[error(
+        "node {id} caught up, but {addr} could not confirm it is node {id} ({reason}), so it \
+         is not a voter; ask again to promote it, or remove it"
+    )]
+    Unconfirmed {
+        /// The node id.
+        id: NodeId,
+        /// Its address.
+        addr: String,
+        /// Why the address did not answer.
+        reason: String,
+    },
     /// The node is not a member.
     #[error("node {0} is not a member")]
     NotMember(NodeId),

@@ -34,7 +34,7 @@ pub use crate::error::{ClusterError, NodeError, ReadError, WriteError};
 use crate::evaluations::Evaluations;
 use crate::forward::Forwarder;
 use crate::join_intent;
-use crate::keys::{MAX_VALUE_BYTES, validate_key};
+use crate::keys::validate_key;
 use crate::peer::PeerClient;
 use crate::plugins::types::{EvalContext, Evaluation, EvaluationError};
 use crate::plugins::{Limits, PluginHost};
@@ -587,7 +587,7 @@ impl Node {
         };
         // Here too, not only on the leader: a follower refuses before it
         // forwards.
-        self.check(&cmd)?;
+        cmd.check()?;
         match self.write(cmd).await? {
             CommandResult::Put { revision } => Ok(revision),
             other => Err(unexpected(other)),
@@ -605,7 +605,7 @@ impl Node {
             key: key.to_owned(),
             precondition,
         };
-        self.check(&cmd)?;
+        cmd.check()?;
         match self.write(cmd).await? {
             CommandResult::Delete { deleted, revision } => Ok((deleted, revision)),
             other => Err(unexpected(other)),
@@ -745,33 +745,8 @@ impl Node {
     /// over HTTP), then [`Node::check`]ed.
     fn checked(&self, cmd: Command) -> Result<Command, WriteError> {
         let cmd = without_empty_content_type(cmd);
-        self.check(&cmd)?;
+        cmd.check()?;
         Ok(cmd)
-    }
-
-    /// The checks a write passes before it is queued: a single key within
-    /// the key rules, a value within the size limit and a valid content type.
-    fn check(&self, cmd: &Command) -> Result<(), WriteError> {
-        let Some(key) = cmd.key() else {
-            return Err(WriteError::InvalidKey(
-                "batches are formed by the leader only".into(),
-            ));
-        };
-        validate_key(key)?;
-        if let Command::Put {
-            value,
-            content_type,
-            ..
-        } = cmd
-        {
-            if value.len() > MAX_VALUE_BYTES {
-                return Err(WriteError::ValueTooLarge(value.len()));
-            }
-            if let Some(ct) = content_type {
-                crate::keys::validate_content_type(ct)?;
-            }
-        }
-        Ok(())
     }
 
     /// What admits this node's writes: its validator plugins.
@@ -926,18 +901,28 @@ impl Node {
             .any(|v| v == id)
     }
 
-    /// Ready: a member of a cluster with a known leader, caught up locally;
+    /// Ready: Raft running, a member of a cluster whose leader is a known
+    /// member, caught up locally;
     /// a leader also heard from a quorum within two election timeouts (else
     /// its writes cannot commit).
     pub fn is_ready(&self) -> bool {
         let info = self.cluster_info();
-        info.leader_id.is_some()
-            && info.members.iter().any(|m| m.id == self.id)
+        let member = |id: NodeId| info.members.iter().any(|m| m.id == id);
+        self.raft_failure().is_none()
+            && info.leader_id.is_some_and(member)
+            && member(self.id)
             && info.applied_index >= info.commit_index
             && (info.leader_id != Some(self.id)
                 || self
                     .millis_since_quorum_ack()
                     .is_some_and(|ms| ms <= self.quorum_stale_ms))
+    }
+
+    /// Why this node's Raft core stopped, if it did (a storage error, or a
+    /// node stopping): it then neither writes nor follows until restarted.
+    pub fn raft_failure(&self) -> Option<String> {
+        let running = self.raft.metrics().borrow().running_state.clone();
+        running.err().map(|e| e.to_string())
     }
 
     /// On a leader: how long ago a quorum last acknowledged it.
@@ -947,9 +932,21 @@ impl Node {
 
     /// On the leader: adds `id` at `addr` as a learner, waits for it to catch
     /// up, then promotes it to voter. Idempotent for an existing voter.
+    /// Refuses (409) an address another member has, or one that answers as
+    /// another node; promotes only once the address answers as `id`.
     pub async fn add_member(&self, id: NodeId, addr: &str) -> Result<ClusterInfo, ClusterError> {
         let _guard = self.membership_lock.lock().await;
         let current = self.cluster_info();
+        if let Some(other) = current
+            .members
+            .iter()
+            .find(|m| m.id != id && m.addr == addr)
+        {
+            return Err(ClusterError::AddrInUse {
+                addr: addr.to_owned(),
+                id: other.id,
+            });
+        }
         let existing = current.members.iter().find(|m| m.id == id);
         if let Some(m) = existing {
             if m.addr != addr {
@@ -961,6 +958,18 @@ impl Node {
             if m.voter {
                 return Ok(current);
             }
+        }
+        // Whatever answers at `addr` now must be node `id`; nothing there yet
+        // is fine (a member may be added before it starts: the wait below
+        // covers it).
+        if let Ok(found) = self.peers.node_id_at(addr).await
+            && found != id
+        {
+            return Err(ClusterError::WrongNode {
+                id,
+                addr: addr.to_owned(),
+                found,
+            });
         }
         let upto = if existing.is_some() {
             // A learner already (a retry): its catch-up is under way, and
@@ -980,6 +989,25 @@ impl Node {
                 .index
         };
         self.wait_caught_up(id, upto).await?;
+        // A vote only for a node that says it is `id`: one node answering for
+        // two ids would count twice towards every quorum.
+        match self.peers.node_id_at(addr).await {
+            Ok(found) if found == id => {}
+            Ok(found) => {
+                return Err(ClusterError::WrongNode {
+                    id,
+                    addr: addr.to_owned(),
+                    found,
+                });
+            }
+            Err(e) => {
+                return Err(ClusterError::Unconfirmed {
+                    id,
+                    addr: addr.to_owned(),
+                    reason: e.to_string(),
+                });
+            }
+        }
         let mut voters: BTreeSet<NodeId> = current
             .members
             .iter()

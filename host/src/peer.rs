@@ -1,6 +1,8 @@
 //! Node-to-node calls that are not Raft RPCs: forwarding a write or a
-//! read-index request to the leader, and asking a seed to add this node.
-//! Bodies are MessagePack, like the Raft RPCs (`http/raft_rpc.rs` serves them).
+//! read-index request to the leader, asking a seed to add this node, and
+//! asking an address which node answers there.
+//! Forwarded bodies are MessagePack, like the Raft RPCs (`http/raft_rpc.rs`
+//! serves them); the join and identity calls use the public JSON API.
 
 use std::time::Duration;
 
@@ -14,6 +16,8 @@ use crate::raft::{Command, CommandResult, NodeId};
 
 /// How long a forwarded write may take before the follower gives up.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the leader waits for a would-be member to say who it is.
+const IDENTITY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// HTTP client for calls between nodes; one per node, connections kept alive.
 #[derive(Clone)]
@@ -169,6 +173,36 @@ impl PeerClient {
         }
         let body = resp.text().await.unwrap_or_default();
         Err(TransportError::new(format!("{status}: {body}")))
+    }
+
+    /// Asks whatever serves `addr` which node it is (`GET /v1/cluster`).
+    /// The leader does before it adds a member at `addr`, and again before it
+    /// makes it a voter: a second id at one node's address would count that
+    /// node's votes twice.
+    pub async fn node_id_at(&self, addr: &str) -> Result<NodeId, TransportError> {
+        #[derive(serde::Deserialize)]
+        struct Identity {
+            node_id: NodeId,
+        }
+        let url = format!("{}/v1/cluster", addr.trim_end_matches('/'));
+        let resp = self
+            .http
+            .get(&url)
+            .timeout(IDENTITY_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| TransportError::new(format!("{url}: {e}")))?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(TransportError::new(format!("{url}: {status}")));
+        }
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| TransportError::new(format!("{url}: {e}")))?;
+        serde_json::from_slice::<Identity>(&body)
+            .map(|i| i.node_id)
+            .map_err(|e| TransportError::new(format!("{url}: not a flagstone node ({e})")))
     }
 
     /// Relays a JSON request to another node and returns its status and body.

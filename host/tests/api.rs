@@ -627,6 +627,38 @@ async fn bad_input_is_refused_and_changes_nothing() {
     node.shutdown().await;
 }
 
+/// A node whose Raft core stopped (a fatal storage error, say) serves reads
+/// but can neither write nor follow until it restarts: `/healthz` and
+/// `/readyz` say so, so an orchestrator restarts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_fail_once_the_raft_core_stopped() {
+    let (_dir, node) = single_node(|_| {}).await;
+    let c = client();
+    let base = node.advertise().to_owned();
+    for probe in ["/healthz", "/readyz"] {
+        let r = c.get(format!("{base}{probe}")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{probe} before");
+    }
+    node.raft().shutdown().await.unwrap();
+    let e = error_code(
+        c.get(format!("{base}/healthz")).send().await.unwrap(),
+        StatusCode::SERVICE_UNAVAILABLE,
+    )
+    .await;
+    assert_eq!(e["code"], "raft_stopped", "{e}");
+    let e = error_code(
+        c.get(format!("{base}/readyz")).send().await.unwrap(),
+        StatusCode::SERVICE_UNAVAILABLE,
+    )
+    .await;
+    assert_eq!(e["code"], "not_ready", "{e}");
+    assert!(
+        e["message"].as_str().unwrap().contains("Raft core stopped"),
+        "{e}"
+    );
+    node.shutdown().await;
+}
+
 /// Followers forward writes to the leader over `/raft/forward-batch`; nodes of
 /// the version before it send one MessagePack command per `/raft/forward`
 /// request. Both shapes are served, so a rolling upgrade keeps writes going.

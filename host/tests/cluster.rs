@@ -559,7 +559,185 @@ async fn forged_raft_rpcs_are_refused_and_change_nothing() {
     n1.put("after", b"ok".to_vec(), PutOptions::default())
         .await
         .unwrap();
+
+    // AppendEntries that pass the term check but that no real leader sends.
+    // openraft trusts them: each would break the node (a panic at every
+    // restart, no commit ever again, data the API refuses, a panic of the
+    // core).
+    let info = n1.cluster_info();
+    let (term, last) = (info.term, info.commit_index);
+    let log_id = |term: u64, index: u64| {
+        openraft::LogId::new(openraft::CommittedLeaderId::new(term, 99), index)
+    };
+    let put = |key: String| {
+        openraft::EntryPayload::Normal(flagstone::raft::Command::Put {
+            key,
+            value: b"x".to_vec(),
+            content_type: None,
+            precondition: Precondition::None,
+        })
+    };
+    let forged = |entries: Vec<(
+        u64,
+        u64,
+        openraft::EntryPayload<flagstone::raft::TypeConfig>,
+    )>,
+                  commit: Option<(u64, u64)>| {
+        let req = openraft::raft::AppendEntriesRequest::<flagstone::raft::TypeConfig> {
+            vote: openraft::Vote::new_committed(term + 1, 99),
+            prev_log_id: Some(openraft::LogId::new(
+                openraft::CommittedLeaderId::new(term, 1),
+                last,
+            )),
+            entries: entries
+                .into_iter()
+                .map(|(t, i, payload)| openraft::Entry {
+                    log_id: log_id(t, i),
+                    payload,
+                })
+                .collect(),
+            leader_commit: commit.map(|(t, i)| log_id(t, i)),
+        };
+        rmp_serde::to_vec(&req).unwrap()
+    };
+    let next = last + 1;
+    let cases = [
+        (
+            "a key too long for storage",
+            forged(
+                vec![(term + 1, next, put("k".repeat(70_000)))],
+                Some((term + 1, next)),
+            ),
+        ),
+        (
+            "a key the API refuses",
+            forged(
+                vec![(term + 1, next, put("evil\nkey".into()))],
+                Some((term + 1, next)),
+            ),
+        ),
+        (
+            "an entry term above the leader's",
+            forged(
+                vec![(u64::MAX, next, put("hiterm".into()))],
+                Some((u64::MAX, next)),
+            ),
+        ),
+        (
+            "a commit term above the leader's",
+            forged(vec![], Some((term + 7, last))),
+        ),
+        (
+            "a gap between entries",
+            forged(
+                vec![
+                    (term + 1, next, openraft::EntryPayload::Blank),
+                    (term + 1, next + 4, put("gap".into())),
+                ],
+                Some((term + 1, next + 4)),
+            ),
+        ),
+        (
+            "a gap after prev_log_id",
+            forged(vec![(term + 1, next + 1, put("gap".into()))], None),
+        ),
+        (
+            "terms that fall",
+            forged(
+                vec![
+                    (term + 1, next, openraft::EntryPayload::Blank),
+                    (term, next + 1, put("fall".into())),
+                ],
+                None,
+            ),
+        ),
+    ];
+    for (what, body) in cases {
+        let r = send("/raft/append", body).await;
+        assert_eq!(r.status(), 400, "{what}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_rpc_body", "{what}: {body}");
+    }
+    let snapshot = openraft::raft::InstallSnapshotRequest::<flagstone::raft::TypeConfig> {
+        vote: openraft::Vote::new_committed(term + 1, 99),
+        meta: openraft::SnapshotMeta {
+            last_log_id: Some(log_id(u64::MAX, last + 10)),
+            last_membership: Default::default(),
+            snapshot_id: "forged".into(),
+        },
+        offset: 0,
+        data: b"garbage".to_vec(),
+        done: true,
+    };
+    let chunk = flagstone::raft::network::SnapshotChunk::from(snapshot);
+    let r = send("/raft/snapshot", rmp_serde::to_vec(&chunk).unwrap()).await;
+    assert_eq!(r.status(), 400, "a snapshot of a term above the leader's");
+
+    assert_eq!(n1.cluster_info().term, term, "a refused RPC moved the term");
+    let keys = n1.list_custom_data_keys("").await.unwrap();
+    assert_eq!(
+        keys,
+        vec!["after".to_owned()],
+        "a refused append stored something"
+    );
+    n1.put("after", b"still ok".to_vec(), PutOptions::default())
+        .await
+        .unwrap();
     n1.shutdown().await;
+}
+
+/// One node must not be a member twice: a second id at a member's address
+/// (or at an address that answers as another node) would count that node's
+/// vote twice, and a write could be acknowledged with only it on disk. The
+/// request gets 409 and the membership does not change; an address that is
+/// not a usable `http://host:port` gets 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cannot_be_a_member_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = cluster3(dir.path(), fast_tuning()).await;
+    let c = client();
+    let before = nodes[0].cluster_info().members;
+    let n2 = nodes.iter().find(|n| n.id() == 2).unwrap();
+    let port = n2.local_addr().port();
+    for (addr, status, why) in [
+        (n2.advertise().to_owned(), 409, "node 2's own address"),
+        (
+            format!("http://localhost:{port}"),
+            409,
+            "node 2 under another name",
+        ),
+        ("http://a b:notaport".to_owned(), 400, "not a URI"),
+        (
+            "http://127.0.0.1:99999".to_owned(),
+            400,
+            "a port over 65535",
+        ),
+        (format!("http://user@127.0.0.1:{port}"), 400, "user info"),
+    ] {
+        // Sent to every node: followers relay it to the leader.
+        for n in &nodes {
+            let r = c
+                .post(url(n, "/v1/cluster/members"))
+                .json(&serde_json::json!({ "id": 60, "addr": addr }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), status, "{why} via node {}", n.id());
+            let body: Value = r.json().await.unwrap();
+            let code = if status == 409 {
+                "member_conflict"
+            } else {
+                "invalid_member"
+            };
+            assert_eq!(body["error"]["code"], code, "{why}: {body}");
+        }
+    }
+    for n in &nodes {
+        assert_eq!(n.cluster_info().members, before, "node {}", n.id());
+    }
+    for n in nodes {
+        n.shutdown().await;
+    }
 }
 
 /// A node the leader made a learner but never promoted (the leader, or the

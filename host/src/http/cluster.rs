@@ -16,6 +16,7 @@ use super::error::ApiError;
 use crate::error::ClusterError;
 use crate::node::Node;
 use crate::raft::NodeId;
+use crate::raft::network::check_peer_addr;
 
 /// `GET /v1/cluster`
 pub async fn info(State(node): State<Arc<Node>>) -> Response {
@@ -78,12 +79,9 @@ pub async fn add_member(
     // expected JSON (axum's rejection carries the right status).
     let Json(req) = body.map_err(|e| ApiError::new(e.status(), "invalid_body", e.body_text()))?;
     let addr = req.addr.trim_end_matches('/').to_owned();
-    let valid = addr
-        .strip_prefix("http://")
-        .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'));
-    if !valid {
+    if let Err(why) = check_peer_addr(&addr) {
         return Err(ClusterError::Invalid(format!(
-            "addr must look like http://host:port, not {:?}",
+            "addr must look like http://host:port, not {:?} ({why})",
             req.addr
         ))
         .into());
@@ -128,8 +126,18 @@ pub async fn remove_member(
     Ok(Json(node.remove_member(id).await?).into_response())
 }
 
-/// `GET /healthz`: the process is up and serving.
-pub async fn healthz() -> Response {
+/// `GET /healthz`: the process is up and serving, and its Raft core runs
+/// (503 `raft_stopped` once it stopped on a fatal error: only a restart
+/// brings the node back).
+pub async fn healthz(State(node): State<Arc<Node>>) -> Response {
+    if let Some(why) = node.raft_failure() {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "raft_stopped",
+            format!("the Raft core stopped: {why}"),
+        )
+        .into_response();
+    }
     Json(json!({ "status": "ok" })).into_response()
 }
 
@@ -143,7 +151,10 @@ pub async fn readyz(State(node): State<Arc<Node>>) -> Result<Response, ApiError>
             StatusCode::SERVICE_UNAVAILABLE,
             "not_ready",
             format!(
-                "leader {:?}, member {}, applied {} of {} committed{}",
+                "{}leader {:?}, member {}, applied {} of {} committed{}",
+                node.raft_failure()
+                    .map(|why| format!("the Raft core stopped ({why}); "))
+                    .unwrap_or_default(),
                 info.leader_id,
                 info.members.iter().any(|m| m.id == info.node_id),
                 info.applied_index,

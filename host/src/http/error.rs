@@ -112,8 +112,13 @@ impl From<ClusterError> for ApiError {
         let msg = e.to_string();
         match e {
             ClusterError::Invalid(_) => ApiError::bad_request("invalid_member", msg),
-            ClusterError::Conflict { .. } => {
+            ClusterError::Conflict { .. }
+            | ClusterError::AddrInUse { .. }
+            | ClusterError::WrongNode { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "member_conflict", msg)
+            }
+            ClusterError::Unconfirmed { .. } => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "member_unconfirmed", msg)
             }
             ClusterError::NotMember(_) => ApiError::new(StatusCode::NOT_FOUND, "not_member", msg),
             ClusterError::NoLeader => {

@@ -13,13 +13,15 @@
 //! # What is refused before openraft sees it
 //!
 //! These endpoints share the client port and are not authenticated (put the
-//! nodes on a private network). Two checks keep one stray or forged request
+//! nodes on a private network). These checks keep one stray or forged request
 //! from breaking a node for good:
 //!
 //! - a term above [`MAX_TERM`] in a vote, append or snapshot (400): openraft
 //!   adopts the highest term it sees and its next election adds one to it,
 //!   which overflows at `u64::MAX` (a panic that every restart repeats);
 //!   real terms grow by one per election;
+//! - an append or snapshot whose log ids no real leader sends, or whose
+//!   commands break the write rules (400, [`check_append`]);
 //! - a vote from a node that is not a voter of this node's membership (403):
 //!   it would still move this node's term. A node that learned of a newer
 //!   membership first may refuse a new voter's vote for a moment; the
@@ -39,7 +41,7 @@ use super::error::ApiError;
 use crate::node::Node;
 use crate::raft::follower_read::ReadIndexRequest;
 use crate::raft::network::MSGPACK;
-use crate::raft::{Command, NodeId, TypeConfig};
+use crate::raft::{Command, LogId, NodeId, TypeConfig};
 
 /// The request's MessagePack body as `T`: 413 over the body limit, 400 for
 /// a body that cannot be read or decoded.
@@ -79,6 +81,70 @@ fn check_term(vote: &openraft::Vote<NodeId>) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// 400 for an AppendEntries no real leader sends: a term above the
+/// leader's own (or [`MAX_TERM`]) in any log id, entries that do not follow
+/// `prev_log_id` and each other index by index with terms that never fall,
+/// or a command that breaks the rules every write is checked against before
+/// it is proposed ([`Command::check_replicated`]). openraft trusts all of
+/// this: a later index with a gap panics its core, an entry of a higher term
+/// would outrank every entry this node's own leadership writes afterwards
+/// (no write would commit again, restarts included), and a key longer than
+/// the storage can hold panics the apply, at every restart too.
+fn check_append(req: &openraft::raft::AppendEntriesRequest<TypeConfig>) -> Result<(), ApiError> {
+    let invalid = |msg: String| Err(ApiError::bad_request("invalid_rpc_body", msg));
+    check_term(&req.vote)?;
+    let term = req.vote.leader_id().get_term();
+    let above = |id: &Option<LogId>| id.as_ref().is_some_and(|l| l.leader_id.get_term() > term);
+    if above(&req.prev_log_id) || above(&req.leader_commit) {
+        return invalid(format!(
+            "a log id with a term above the leader's term {term}"
+        ));
+    }
+    let mut last = req.prev_log_id;
+    for entry in &req.entries {
+        let id = entry.log_id;
+        let expected = last.map_or(0, |l| l.index + 1);
+        if id.index != expected {
+            return invalid(format!(
+                "entry {} does not follow entry {:?}",
+                id.index,
+                last.map(|l| l.index)
+            ));
+        }
+        let entry_term = id.leader_id.get_term();
+        if entry_term > term || last.is_some_and(|l| l.leader_id.get_term() > entry_term) {
+            return invalid(format!(
+                "entry {} has term {entry_term}: above the leader's term {term} or below \
+                 the entry before it",
+                id.index
+            ));
+        }
+        if let openraft::EntryPayload::Normal(cmd) = &entry.payload {
+            cmd.check_replicated().map_err(|e| {
+                ApiError::bad_request("invalid_rpc_body", format!("entry {}: {e}", id.index))
+            })?;
+        }
+        last = Some(id);
+    }
+    Ok(())
+}
+
+/// 400 for a snapshot whose log ids carry a term above the sender's.
+fn check_snapshot(
+    req: &openraft::raft::InstallSnapshotRequest<TypeConfig>,
+) -> Result<(), ApiError> {
+    check_term(&req.vote)?;
+    let term = req.vote.leader_id().get_term();
+    let ids = [req.meta.last_log_id, *req.meta.last_membership.log_id()];
+    if ids.iter().flatten().any(|l| l.leader_id.get_term() > term) {
+        return Err(ApiError::bad_request(
+            "invalid_rpc_body",
+            format!("a snapshot log id with a term above the leader's term {term}"),
+        ));
+    }
+    Ok(())
+}
+
 /// 403 unless `candidate` is a voter of this node's membership
 /// ([`Node::has_voter`]).
 fn check_voter(node: &Node, candidate: Option<NodeId>) -> Result<(), ApiError> {
@@ -110,7 +176,7 @@ pub async fn append(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: openraft::raft::AppendEntriesRequest<TypeConfig> = decode(body)?;
-    check_term(&req.vote)?;
+    check_append(&req)?;
     Ok(reply(&node.raft().append_entries(req).await))
 }
 
@@ -132,7 +198,7 @@ pub async fn snapshot(
 ) -> Result<Response, ApiError> {
     let chunk: crate::raft::network::SnapshotChunk = decode(body)?;
     let req: openraft::raft::InstallSnapshotRequest<TypeConfig> = chunk.into();
-    check_term(&req.vote)?;
+    check_snapshot(&req)?;
     Ok(reply(&node.raft().install_snapshot(req).await))
 }
 

@@ -119,6 +119,40 @@ fn authority_of(addr: &str) -> Result<String, String> {
     })
 }
 
+/// Checks an address given for a new member: `http://host[:port]` that
+/// [`authority_of`] can use, with a port that fits in 16 bits and nothing
+/// but the authority (no user info, path, query or fragment).
+pub fn check_peer_addr(addr: &str) -> Result<(), String> {
+    authority_of(addr)?;
+    let uri: Uri = addr.parse().map_err(|e| format!("{addr:?}: {e}"))?;
+    let Some(authority) = uri.authority() else {
+        return Err(format!("{addr:?} has no host"));
+    };
+    if uri.scheme_str() != Some("http") {
+        return Err(format!("{addr:?}: must start with http://"));
+    }
+    if authority.as_str().contains('@') {
+        return Err(format!("{addr:?}: no user info"));
+    }
+    // `port()` is `None` for a port that does not fit in 16 bits: look at
+    // what follows the host instead.
+    let port = authority
+        .as_str()
+        .strip_prefix(authority.host())
+        .unwrap_or("");
+    let valid_port = port
+        .strip_prefix(':')
+        .and_then(|p| p.parse::<u16>().ok())
+        .is_some_and(|p| p != 0);
+    if !port.is_empty() && !valid_port {
+        return Err(format!("{addr:?}: the port must be 1-65535"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() || addr.contains('#') {
+        return Err(format!("{addr:?}: no path, query or fragment"));
+    }
+    Ok(())
+}
+
 type RpcResult<T, E> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
 
 /// A transport failure of one attempt: before anything was sent (connect),
@@ -415,5 +449,33 @@ mod tests {
         );
         assert!(authority_of("http://").is_err());
         assert!(authority_of("not a url").is_err());
+    }
+
+    #[test]
+    fn member_addresses_are_checked() {
+        for ok in [
+            "http://127.0.0.1:8080",
+            "http://127.0.0.1:8080/",
+            "http://[::1]:9000",
+            "http://node-2.internal",
+        ] {
+            assert_eq!(check_peer_addr(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "http://a b:notaport",
+            "http://host:99999",
+            "http://host:0",
+            "http://host:port",
+            "http://user@host:1",
+            "http://host:1/path",
+            "http://host:1?q",
+            "http://host:1#f",
+            "https://host:1",
+            "ftp://host:1",
+            "http://",
+            "host:1",
+        ] {
+            assert!(check_peer_addr(bad).is_err(), "{bad}");
+        }
     }
 }

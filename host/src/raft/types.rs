@@ -11,6 +11,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::WriteError;
+use crate::keys::{MAX_VALUE_BYTES, validate_content_type, validate_key};
+
 /// Identifier of a node in the cluster (`--id`).
 pub type NodeId = u64;
 
@@ -85,6 +88,45 @@ impl Command {
         match self {
             Command::Put { key, .. } | Command::Delete { key, .. } => Some(key),
             Command::Batch(_) => None,
+        }
+    }
+
+    /// The checks a client's write passes before it is proposed: a single
+    /// key within the key rules, a value within the size limit and a valid
+    /// content type. A batch is refused: only the leader forms them.
+    pub fn check(&self) -> Result<(), WriteError> {
+        let Some(key) = self.key() else {
+            return Err(WriteError::InvalidKey(
+                "batches are formed by the leader only".into(),
+            ));
+        };
+        validate_key(key)?;
+        if let Command::Put {
+            value,
+            content_type,
+            ..
+        } = self
+        {
+            if value.len() > MAX_VALUE_BYTES {
+                return Err(WriteError::ValueTooLarge(value.len()));
+            }
+            if let Some(ct) = content_type {
+                validate_content_type(ct)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The checks a replicated entry's command passes before a follower
+    /// appends it: [`Command::check`] for a write, or for each write of a
+    /// batch (one level: the leader never nests them). Every leader checked
+    /// its entries before proposing them, so only a forged AppendEntries
+    /// fails this — which would otherwise store what the API refuses, or a
+    /// key the state machine's storage cannot hold.
+    pub fn check_replicated(&self) -> Result<(), WriteError> {
+        match self {
+            Command::Batch(cmds) => cmds.iter().try_for_each(Command::check),
+            single => single.check(),
         }
     }
 }

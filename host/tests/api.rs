@@ -686,6 +686,15 @@ async fn content_types_are_bounded_on_every_path() {
     assert_eq!(e["code"], "invalid_content_type");
     let r = c.get(&k).send().await.unwrap();
     assert_eq!(r.headers()["etag"], etag, "a refused write changed the key");
+    // One value is stored: two Content-Types are refused, not one dropped.
+    let mut two = reqwest::header::HeaderMap::new();
+    two.append("content-type", "text/a".parse().unwrap());
+    two.append("content-type", "text/b".parse().unwrap());
+    let r = c.put(&k).headers(two).body("v").send().await.unwrap();
+    let e = error_code(r, StatusCode::BAD_REQUEST).await;
+    assert_eq!(e["code"], "invalid_content_type");
+    let r = c.get(&k).send().await.unwrap();
+    assert_eq!(r.headers()["etag"], etag, "a refused write changed the key");
 
     assert_eq!(put(String::new()).await.unwrap().status(), 200);
     let r = c.get(&k).send().await.unwrap();
@@ -920,6 +929,10 @@ async fn a_query_that_is_not_utf8_is_refused() {
         "/v1/kv?prefix=%FF",
         "/v1/kv?prefix=a&x=%C3",
         "/v1/watch?prefix=%FF",
+        // Every route that reads a query, whatever the part.
+        "/v1/kv/%C3%A9t%C3%A9?consistency=%FF",
+        "/v1/kv/%C3%A9t%C3%A9?x=%FF",
+        "/v1/kv?%FF=1",
     ] {
         let r = c.get(format!("{base}{path}")).send().await.unwrap();
         let e = error_code(r, StatusCode::BAD_REQUEST).await;

@@ -176,6 +176,31 @@ async fn single_flag_statuses_and_error_codes() {
         (StatusCode::BAD_REQUEST, &json!("GENERAL")),
         "{b}"
     );
+    // So is one that does not decode to UTF-8 (not read as U+FFFD).
+    let (s, b) = single(&node, "bool-flag?consistency=%FF", ctx).await;
+    assert_eq!(
+        (s, &b["errorCode"]),
+        (StatusCode::BAD_REQUEST, &json!("GENERAL")),
+        "{b}"
+    );
+    assert!(!b.to_string().contains('\u{FFFD}'), "{b}");
+    // Under OFREP's paths, no route and a wrong method answer in OFREP's
+    // shape too.
+    let (s, b) = post(&node, "/ofrep/v1/evaluate/flags/a/b", ctx).await;
+    assert_eq!(
+        (s, &b["errorCode"]),
+        (StatusCode::NOT_FOUND, &json!("GENERAL")),
+        "{b}"
+    );
+    let r = client()
+        .get(url(&node, "/ofrep/v1/evaluate/flags/bool-flag"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert!(r.headers().contains_key("allow"));
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["errorCode"], "GENERAL", "{b}");
     let r = client()
         .get(url(&node, &format!("/v1/kv/feature_flags?{dup}")))
         .send()

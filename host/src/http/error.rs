@@ -138,20 +138,22 @@ impl From<ClusterError> for ApiError {
     }
 }
 
-/// Fallback for unknown routes: 404 with the JSON body.
-pub async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        format!("no route for {}", uri.path()),
-    )
+/// Fallback for unknown routes: 404 with the JSON body (in OFREP's shape on
+/// OFREP's paths).
+pub async fn not_found(uri: axum::http::Uri) -> Response {
+    let msg = format!("no route for {}", uri.path());
+    if super::flags::is_ofrep_path(uri.path()) {
+        return super::flags::general_failure(StatusCode::NOT_FOUND, &msg);
+    }
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", msg).into_response()
 }
 
-/// Fallback for a known route with the wrong method: 405 with the JSON body.
-pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        format!("{method} is not allowed on {}", uri.path()),
-    )
+/// Fallback for a known route with the wrong method: 405 with the JSON body
+/// (in OFREP's shape on OFREP's paths).
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let msg = format!("{method} is not allowed on {}", uri.path());
+    if super::flags::is_ofrep_path(uri.path()) {
+        return super::flags::general_failure(StatusCode::METHOD_NOT_ALLOWED, &msg);
+    }
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", msg).into_response()
 }

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -30,6 +30,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::kv::wants_linearizable;
+use super::query::{QueryError, StrictQuery};
 use crate::flags::{PlainFlags, bulk_etag, evaluate_by_plugins, flag_keys, is_flag_key};
 use crate::node::Node;
 use crate::plugins::types::{ErrorCode, EvalContext, Evaluation, FlagValue, MetadataValue, Reason};
@@ -149,6 +150,19 @@ fn failure_json(key: Option<&str>, code: ErrorCode, details: &str) -> Value {
 
 fn failure(status: StatusCode, key: Option<&str>, code: ErrorCode, details: &str) -> Response {
     (status, Json(failure_json(key, code, details))).into_response()
+}
+
+/// Whether `path` is one of OFREP's (or this API's flag evaluation): its
+/// errors use OFREP's shape, unknown paths and wrong methods included, so an
+/// OFREP client can read them.
+pub fn is_ofrep_path(path: &str) -> bool {
+    path.starts_with("/ofrep/") || path.starts_with("/v1/flags/")
+}
+
+/// An error in OFREP's shape (`GENERAL`) for a request that matched no flag
+/// evaluation: no route, a wrong method.
+pub fn general_failure(status: StatusCode, details: &str) -> Response {
+    failure(status, None, ErrorCode::General, details)
 }
 
 fn server_error(status: StatusCode, details: String) -> Response {
@@ -288,16 +302,16 @@ fn parse_context(body: &[u8]) -> Result<(Value, EvalContext), (ErrorCode, String
 async fn barrier(
     node: &Node,
     key: Option<&str>,
-    params: Result<Query<EvalParams>, QueryRejection>,
+    params: Result<StrictQuery<EvalParams>, QueryError>,
 ) -> Result<(), Response> {
     let params = match params {
-        Ok(Query(p)) => p,
+        Ok(StrictQuery(p)) => p,
         Err(e) => {
             return Err(failure(
                 StatusCode::BAD_REQUEST,
                 key,
                 ErrorCode::General,
-                &e.body_text(),
+                &e.0,
             ));
         }
     };
@@ -332,7 +346,7 @@ pub async fn empty_key() -> Response {
 pub async fn evaluate_one(
     State(node): State<Arc<Node>>,
     key: Result<Path<String>, PathRejection>,
-    params: Result<Query<EvalParams>, QueryRejection>,
+    params: Result<StrictQuery<EvalParams>, QueryError>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let key = match key {
@@ -383,7 +397,7 @@ fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
 /// `POST /ofrep/v1/evaluate/flags`
 pub async fn evaluate_bulk(
     State(node): State<Arc<Node>>,
-    params: Result<Query<EvalParams>, QueryRejection>,
+    params: Result<StrictQuery<EvalParams>, QueryError>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {

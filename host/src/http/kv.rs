@@ -12,8 +12,8 @@ use axum::Json;
 use std::time::Duration;
 
 use axum::body::{Body, BodyDataStream, Bytes};
-use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, RawQuery, State};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
@@ -21,6 +21,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::error::ApiError;
+use super::query::{QueryError, StrictQuery};
 use crate::keys::{MAX_VALUE_BYTES, validate_key};
 use crate::node::{Node, PutOptions};
 use crate::raft::{Precondition, ValueRecord};
@@ -52,9 +53,9 @@ pub fn wants_linearizable(consistency: Option<&str>) -> Result<bool, String> {
     }
 }
 
-fn params(q: Result<Query<ReadParams>, QueryRejection>) -> Result<ReadParams, ApiError> {
-    q.map(|Query(p)| p)
-        .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
+fn params(q: Result<StrictQuery<ReadParams>, QueryError>) -> Result<ReadParams, ApiError> {
+    q.map(|StrictQuery(p)| p)
+        .map_err(|e| ApiError::bad_request("invalid_query", e.0))
 }
 
 fn key_of(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
@@ -67,10 +68,15 @@ fn key_of(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError>
 /// 256 bytes of visible ASCII and spaces (it is stored with the value and
 /// sent back with every read and watch event).
 fn content_type_of(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(v) = headers.get(header::CONTENT_TYPE) else {
+    let mut values = headers.get_all(header::CONTENT_TYPE).iter();
+    let Some(v) = values.next() else {
         return Ok(None);
     };
     let invalid = |msg: String| ApiError::bad_request("invalid_content_type", msg);
+    if values.next().is_some() {
+        // One value is stored: which of several would be a guess.
+        return Err(invalid("more than one Content-Type header".into()));
+    }
     let text = v
         .to_str()
         .map_err(|_| invalid("Content-Type is not ASCII".into()))?
@@ -334,7 +340,7 @@ pub async fn put(
 pub async fn get(
     State(node): State<Arc<Node>>,
     path: Result<Path<String>, PathRejection>,
-    query: Result<Query<ReadParams>, QueryRejection>,
+    query: Result<StrictQuery<ReadParams>, QueryError>,
 ) -> Result<Response, ApiError> {
     let key = key_of(path)?;
     let params = params(query)?;
@@ -386,36 +392,11 @@ pub async fn delete(
 /// `GET /v1/kv?prefix=P`
 pub async fn list(
     State(node): State<Arc<Node>>,
-    RawQuery(raw): RawQuery,
-    query: Result<Query<ReadParams>, QueryRejection>,
+    query: Result<StrictQuery<ReadParams>, QueryError>,
 ) -> Result<Response, ApiError> {
-    query_is_utf8(raw.as_deref())?;
     let params = params(query)?;
     let (keys, revision) = node.list(&params.prefix, params.linearizable()?).await?;
     Ok(Json(json!({ "keys": keys, "revision": revision })).into_response())
-}
-
-/// 400 `invalid_query` unless every name and value of the query string
-/// percent-decodes to UTF-8. (The typed parse replaces invalid bytes with
-/// U+FFFD, so `?prefix=%FF` would list the keys that start with U+FFFD.)
-pub fn query_is_utf8(raw: Option<&str>) -> Result<(), ApiError> {
-    for part in raw
-        .unwrap_or_default()
-        .split('&')
-        .flat_map(|p| p.split('='))
-    {
-        // (`+` for a space is ASCII either way: it cannot break UTF-8.)
-        if percent_encoding::percent_decode_str(part)
-            .decode_utf8()
-            .is_err()
-        {
-            return Err(ApiError::bad_request(
-                "invalid_query",
-                format!("query string part {part:?} does not decode to UTF-8"),
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Any method on `/v1/kv/` (an empty key).

@@ -9,6 +9,7 @@
 //! | `watch.rs` | `/v1/watch` (Server-Sent Events) |
 //! | `raft_rpc.rs` | `/raft/*` (node to node) |
 //! | `error.rs` | the JSON error body; 404 and 405 fallbacks |
+//! | `query.rs` | the query-string extractor every route above uses |
 //!
 //! `server.rs` serves the router (`serve(listener, app, shutdown)`), with
 //! read timeouts against clients that send slowly.
@@ -18,6 +19,7 @@ pub mod error;
 pub mod flags;
 pub mod kv;
 pub mod plugins;
+pub mod query;
 pub mod raft_rpc;
 pub mod server;
 pub mod watch;

@@ -21,8 +21,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, RawQuery, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -33,6 +32,7 @@ use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::error::ApiError;
+use super::query::{QueryError, StrictQuery};
 use crate::node::Node;
 use crate::raft::Change;
 use crate::raft::history::ChangeReceiver;
@@ -146,12 +146,10 @@ impl Watch {
 /// `GET /v1/watch`
 pub async fn watch(
     State(node): State<Arc<Node>>,
-    RawQuery(raw): RawQuery,
-    query: Result<Query<WatchParams>, QueryRejection>,
+    query: Result<StrictQuery<WatchParams>, QueryError>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    super::kv::query_is_utf8(raw.as_deref())?;
-    let Query(params) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let StrictQuery(params) = query.map_err(|e| ApiError::bad_request("invalid_query", e.0))?;
     let last_event_id = match headers.get("last-event-id") {
         None => None,
         Some(v) => Some(

@@ -742,7 +742,7 @@ impl Node {
     }
 
     /// A write as the leader queues it: an empty content type made none (as
-    /// over HTTP), then [`Node::check`]ed.
+    /// over HTTP), then checked ([`Command::check`]).
     fn checked(&self, cmd: Command) -> Result<Command, WriteError> {
         let cmd = without_empty_content_type(cmd);
         cmd.check()?;

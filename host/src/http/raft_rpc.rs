@@ -21,7 +21,7 @@
 //!   which overflows at `u64::MAX` (a panic that every restart repeats);
 //!   real terms grow by one per election;
 //! - an append or snapshot whose log ids no real leader sends, or whose
-//!   commands break the write rules (400, [`check_append`]);
+//!   commands break the write rules (400, `check_append`);
 //! - a vote from a node that is not a voter of this node's membership (403):
 //!   it would still move this node's term. A node that learned of a newer
 //!   membership first may refuse a new voter's vote for a moment; the

@@ -120,7 +120,7 @@ fn authority_of(addr: &str) -> Result<String, String> {
 }
 
 /// Checks an address given for a new member: `http://host[:port]` that
-/// [`authority_of`] can use, with a port that fits in 16 bits and nothing
+/// `authority_of` can use, with a port that fits in 16 bits and nothing
 /// but the authority (no user info, path, query or fragment).
 pub fn check_peer_addr(addr: &str) -> Result<(), String> {
     authority_of(addr)?;

@@ -918,10 +918,17 @@ impl Node {
                     .is_some_and(|ms| ms <= self.quorum_stale_ms))
     }
 
-    /// Why this node's Raft core stopped, if it did (a storage error, or a
-    /// node stopping): it then neither writes nor follows until restarted.
+    /// Why this node's Raft core stopped, if it did (a storage error, a
+    /// panic, or the node stopping): it then neither writes nor follows
+    /// until restarted.
     pub fn raft_failure(&self) -> Option<String> {
-        let running = self.raft.metrics().borrow().running_state.clone();
+        let metrics = self.raft.metrics();
+        // The core owns the sending side: the channel closes when its task
+        // ends, a panic included (which leaves `running_state` as it was).
+        if metrics.has_changed().is_err() {
+            return Some("its task ended".into());
+        }
+        let running = metrics.borrow().running_state.clone();
         running.err().map(|e| e.to_string())
     }
 

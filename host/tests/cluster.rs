@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use flagstone::Node;
 use flagstone::WriteError;
 use flagstone::node::{PutOptions, RaftTuning};
 use flagstone::raft::Precondition;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn leader_of(nodes: &[Arc<Node>], id: u64) -> Arc<Node> {
     nodes.iter().find(|n| n.id() == id).unwrap().clone()
@@ -600,6 +601,8 @@ async fn forged_raft_rpcs_are_refused_and_change_nothing() {
         };
         rmp_serde::to_vec(&req).unwrap()
     };
+    let membership =
+        |m: Value| openraft::EntryPayload::Membership(serde_json::from_value(m).unwrap());
     let next = last + 1;
     let cases = [
         (
@@ -651,6 +654,48 @@ async fn forged_raft_rpcs_are_refused_and_change_nothing() {
                 None,
             ),
         ),
+        (
+            "a membership with an empty configuration",
+            forged(
+                vec![(
+                    term + 1,
+                    next,
+                    membership(json!({"configs": [[]], "nodes": {}})),
+                )],
+                Some((term + 1, next)),
+            ),
+        ),
+        (
+            "a membership whose voter has no address",
+            forged(
+                vec![(
+                    term + 1,
+                    next,
+                    membership(
+                        json!({"configs": [[1, 5]], "nodes": {"1": {"addr": n1.advertise()}}}),
+                    ),
+                )],
+                Some((term + 1, next)),
+            ),
+        ),
+        (
+            // Index 0 "follows" no prev_log_id, and its higher term made
+            // openraft take the commit index for an advance: it applied a
+            // range that runs backwards, and its core panicked.
+            "a commit index that runs backwards",
+            rmp_serde::to_vec(
+                &openraft::raft::AppendEntriesRequest::<flagstone::raft::TypeConfig> {
+                    vote: openraft::Vote::new_committed(term + 1, 99),
+                    prev_log_id: None,
+                    entries: vec![openraft::Entry {
+                        log_id: log_id(term + 1, 0),
+                        payload: openraft::EntryPayload::Blank,
+                    }],
+                    leader_commit: Some(log_id(term + 1, 0)),
+                },
+            )
+            .unwrap(),
+        ),
     ];
     for (what, body) in cases {
         let r = send("/raft/append", body).await;
@@ -658,20 +703,49 @@ async fn forged_raft_rpcs_are_refused_and_change_nothing() {
         let body: Value = r.json().await.unwrap();
         assert_eq!(body["error"]["code"], "invalid_rpc_body", "{what}: {body}");
     }
-    let snapshot = openraft::raft::InstallSnapshotRequest::<flagstone::raft::TypeConfig> {
-        vote: openraft::Vote::new_committed(term + 1, 99),
-        meta: openraft::SnapshotMeta {
-            last_log_id: Some(log_id(u64::MAX, last + 10)),
-            last_membership: Default::default(),
-            snapshot_id: "forged".into(),
-        },
-        offset: 0,
-        data: b"garbage".to_vec(),
-        done: true,
+    let snapshot = |last_term: u64, voters: Value| {
+        let members: BTreeMap<u64, openraft::BasicNode> = voters
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|c| c.as_array().unwrap())
+            .map(|id| {
+                (
+                    id.as_u64().unwrap(),
+                    openraft::BasicNode::new(n1.advertise()),
+                )
+            })
+            .collect();
+        let m = json!({ "configs": voters, "nodes": members });
+        let req = openraft::raft::InstallSnapshotRequest::<flagstone::raft::TypeConfig> {
+            vote: openraft::Vote::new_committed(term + 1, 99),
+            meta: openraft::SnapshotMeta {
+                last_log_id: Some(log_id(last_term, last + 10)),
+                last_membership: openraft::StoredMembership::new(
+                    Some(log_id(term + 1, last + 5)),
+                    serde_json::from_value(m).unwrap(),
+                ),
+                snapshot_id: "forged".into(),
+            },
+            offset: 0,
+            data: b"garbage".to_vec(),
+            done: true,
+        };
+        rmp_serde::to_vec(&flagstone::raft::network::SnapshotChunk::from(req)).unwrap()
     };
-    let chunk = flagstone::raft::network::SnapshotChunk::from(snapshot);
-    let r = send("/raft/snapshot", rmp_serde::to_vec(&chunk).unwrap()).await;
-    assert_eq!(r.status(), 400, "a snapshot of a term above the leader's");
+    for (what, body) in [
+        (
+            "a snapshot of a term above the leader's",
+            snapshot(u64::MAX, json!([[1]])),
+        ),
+        (
+            "a snapshot with an empty membership",
+            snapshot(term + 1, json!([[]])),
+        ),
+    ] {
+        let r = send("/raft/snapshot", body).await;
+        assert_eq!(r.status(), 400, "{what}");
+    }
 
     assert_eq!(n1.cluster_info().term, term, "a refused RPC moved the term");
     let keys = n1.list_custom_data_keys("").await.unwrap();

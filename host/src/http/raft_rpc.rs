@@ -12,16 +12,22 @@
 //!
 //! # What is refused before openraft sees it
 //!
-//! These endpoints share the client port and are not authenticated (put the
-//! nodes on a private network). These checks keep one stray or forged request
-//! from breaking a node for good:
+//! These endpoints share the client port and are **not authenticated**: put
+//! the nodes on a private network. The checks below refuse what no real
+//! leader or candidate sends and what would crash openraft's core or its
+//! storage, so a stray or garbled request cannot; a forged request shaped
+//! like a real leader's (new entries, a new membership, a snapshot) is still
+//! obeyed, as in any Raft without peer authentication:
 //!
 //! - a term above [`MAX_TERM`] in a vote, append or snapshot (400): openraft
 //!   adopts the highest term it sees and its next election adds one to it,
 //!   which overflows at `u64::MAX` (a panic that every restart repeats);
 //!   real terms grow by one per election;
-//! - an append or snapshot whose log ids no real leader sends, or whose
-//!   commands break the write rules (400, `check_append`);
+//! - an append or snapshot whose log ids no real leader sends (a term above
+//!   the sender's, a gap, falling terms, a higher term below what this node
+//!   applied), whose commands break the write rules, or whose membership is
+//!   empty or names a voter without an address (400, `check_append`,
+//!   `check_snapshot`);
 //! - a vote from a node that is not a voter of this node's membership (403):
 //!   it would still move this node's term. A node that learned of a newer
 //!   membership first may refuse a new voter's vote for a moment; the
@@ -90,7 +96,10 @@ fn check_term(vote: &openraft::Vote<NodeId>) -> Result<(), ApiError> {
 /// would outrank every entry this node's own leadership writes afterwards
 /// (no write would commit again, restarts included), and a key longer than
 /// the storage can hold panics the apply, at every restart too.
-fn check_append(req: &openraft::raft::AppendEntriesRequest<TypeConfig>) -> Result<(), ApiError> {
+fn check_append(
+    req: &openraft::raft::AppendEntriesRequest<TypeConfig>,
+    local: &Local,
+) -> Result<(), ApiError> {
     let invalid = |msg: String| Err(ApiError::bad_request("invalid_rpc_body", msg));
     check_term(&req.vote)?;
     let term = req.vote.leader_id().get_term();
@@ -99,6 +108,26 @@ fn check_append(req: &openraft::raft::AppendEntriesRequest<TypeConfig>) -> Resul
         return invalid(format!(
             "a log id with a term above the leader's term {term}"
         ));
+    }
+    // A leader of this node's term or a later one holds every committed
+    // entry, so none of its log ids at or below an index this node applied
+    // has a higher term than the applied one. openraft would take such a
+    // commit index for an advance and apply a range that runs backwards (a
+    // panic of its core). A leader of an older term is left to openraft,
+    // whose answer tells it of the newer vote.
+    if let Some(applied) = local.applied.filter(|_| term >= local.term) {
+        let ids = req
+            .prev_log_id
+            .iter()
+            .chain(req.entries.iter().map(|e| &e.log_id))
+            .chain(req.leader_commit.iter());
+        for id in ids {
+            if id.index <= applied.index && id.leader_id.get_term() > applied.leader_id.get_term() {
+                return invalid(format!(
+                    "log id {id} contradicts the applied {applied}: a higher term at a lower index"
+                ));
+            }
+        }
     }
     let mut last = req.prev_log_id;
     for entry in &req.entries {
@@ -119,21 +148,63 @@ fn check_append(req: &openraft::raft::AppendEntriesRequest<TypeConfig>) -> Resul
                 id.index
             ));
         }
-        if let openraft::EntryPayload::Normal(cmd) = &entry.payload {
-            cmd.check_replicated().map_err(|e| {
-                ApiError::bad_request("invalid_rpc_body", format!("entry {}: {e}", id.index))
-            })?;
-        }
+        let checked = match &entry.payload {
+            openraft::EntryPayload::Normal(cmd) => {
+                cmd.check_replicated().map_err(|e| e.to_string())
+            }
+            openraft::EntryPayload::Membership(m) => check_membership(m),
+            openraft::EntryPayload::Blank => Ok(()),
+        };
+        checked.map_err(|e| {
+            ApiError::bad_request("invalid_rpc_body", format!("entry {}: {e}", id.index))
+        })?;
         last = Some(id);
     }
     Ok(())
 }
 
-/// 400 for a snapshot whose log ids carry a term above the sender's.
+/// What the checks compare a request with: this node's term and the last
+/// log id it applied.
+struct Local {
+    term: u64,
+    applied: Option<LogId>,
+}
+
+impl Local {
+    fn of(node: &Node) -> Self {
+        let metrics = node.raft().metrics();
+        let m = metrics.borrow();
+        Local {
+            term: m.current_term,
+            applied: m.last_applied,
+        }
+    }
+}
+
+/// A membership no leader proposes: no configuration, an empty one, or a
+/// voter without a node entry (openraft's core panics when it has to reach
+/// it). Which nodes it names, and their addresses, cannot be judged here: a
+/// leader may well remove this node, and members added before addresses
+/// were checked keep theirs.
+fn check_membership(m: &openraft::Membership<NodeId, openraft::BasicNode>) -> Result<(), String> {
+    let configs = m.get_joint_config();
+    if configs.is_empty() || configs.iter().any(|c| c.is_empty()) {
+        return Err("a membership with an empty configuration".into());
+    }
+    if let Some(id) = m.voter_ids().find(|id| m.get_node(id).is_none()) {
+        return Err(format!("a membership whose voter {id} has no address"));
+    }
+    Ok(())
+}
+
+/// 400 for a snapshot whose log ids carry a term above the sender's, or
+/// whose membership no leader proposes ([`check_membership`]).
 fn check_snapshot(
     req: &openraft::raft::InstallSnapshotRequest<TypeConfig>,
 ) -> Result<(), ApiError> {
     check_term(&req.vote)?;
+    check_membership(req.meta.last_membership.membership())
+        .map_err(|e| ApiError::bad_request("invalid_rpc_body", format!("snapshot: {e}")))?;
     let term = req.vote.leader_id().get_term();
     let ids = [req.meta.last_log_id, *req.meta.last_membership.log_id()];
     if ids.iter().flatten().any(|l| l.leader_id.get_term() > term) {
@@ -176,7 +247,7 @@ pub async fn append(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: openraft::raft::AppendEntriesRequest<TypeConfig> = decode(body)?;
-    check_append(&req)?;
+    check_append(&req, &Local::of(&node))?;
     Ok(reply(&node.raft().append_entries(req).await))
 }
 

@@ -14,8 +14,8 @@
 //! (integers big-endian, `meta` openraft's `SnapshotMeta` in MessagePack,
 //! last so that a builder can stream the pairs before it knows the size).
 //! Keys are strictly ascending UTF-8 (the key space's order); the reader
-//! checks that, the lengths and each record's header, so a truncated or
-//! garbled file is an error, never a partial install.
+//! checks that, the key rules, the lengths and each record's header, so a
+//! truncated or garbled file is an error, never a partial install.
 //!
 //! Files of the first format (`u64 meta len | meta | u64 revision | pairs`,
 //! written whole from memory by earlier versions) are rewritten in this one
@@ -396,8 +396,14 @@ impl PairReader {
     fn next_pair(&mut self) -> io::Result<(Vec<u8>, Vec<u8>)> {
         let key = self.item()?;
         let record = self.item()?;
-        if std::str::from_utf8(&key).is_err() {
+        let Ok(text) = std::str::from_utf8(&key) else {
             return Err(corrupt("a key is not UTF-8"));
+        };
+        // Every key was checked when it was written: one that breaks the
+        // rules (too long for the storage, a control character) comes from
+        // a forged file, and would be stored beyond the API's reach.
+        if crate::keys::validate_key(text).is_err() {
+            return Err(corrupt("a key breaks the key rules"));
         }
         if self.last_key.as_ref().is_some_and(|last| key <= *last) {
             return Err(corrupt("keys out of order"));
@@ -531,6 +537,11 @@ mod tests {
         assert!(unpublished(&[("a", record(1, b"x")), ("a", record(1, b"y"))]).is_err());
         // A record without a record header.
         assert!(unpublished(&[("a", b"nope".to_vec())]).is_err());
+        // Keys no write could have stored: a control character, or too
+        // long for the storage (its panic, not an error, before the check).
+        assert!(unpublished(&[("evil\nkey", record(1, b"x"))]).is_err());
+        let long = "k".repeat(70_000);
+        assert!(unpublished(&[(long.as_str(), record(1, b"x"))]).is_err());
     }
 
     /// Many snapshot writes at once (as a build and an install can be): the

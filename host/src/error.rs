@@ -162,6 +162,10 @@ pub enum ClusterError {
 /// Starting a node failed.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
+    /// A setting cannot work (an advertised or seed address that is not
+    /// `http://host:port`).
+    #[error("{0}")]
+    Config(String),
     /// The data directory could not be opened.
     #[error(transparent)]
     Storage(#[from] crate::raft::OpenError),

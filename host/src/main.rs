@@ -55,7 +55,7 @@ struct ServeArgs {
     #[arg(long, env = "FLAGSTONE_JOIN")]
     join: Option<String>,
     /// Build a snapshot and compact the log every N entries.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     snapshot_every: u64,
     /// Also build one once the log took this many MiB since the last (0: off).
     #[arg(long, default_value_t = 256)]
@@ -154,10 +154,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
-    // One machine-readable line on stdout so scripts and tests can find the port.
-    println!("flagstone: node {} listening on http://{addr}", args.id);
-    flagstone::run(config, listener, shutdown_signal())
+    let id = args.id;
+    let node = flagstone::Node::start(config, listener)
         .await
-        .context("running the node")?;
+        .context("starting the node")?;
+    // One machine-readable line on stdout so scripts and tests can find the
+    // port: printed once the node serves, never before a start that fails.
+    println!("flagstone: node {id} listening on http://{addr}");
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    node.shutdown().await;
     Ok(())
 }

@@ -40,6 +40,7 @@ use crate::plugins::types::{EvalContext, Evaluation, EvaluationError};
 use crate::plugins::{Limits, PluginHost};
 use crate::raft::follower_read::{LeaderView, ReadIndexRequest, confirmed_read_index};
 use crate::raft::network::Network;
+use crate::raft::network::check_peer_addr;
 use crate::raft::{
     Command, CommandResult, KvReader, NodeId, Precondition, Raft, ValueRecord, open_storage,
 };
@@ -241,6 +242,20 @@ impl Node {
                 .clone()
                 .unwrap_or_else(|| local_addr.to_string()),
         );
+        // Peers reach this node at `advertise` and members are added at such
+        // addresses: one they could not use would be refused as a member's.
+        check_peer_addr(&advertise)
+            .map_err(|e| NodeError::Config(format!("the advertised address: {e}")))?;
+        if let Some(seed) = &config.join {
+            check_peer_addr(&with_scheme(seed))
+                .map_err(|e| NodeError::Config(format!("the seed to join: {e}")))?;
+        }
+        if let Some(dir) = config.plugins_dir.as_ref().filter(|d| !d.is_dir()) {
+            tracing::warn!(
+                dir = %dir.display(),
+                "the plugins dir is not a directory (yet): no plugins until it is"
+            );
+        }
         let (mut log_store, mut state_machine) = open_storage(&config.data_dir, config.id)?;
         log_store.purge_after(&state_machine.coverage());
         state_machine.set_history_capacity(config.watch_history, config.watch_history_bytes);

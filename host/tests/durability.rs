@@ -257,3 +257,98 @@ async fn fresh_node_serves_within_a_second() {
     assert!(took < Duration::from_secs(3), "took {took:?}");
     assert!(p.terminate().success());
 }
+
+/// Runs the binary with `args` and waits (bounded) for it to exit: its
+/// status, stdout and stderr, or `None` if it still ran after 15 s (then it
+/// is killed).
+fn run_to_exit(args: &[&str]) -> Option<(std::process::ExitStatus, String, String)> {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flagstone"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn flagstone");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    Some((status, out, err))
+}
+
+/// Settings that cannot work stop the binary at once with a message (and
+/// without the "listening on" line scripts wait for): a data dir of another
+/// node id (its log, vote and membership are that node's), an advertised or
+/// seed address peers could not use, snapshots every 0 entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_that_cannot_work_stop_the_binary_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let n1 = dir.path().join("n1");
+    let mut p = Proc::spawn(1, &n1, "127.0.0.1:0", None);
+    let c = client();
+    wait_for("first write", Duration::from_secs(10), || async {
+        put(&c, &p.url, "mine", "node 1").await.ok()
+    })
+    .await;
+    assert!(p.terminate().success());
+
+    let n1 = n1.to_str().unwrap();
+    let fresh = dir.path().join("fresh");
+    let fresh = fresh.to_str().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (&["--id", "5", "--data-dir", n1], "belongs to node 1"),
+        (
+            &["--data-dir", fresh, "--advertise", "http://a b"],
+            "advertised address",
+        ),
+        (
+            &["--data-dir", fresh, "--join", "not a url"],
+            "seed to join",
+        ),
+        (
+            &["--data-dir", fresh, "--snapshot-every", "0"],
+            "snapshot-every",
+        ),
+    ];
+    for (args, message) in cases {
+        let mut all = vec!["serve", "--listen", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        let (status, out, err) =
+            run_to_exit(&all).unwrap_or_else(|| panic!("{args:?}: still running"));
+        assert!(!status.success(), "{args:?}");
+        assert!(err.contains(message), "{args:?}: {err}");
+        assert!(!out.contains("listening on"), "{args:?}: {out}");
+    }
+    // Node 1 still starts on its own data dir, with its data.
+    let mut p = Proc::spawn(1, &dir.path().join("n1"), "127.0.0.1:0", None);
+    let got = wait_for("node 1 again", Duration::from_secs(10), || async {
+        get(&c, &p.url, "mine", false).await
+    })
+    .await;
+    assert_eq!(got, "node 1");
+    assert!(p.terminate().success());
+}

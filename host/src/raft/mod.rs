@@ -36,6 +36,71 @@ pub enum OpenError {
     /// The stored state could not be read.
     #[error("reading stored state: {0}")]
     State(#[from] StorageError),
+    /// The data dir holds another node's state.
+    #[error(
+        "the data dir {dir} belongs to node {found}, not node {id} (start node {found} on it, \
+         or node {id} on a data dir of its own)"
+    )]
+    OtherNode {
+        /// The data dir.
+        dir: String,
+        /// The node id recorded in it.
+        found: NodeId,
+        /// The id this node was started with.
+        id: NodeId,
+    },
+    /// The data dir's node id file could not be read or written.
+    #[error("the node id file {path}: {source}")]
+    NodeIdFile {
+        /// The file.
+        path: String,
+        /// What failed.
+        source: std::io::Error,
+    },
+}
+
+/// The file in a data dir that names the node it belongs to.
+const NODE_ID_FILE: &str = "node-id";
+
+/// Records `id` in `data_dir` on first use, and refuses a data dir that
+/// another node id recorded: its log, vote and membership are that node's,
+/// and run as another id they would make a stranger of it (a data dir of
+/// an earlier version, without the file, takes the id it is started with).
+fn claim_data_dir(data_dir: &Path, id: NodeId) -> Result<(), OpenError> {
+    let path = data_dir.join(NODE_ID_FILE);
+    let file_err = |source| OpenError::NodeIdFile {
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let found: NodeId = text.trim().parse().map_err(|_| {
+                file_err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("not a node id: {:?}", text.trim()),
+                ))
+            })?;
+            if found != id {
+                return Err(OpenError::OtherNode {
+                    dir: data_dir.display().to_string(),
+                    found,
+                    id,
+                });
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let tmp = data_dir.join(format!("{NODE_ID_FILE}.tmp"));
+            let write = || -> std::io::Result<()> {
+                let mut f = std::fs::File::create(&tmp)?;
+                std::io::Write::write_all(&mut f, format!("{id}\n").as_bytes())?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &path)
+            };
+            write().map_err(file_err)
+        }
+        Err(e) => Err(file_err(e)),
+    }
 }
 
 /// The memtable size of the two keyspaces that take every write's bytes:
@@ -66,6 +131,7 @@ pub fn open_storage(
         source,
     };
     std::fs::create_dir_all(data_dir).map_err(|e| db_err(fjall::Error::from(e)))?;
+    claim_data_dir(data_dir, id)?;
     let db = fjall::Database::builder(&db_path).open().map_err(db_err)?;
     let log = LogStore::open(&db, id).map_err(db_err)?;
     let mut sm = StateMachineStore::open(&db, data_dir)?;

@@ -19,8 +19,9 @@
 //! transfer is given up, or at the next open after a crash).
 //!
 //! An install fsyncs the received file, streams its pairs into the tables of
-//! a fresh keyspace (`kv-<generation>`, fjall's bulk ingestion: no journal,
-//! no memtable), renames the file to `current` (no copy), then switches in
+//! a fresh keyspace (`kv-<generation>`, a generation never used before in
+//! this database, reserved on disk first; fjall's bulk ingestion: no
+//! journal, no memtable), renames the file to `current` (no copy), then switches in
 //! one fsynced batch (the live generation, the applied log id, membership
 //! and revision) and drops the old keyspace. Readers see the old key space
 //! until the switch and the new one after it, never a mix; a crash before
@@ -51,6 +52,15 @@ const REVISION: &str = "revision";
 const MEMBERSHIP: &str = "membership";
 /// Which keyspace holds the key space (see [`kv_keyspace_name`]).
 const KV_GENERATION: &str = "kv_generation";
+/// The highest key-space generation ever handed to an install (fsynced
+/// before its keyspace is created): a generation's keyspace name is never
+/// used twice in one database. fjall deletes a keyspace lazily, and a
+/// keyspace re-created under a deleted one's name could come back empty
+/// after a crash — with the applied index of the data it lost (found by
+/// `a_member_killed_while_installing_a_snapshot_ends_with_everything`, in
+/// about one run of six: kills during an install leave `kv-1` stray, the
+/// next open deletes it, the next install made `kv-1` again).
+const KV_RESERVED: &str = "kv_reserved";
 
 /// The keyspace holding generation `generation` of the key space; each
 /// snapshot install fills the next one.
@@ -59,6 +69,13 @@ fn kv_keyspace_name(generation: u64) -> String {
         0 => "kv".to_owned(),
         n => format!("kv-{n}"),
     }
+}
+
+/// The generation a key-space keyspace's name stands for (0 for `kv`).
+fn kv_generation_of(name: &str) -> u64 {
+    name.strip_prefix("kv-")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 fn is_kv_keyspace_name(name: &str) -> bool {
@@ -286,6 +303,8 @@ pub struct StateMachineStore {
     kv: Keyspace,
     live: LiveKeyspace,
     kv_generation: u64,
+    /// See [`KV_RESERVED`].
+    kv_reserved: u64,
     meta: Keyspace,
     snapshot_dir: PathBuf,
     /// The file the snapshot being received goes into (see
@@ -363,11 +382,19 @@ impl StateMachineStore {
             Some(b) => rmp_serde::from_slice(&b).map_err(|e| sm_err(ErrorVerb::Read, e))?,
             None => 0,
         };
+        let mut kv_reserved: u64 = match read(KV_RESERVED)? {
+            Some(b) => rmp_serde::from_slice(&b).map_err(|e| sm_err(ErrorVerb::Read, e))?,
+            None => 0,
+        };
+        kv_reserved = kv_reserved.max(kv_generation);
         let live_name = kv_keyspace_name(kv_generation);
         // Keyspaces of other generations: an install a crash interrupted, or
         // the one an install replaced if the crash came before it was gone.
         for name in db.list_keyspace_names() {
             if is_kv_keyspace_name(&name) && *name != *live_name {
+                // (A data dir of an earlier version may hold a stray of a
+                // generation it never reserved.)
+                kv_reserved = kv_reserved.max(kv_generation_of(&name));
                 delete_stray_keyspace(db, &name)?;
             }
         }
@@ -380,6 +407,7 @@ impl StateMachineStore {
             live: LiveKeyspace(Arc::new(RwLock::new(kv.clone()))),
             kv,
             kv_generation,
+            kv_reserved,
             meta,
             snapshot_dir,
             receiving: None,
@@ -439,10 +467,10 @@ impl StateMachineStore {
     fn switch_to(
         &mut self,
         kv: Keyspace,
+        generation: u64,
         meta: &SnapshotMeta,
         rev: u64,
     ) -> Result<(), StorageError> {
-        let generation = self.kv_generation + 1;
         let mut batch = self.db.batch();
         batch.insert(&self.meta, KV_GENERATION, encode_meta(&generation)?);
         batch.insert(&self.meta, LAST_APPLIED, encode_meta(&meta.last_log_id)?);
@@ -474,6 +502,20 @@ impl StateMachineStore {
         Ok(())
     }
 
+    /// A key-space generation no keyspace of this database was ever created
+    /// for, recorded on disk before the caller creates one ([`KV_RESERVED`]).
+    fn reserve_generation(&mut self) -> Result<u64, StorageError> {
+        let generation = self.kv_reserved + 1;
+        let mut batch = self.db.batch();
+        batch.insert(&self.meta, KV_RESERVED, encode_meta(&generation)?);
+        batch.commit().map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        self.db
+            .persist(PersistMode::SyncData)
+            .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        self.kv_reserved = generation;
+        Ok(generation)
+    }
+
     /// At open: a snapshot file ahead of what the key space says it applied
     /// is installed. An install makes the file `current` before it switches
     /// the key space (and the key space's own writes are not fsynced: they
@@ -496,8 +538,9 @@ impl StateMachineStore {
             applied = ?self.last_applied,
             "the state machine is behind its snapshot file (a crash mid-install?): installing it"
         );
-        let (kv, rev) = Self::ingest(&self.db, self.kv_generation + 1, file)?;
-        self.switch_to(kv, &meta, rev)
+        let generation = self.reserve_generation()?;
+        let (kv, rev) = Self::ingest(&self.db, generation, file)?;
+        self.switch_to(kv, generation, &meta, rev)
     }
 
     /// Installs a snapshot received into `snapshot` (see the module docs).
@@ -511,7 +554,8 @@ impl StateMachineStore {
         // The file this node received into (not a copy someone else handed
         // over) is published as it is.
         let received = self.receiving.take().filter(|r| r.holds(&file));
-        let (db, generation) = (self.db.clone(), self.kv_generation + 1);
+        let generation = self.reserve_generation()?;
+        let db = self.db.clone();
         let (dir, lock, want) = (
             self.snapshot_dir.clone(),
             self.snapshot_lock.clone(),
@@ -550,7 +594,7 @@ impl StateMachineStore {
             })
             .await
             .map_err(|e| snap_err(ErrorVerb::Write, e))??;
-        self.switch_to(kv, meta, rev)?;
+        self.switch_to(kv, generation, meta, rev)?;
         tracing::info!(
             snapshot = %meta.snapshot_id,
             bytes,
@@ -1075,6 +1119,27 @@ mod tests {
         let reader = sm.reader();
         assert_eq!(value_of(&reader, "k").as_deref(), Some(&b"v"[..]));
         assert_eq!(value_of(&reader, "new"), None);
+
+        // The next install does not bring the removed keyspace's name back
+        // (fjall deletes lazily: a keyspace re-created under a deleted one's
+        // name came back empty after a crash), and what it installed, and
+        // applied after it, is there after a restart.
+        let mut sm = sm;
+        let pairs: [(&str, &[u8]); 1] = [("new", b"n")];
+        sm.install_snapshot(&meta(40), received(&meta(40), 3, &pairs))
+            .await
+            .unwrap();
+        sm.apply([put_entry(41, "after", "x")]).await.unwrap();
+        db.persist(PersistMode::SyncData).unwrap();
+        assert!(db.keyspace_exists("kv-2") && !db.keyspace_exists("kv-1"));
+        drop((sm, reader, db));
+        let db = open_db(dir.path());
+        let sm = StateMachineStore::open(&db, dir.path()).expect("reopen");
+        assert_eq!(sm.last_applied, meta(41).last_log_id);
+        let reader = sm.reader();
+        assert_eq!(value_of(&reader, "new").as_deref(), Some(&b"n"[..]));
+        assert_eq!(value_of(&reader, "after").as_deref(), Some(&b"x"[..]));
+        assert_eq!(value_of(&reader, "k"), None);
     }
 
     /// Snapshot data that is not the snapshot it claims to be, or is

@@ -161,8 +161,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // One machine-readable line on stdout so scripts and tests can find the
     // port: printed once the node serves, never before a start that fails.
     println!("flagstone: node {id} listening on http://{addr}");
-    shutdown_signal().await;
-    tracing::info!("shutting down");
-    node.shutdown().await;
+    node.serve_until(shutdown_signal()).await;
     Ok(())
 }

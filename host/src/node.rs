@@ -447,6 +447,13 @@ impl Node {
         }
     }
 
+    /// Serves until `shutdown` resolves, then stops cleanly ([`Node::shutdown`]).
+    pub async fn serve_until(&self, shutdown: impl std::future::Future<Output = ()>) {
+        shutdown.await;
+        tracing::info!("shutting down");
+        self.shutdown().await;
+    }
+
     /// Stops serving (in-flight requests finish), stops Raft and flushes.
     pub async fn shutdown(&self) {
         let _ = self.shutdown_tx.send(true);
@@ -1212,9 +1219,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), NodeError> {
     let node = Node::start(config, listener).await?;
-    shutdown.await;
-    tracing::info!("shutting down");
-    node.shutdown().await;
+    node.serve_until(shutdown).await;
     Ok(())
 }
 

@@ -363,29 +363,21 @@ impl StateMachineStore {
         snapshot_file::remove_stale_tmp_files(&snapshot_dir);
         snapshot_file::upgrade_first_format(&snapshot_dir)
             .map_err(|e| snap_err(ErrorVerb::Write, e))?;
-        let read = |key: &str| -> Result<Option<fjall::Slice>, StorageError> {
-            meta.get(key).map_err(|e| sm_err(ErrorVerb::Read, e))
-        };
-        let last_applied: Option<LogId> = match read(LAST_APPLIED)? {
-            Some(b) => rmp_serde::from_slice(&b).map_err(|e| sm_err(ErrorVerb::Read, e))?,
-            None => None,
-        };
-        let membership: StoredMembership = match read(MEMBERSHIP)? {
-            Some(b) => rmp_serde::from_slice(&b).map_err(|e| sm_err(ErrorVerb::Read, e))?,
-            None => StoredMembership::default(),
-        };
-        let rev: u64 = match read(REVISION)? {
-            Some(b) => rmp_serde::from_slice(&b).map_err(|e| sm_err(ErrorVerb::Read, e))?,
-            None => 0,
-        };
-        let kv_generation: u64 = match read(KV_GENERATION)? {
-            Some(b) => rmp_serde::from_slice(&b).map_err(|e| sm_err(ErrorVerb::Read, e))?,
-            None => 0,
-        };
-        let mut kv_reserved: u64 = match read(KV_RESERVED)? {
-            Some(b) => rmp_serde::from_slice(&b).map_err(|e| sm_err(ErrorVerb::Read, e))?,
-            None => 0,
-        };
+        // A meta record, or its type's default before it was ever written.
+        fn read<T: serde::de::DeserializeOwned + Default>(
+            meta: &Keyspace,
+            key: &str,
+        ) -> Result<T, StorageError> {
+            match meta.get(key).map_err(|e| sm_err(ErrorVerb::Read, e))? {
+                Some(b) => rmp_serde::from_slice(&b).map_err(|e| sm_err(ErrorVerb::Read, e)),
+                None => Ok(T::default()),
+            }
+        }
+        let last_applied: Option<LogId> = read(&meta, LAST_APPLIED)?;
+        let membership: StoredMembership = read(&meta, MEMBERSHIP)?;
+        let rev: u64 = read(&meta, REVISION)?;
+        let kv_generation: u64 = read(&meta, KV_GENERATION)?;
+        let mut kv_reserved: u64 = read(&meta, KV_RESERVED)?;
         kv_reserved = kv_reserved.max(kv_generation);
         let live_name = kv_keyspace_name(kv_generation);
         // Keyspaces of other generations: an install a crash interrupted, or
@@ -471,17 +463,14 @@ impl StateMachineStore {
         meta: &SnapshotMeta,
         rev: u64,
     ) -> Result<(), StorageError> {
-        let mut batch = self.db.batch();
-        batch.insert(&self.meta, KV_GENERATION, encode_meta(&generation)?);
-        batch.insert(&self.meta, LAST_APPLIED, encode_meta(&meta.last_log_id)?);
-        batch.insert(&self.meta, MEMBERSHIP, encode_meta(&meta.last_membership)?);
-        batch.insert(&self.meta, REVISION, encode_meta(&rev)?);
-        batch.commit().map_err(|e| sm_err(ErrorVerb::Write, e))?;
         // Applies ride on the log's fsyncs, but the old keyspace is about to
         // be deleted: the switch must be on disk first.
-        self.db
-            .persist(PersistMode::SyncData)
-            .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        self.write_meta_synced([
+            (KV_GENERATION, encode_meta(&generation)?),
+            (LAST_APPLIED, encode_meta(&meta.last_log_id)?),
+            (MEMBERSHIP, encode_meta(&meta.last_membership)?),
+            (REVISION, encode_meta(&rev)?),
+        ])?;
         self.kv_generation = generation;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
@@ -506,14 +495,25 @@ impl StateMachineStore {
     /// for, recorded on disk before the caller creates one ([`KV_RESERVED`]).
     fn reserve_generation(&mut self) -> Result<u64, StorageError> {
         let generation = self.kv_reserved + 1;
+        self.write_meta_synced([(KV_RESERVED, encode_meta(&generation)?)])?;
+        self.kv_reserved = generation;
+        Ok(generation)
+    }
+
+    /// Writes `records` to the meta keyspace in one batch and fsyncs it
+    /// (with everything the journal holds before it).
+    fn write_meta_synced(
+        &self,
+        records: impl IntoIterator<Item = (&'static str, Vec<u8>)>,
+    ) -> Result<(), StorageError> {
         let mut batch = self.db.batch();
-        batch.insert(&self.meta, KV_RESERVED, encode_meta(&generation)?);
+        for (key, value) in records {
+            batch.insert(&self.meta, key, value);
+        }
         batch.commit().map_err(|e| sm_err(ErrorVerb::Write, e))?;
         self.db
             .persist(PersistMode::SyncData)
-            .map_err(|e| sm_err(ErrorVerb::Write, e))?;
-        self.kv_reserved = generation;
-        Ok(generation)
+            .map_err(|e| sm_err(ErrorVerb::Write, e))
     }
 
     /// At open: a snapshot file ahead of what the key space says it applied

@@ -154,13 +154,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
-    let id = args.id;
-    let node = flagstone::Node::start(config, listener)
+    // Settings that cannot work stop here, before the line scripts wait for.
+    flagstone::node::check_config(&config, addr).context("checking the settings")?;
+    // One machine-readable line on stdout so scripts and tests can find the port.
+    println!("flagstone: node {} listening on http://{addr}", args.id);
+    flagstone::run(config, listener, shutdown_signal())
         .await
-        .context("starting the node")?;
-    // One machine-readable line on stdout so scripts and tests can find the
-    // port: printed once the node serves, never before a start that fails.
-    println!("flagstone: node {id} listening on http://{addr}");
-    node.serve_until(shutdown_signal()).await;
+        .context("running the node")?;
     Ok(())
 }

@@ -236,20 +236,7 @@ impl Node {
         let local_addr = listener
             .local_addr()
             .map_err(|e| NodeError::Network(e.to_string()))?;
-        let advertise = with_scheme(
-            &config
-                .advertise
-                .clone()
-                .unwrap_or_else(|| local_addr.to_string()),
-        );
-        // Peers reach this node at `advertise` and members are added at such
-        // addresses: one they could not use would be refused as a member's.
-        check_peer_addr(&advertise)
-            .map_err(|e| NodeError::Config(format!("the advertised address: {e}")))?;
-        if let Some(seed) = &config.join {
-            check_peer_addr(&with_scheme(seed))
-                .map_err(|e| NodeError::Config(format!("the seed to join: {e}")))?;
-        }
+        let advertise = check_config(&config, local_addr)?;
         if let Some(dir) = config.plugins_dir.as_ref().filter(|d| !d.is_dir()) {
             tracing::warn!(
                 dir = %dir.display(),
@@ -1210,6 +1197,34 @@ async fn join_loop(node: Arc<Node>, seed: String, mut stop: watch::Receiver<bool
         }
         delay = (delay * 2).min(Duration::from_secs(2));
     }
+}
+
+/// Checks what can be checked of `config` before a node starts on
+/// `local_addr` (which [`Node::start`] does too), and returns the address
+/// the node advertises: the advertised and seed addresses must be usable
+/// `http://host:port`, and the data dir must not belong to another node id
+/// (it is claimed for this one if it belongs to none).
+#[expect(
+    clippy::result_large_err,
+    reason = "called once per start, with the error type Node::start returns"
+)]
+pub fn check_config(config: &NodeConfig, local_addr: SocketAddr) -> Result<String, NodeError> {
+    let advertise = with_scheme(
+        &config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| local_addr.to_string()),
+    );
+    // Peers reach this node at `advertise` and members are added at such
+    // addresses: one they could not use would be refused as a member's.
+    check_peer_addr(&advertise)
+        .map_err(|e| NodeError::Config(format!("the advertised address: {e}")))?;
+    if let Some(seed) = &config.join {
+        check_peer_addr(&with_scheme(seed))
+            .map_err(|e| NodeError::Config(format!("the seed to join: {e}")))?;
+    }
+    crate::raft::claim_data_dir(&config.data_dir, config.id)?;
+    Ok(advertise)
 }
 
 /// Runs a node on `listener` until `shutdown` resolves, then stops it cleanly.

@@ -66,7 +66,11 @@ const NODE_ID_FILE: &str = "node-id";
 /// another node id recorded: its log, vote and membership are that node's,
 /// and run as another id they would make a stranger of it (a data dir of
 /// an earlier version, without the file, takes the id it is started with).
-fn claim_data_dir(data_dir: &Path, id: NodeId) -> Result<(), OpenError> {
+pub fn claim_data_dir(data_dir: &Path, id: NodeId) -> Result<(), OpenError> {
+    std::fs::create_dir_all(data_dir).map_err(|source| OpenError::NodeIdFile {
+        path: data_dir.display().to_string(),
+        source,
+    })?;
     let path = data_dir.join(NODE_ID_FILE);
     let file_err = |source| OpenError::NodeIdFile {
         path: path.display().to_string(),

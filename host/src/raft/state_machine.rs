@@ -25,9 +25,17 @@
 //! one fsynced batch (the live generation, the applied log id, membership
 //! and revision) and drops the old keyspace. Readers see the old key space
 //! until the switch and the new one after it, never a mix; a crash before
-//! the switch leaves the old one and a stray keyspace that the next open
-//! deletes, and if `current` is then ahead of the key space, the open
-//! installs it.
+//! the switch leaves the old one and a stray keyspace (removed after the
+//! next install's switch), and if `current` is then ahead of the key space,
+//! the open installs it.
+//!
+//! A key-space keyspace is only ever deleted while one with a higher fjall
+//! id (the live one) exists. fjall 3.1.13 recovers its sequence counter
+//! from the user keyspaces alone and gives a deleted keyspace's id out again
+//! when it was the highest; a keyspace created under such an id after a
+//! restart can be shadowed by its predecessor's deletion at the next
+//! restart: gone (the node came back with an empty key space) or failing
+//! every start in fjall's recovery ("should exist").
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -54,12 +62,8 @@ const MEMBERSHIP: &str = "membership";
 const KV_GENERATION: &str = "kv_generation";
 /// The highest key-space generation ever handed to an install (fsynced
 /// before its keyspace is created): a generation's keyspace name is never
-/// used twice in one database. fjall deletes a keyspace lazily, and a
-/// keyspace re-created under a deleted one's name could come back empty
-/// after a crash — with the applied index of the data it lost (found by
-/// `a_member_killed_while_installing_a_snapshot_ends_with_everything`, in
-/// about one run of six: kills during an install leave `kv-1` stray, the
-/// next open deletes it, the next install made `kv-1` again).
+/// used twice in one database, so a stray keyspace is never mistaken for
+/// the one an install is filling.
 const KV_RESERVED: &str = "kv_reserved";
 
 /// The keyspace holding generation `generation` of the key space; each
@@ -85,17 +89,34 @@ fn is_kv_keyspace_name(name: &str) -> bool {
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// Deletes the keyspace `name` of `db` (one a crash or a failed install left).
-fn delete_stray_keyspace(db: &Database, name: &str) -> Result<(), StorageError> {
-    tracing::info!(
-        keyspace = name,
-        "removing a stray keyspace of the key space"
-    );
+/// Deletes the key-space keyspaces of `db` other than `live` that fjall
+/// created before it: the ones it replaced, which a crash may have left.
+/// Newer ones (installs a crash or an error interrupted) stay until an
+/// install's switch makes a newer keyspace live: deleting the keyspace with
+/// the highest fjall id lets fjall hand its id out again (see the module
+/// docs). Returns how many stay.
+fn delete_replaced_keyspaces(db: &Database, live: &Keyspace) -> Result<usize, StorageError> {
     let write_err = |e: fjall::Error| sm_err(ErrorVerb::Write, e);
-    let stray = db
-        .keyspace(name, fjall::KeyspaceCreateOptions::default)
-        .map_err(write_err)?;
-    db.delete_keyspace(stray).map_err(write_err)
+    let mut kept = 0;
+    for name in db.list_keyspace_names() {
+        if !is_kv_keyspace_name(&name) || name == *live.name() {
+            continue;
+        }
+        let other = db
+            .keyspace(&name, fjall::KeyspaceCreateOptions::default)
+            .map_err(write_err)?;
+        if other.id() > live.id() {
+            tracing::info!(
+                keyspace = &*name,
+                "keeping an interrupted install's keyspace until the next install"
+            );
+            kept += 1;
+            continue;
+        }
+        tracing::info!(keyspace = &*name, "removing a replaced key-space keyspace");
+        db.delete_keyspace(other).map_err(write_err)?;
+    }
+    Ok(kept)
 }
 
 /// How far the state machine's durable state reaches: the index up to which
@@ -373,26 +394,46 @@ impl StateMachineStore {
                 None => Ok(T::default()),
             }
         }
-        let last_applied: Option<LogId> = read(&meta, LAST_APPLIED)?;
-        let membership: StoredMembership = read(&meta, MEMBERSHIP)?;
-        let rev: u64 = read(&meta, REVISION)?;
+        let mut last_applied: Option<LogId> = read(&meta, LAST_APPLIED)?;
+        let mut membership: StoredMembership = read(&meta, MEMBERSHIP)?;
+        let mut rev: u64 = read(&meta, REVISION)?;
         let kv_generation: u64 = read(&meta, KV_GENERATION)?;
         let mut kv_reserved: u64 = read(&meta, KV_RESERVED)?;
         kv_reserved = kv_reserved.max(kv_generation);
-        let live_name = kv_keyspace_name(kv_generation);
-        // Keyspaces of other generations: an install a crash interrupted, or
-        // the one an install replaced if the crash came before it was gone.
+        // (A data dir of an earlier version may hold a stray of a generation
+        // it never reserved.)
         for name in db.list_keyspace_names() {
-            if is_kv_keyspace_name(&name) && *name != *live_name {
-                // (A data dir of an earlier version may hold a stray of a
-                // generation it never reserved.)
+            if is_kv_keyspace_name(&name) {
                 kv_reserved = kv_reserved.max(kv_generation_of(&name));
-                delete_stray_keyspace(db, &name)?;
             }
+        }
+        let live_name = kv_keyspace_name(kv_generation);
+        if kv_generation > 0 && !db.keyspace_exists(&live_name) {
+            // Installs made it: `current` holds what it held at the switch
+            // or later, and the log is kept from there on.
+            let current = snapshot_file::read_current_meta(&snapshot_dir)
+                .map_err(|e| snap_err(ErrorVerb::Read, e))?;
+            if current.is_none() {
+                return Err(sm_err(
+                    ErrorVerb::Read,
+                    std::io::Error::other(format!(
+                        "the key space's keyspace {live_name} is gone and there is no snapshot \
+                         file to rebuild it from"
+                    )),
+                ));
+            }
+            tracing::error!(
+                keyspace = live_name,
+                applied = ?last_applied,
+                "the key space's keyspace is gone (lost by the storage engine): rebuilding it \
+                 from the snapshot file and the log"
+            );
+            (last_applied, membership, rev) = (None, StoredMembership::default(), 0);
         }
         let kv = db
             .keyspace(&live_name, super::bulk_keyspace)
             .map_err(open_err)?;
+        delete_replaced_keyspaces(db, &kv)?;
         let history = History::new(rev, DEFAULT_HISTORY, CHANGE_CHANNEL_CAPACITY);
         let mut sm = StateMachineStore {
             db: db.clone(),
@@ -434,8 +475,12 @@ impl StateMachineStore {
         let read_err = |e: std::io::Error| snap_err(ErrorVerb::Read, e);
         let name = kv_keyspace_name(generation);
         if db.keyspace_exists(&name) {
-            // Left by an install that failed without a restart.
-            delete_stray_keyspace(db, &name)?;
+            return Err(sm_err(
+                ErrorVerb::Write,
+                std::io::Error::other(format!(
+                    "keyspace {name} exists: its generation was not reserved"
+                )),
+            ));
         }
         let kv = db
             .keyspace(&name, super::bulk_keyspace)
@@ -476,17 +521,18 @@ impl StateMachineStore {
         self.membership = meta.last_membership.clone();
         self.rev = rev;
         let update = self.cache.begin();
-        let old = std::mem::replace(&mut self.kv, kv.clone());
+        self.kv = kv.clone();
         self.live.set(kv);
         update.finish_replacing_all();
         let index = meta.last_log_id.map_or(0, |l| l.index);
         self.applied.store(index, Ordering::Release);
         self.revision.store(rev, Ordering::Release);
         self.history.reset(rev);
-        // Readers still holding the old keyspace finish their reads; its
-        // files go when the last handle does (or at the next open).
-        if let Err(e) = self.db.delete_keyspace(old) {
-            tracing::warn!(error = %e, "could not delete the replaced keyspace; the next start will");
+        // The new keyspace is the newest: every other one goes (readers
+        // still holding the old one finish their reads; its files go when
+        // the last handle does).
+        if let Err(e) = delete_replaced_keyspaces(&self.db, &self.kv) {
+            tracing::warn!(error = %e, "could not delete the replaced keyspaces; the next start will");
         }
         Ok(())
     }
@@ -1095,7 +1141,8 @@ mod tests {
     }
 
     /// A crash after an install filled its keyspace but before the switch:
-    /// the next open deletes that keyspace and keeps the old key space.
+    /// the next open keeps the old key space, and the next install removes
+    /// the interrupted one's keyspace.
     #[tokio::test]
     async fn a_crash_before_the_switch_leaves_the_old_key_space() {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -1114,16 +1161,18 @@ mod tests {
             "the interrupted install's keyspace"
         );
         let sm = StateMachineStore::open(&db, dir.path()).expect("reopen");
-        assert!(!db.keyspace_exists("kv-1"), "removed at open");
+        assert!(
+            db.keyspace_exists("kv-1"),
+            "kept at open: fjall's newest keyspace (see the module docs)"
+        );
         assert_eq!(sm.last_applied, meta(1).last_log_id);
         let reader = sm.reader();
         assert_eq!(value_of(&reader, "k").as_deref(), Some(&b"v"[..]));
         assert_eq!(value_of(&reader, "new"), None);
 
-        // The next install does not bring the removed keyspace's name back
-        // (fjall deletes lazily: a keyspace re-created under a deleted one's
-        // name came back empty after a crash), and what it installed, and
-        // applied after it, is there after a restart.
+        // The next install does not use the stray's name, removes it once
+        // its own keyspace is live, and what it installed, and applied
+        // after it, is there after a restart.
         let mut sm = sm;
         let pairs: [(&str, &[u8]); 1] = [("new", b"n")];
         sm.install_snapshot(&meta(40), received(&meta(40), 3, &pairs))
@@ -1140,6 +1189,102 @@ mod tests {
         assert_eq!(value_of(&reader, "new").as_deref(), Some(&b"n"[..]));
         assert_eq!(value_of(&reader, "after").as_deref(), Some(&b"x"[..]));
         assert_eq!(value_of(&reader, "k"), None);
+    }
+
+    /// Interrupted installs, each followed by restarts, never cost a later
+    /// install its keyspace. fjall (3.1.13) recovers its sequence counter
+    /// from the user keyspaces only, and hands out the id of a deleted
+    /// keyspace again when that keyspace had the highest id: a keyspace
+    /// created under such an id could be shadowed by its predecessor's
+    /// deletion after a restart, and vanish (the node came back empty) or
+    /// fail every later start ("should exist", in fjall's recovery).
+    #[tokio::test]
+    async fn installs_after_interrupted_ones_survive_restarts() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let other = tempfile::tempdir().expect("temp dir");
+        let mut index = 1;
+        for round in 1..=6u64 {
+            // An install that fills its keyspace, then the process dies.
+            {
+                let db = open_db(dir.path());
+                let mut sm = StateMachineStore::open(&db, dir.path()).expect("open");
+                let generation = sm.reserve_generation().expect("reserve");
+                let file = snapshot_in(other.path(), &meta(1000 + round), 3, &[("lost", b"l")]);
+                StateMachineStore::ingest(&db, generation, file).expect("ingest");
+                db.persist(PersistMode::SyncData).unwrap();
+            }
+            // A start that only cleans up.
+            drop(StateMachineStore::open(&open_db(dir.path()), dir.path()).expect("open"));
+            // A start that installs, applies, and stops.
+            {
+                let db = open_db(dir.path());
+                let mut sm = StateMachineStore::open(&db, dir.path()).expect("open");
+                index += 10;
+                let key = format!("r{round}");
+                let pairs: [(&str, &[u8]); 1] = [(&key, b"x")];
+                sm.install_snapshot(&meta(index), received(&meta(index), round, &pairs))
+                    .await
+                    .unwrap();
+                index += 1;
+                sm.apply([put_entry(index, "after", "a")]).await.unwrap();
+                db.persist(PersistMode::SyncData).unwrap();
+            }
+            let db = open_db(dir.path());
+            let sm = StateMachineStore::open(&db, dir.path()).expect("reopen");
+            assert_eq!(sm.last_applied, meta(index).last_log_id, "round {round}");
+            let reader = sm.reader();
+            assert_eq!(
+                reader.list("").unwrap(),
+                ["after".to_owned(), format!("r{round}")],
+                "round {round}"
+            );
+        }
+    }
+
+    /// A live keyspace the storage engine lost (as fjall could, see the
+    /// module docs) is rebuilt from the snapshot file, and the state machine
+    /// says it applied only that far (openraft re-applies the log after
+    /// it); with no snapshot file to rebuild from, the open fails.
+    #[tokio::test]
+    async fn a_lost_key_space_is_rebuilt_from_the_snapshot_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let db = open_db(dir.path());
+            let mut sm = StateMachineStore::open(&db, dir.path()).expect("open");
+            let pairs: [(&str, &[u8]); 1] = [("snap", b"s")];
+            sm.install_snapshot(&meta(20), received(&meta(20), 7, &pairs))
+                .await
+                .unwrap();
+            sm.apply([put_entry(21, "after", "a")]).await.unwrap();
+            db.persist(PersistMode::SyncData).unwrap();
+        }
+        let lose_the_live_keyspace = || {
+            let db = open_db(dir.path());
+            let name = db
+                .list_keyspace_names()
+                .into_iter()
+                .find(|n| is_kv_keyspace_name(n))
+                .expect("a key-space keyspace");
+            let live = db
+                .keyspace(&name, fjall::KeyspaceCreateOptions::default)
+                .unwrap();
+            db.delete_keyspace(live).unwrap();
+        };
+        lose_the_live_keyspace();
+        let db = open_db(dir.path());
+        let sm = StateMachineStore::open(&db, dir.path()).expect("reopen");
+        assert_eq!((sm.last_applied, sm.rev), (meta(20).last_log_id, 7));
+        let reader = sm.reader();
+        assert_eq!(reader.list("").unwrap(), ["snap"]);
+        drop((sm, reader, db));
+
+        lose_the_live_keyspace();
+        std::fs::remove_dir_all(dir.path().join("snapshot")).unwrap();
+        let db = open_db(dir.path());
+        let err = StateMachineStore::open(&db, dir.path())
+            .err()
+            .expect("nothing to rebuild from");
+        assert!(err.to_string().contains("is gone"), "{err}");
     }
 
     /// Snapshot data that is not the snapshot it claims to be, or is

@@ -760,6 +760,68 @@ async fn forged_raft_rpcs_are_refused_and_change_nothing() {
     n1.shutdown().await;
 }
 
+/// A snapshot chunk that starts past the bytes received so far (a real
+/// leader never sends one) gets openraft's `SnapshotMismatch`, which makes a
+/// sender start over, instead of a hole or a seek past the file system's
+/// limit — a storage error that stopped the Raft core until a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_chunk_past_the_received_bytes_is_refused() {
+    let (_dir, n1) = single_node(|_| {}).await;
+    let c = client();
+    let info = n1.cluster_info();
+    let chunk = |offset: u64, data: &[u8]| {
+        let log_id =
+            |index| openraft::LogId::new(openraft::CommittedLeaderId::new(info.term, 1), index);
+        let members = json!({ "configs": [[1]], "nodes": { "1": { "addr": n1.advertise() } } });
+        let req = openraft::raft::InstallSnapshotRequest::<flagstone::raft::TypeConfig> {
+            vote: openraft::Vote::new_committed(info.term, 1),
+            meta: openraft::SnapshotMeta {
+                last_log_id: Some(log_id(info.commit_index + 10)),
+                last_membership: openraft::StoredMembership::new(
+                    Some(log_id(1)),
+                    serde_json::from_value(members).unwrap(),
+                ),
+                snapshot_id: "gappy".into(),
+            },
+            offset,
+            data: data.to_vec(),
+            done: false,
+        };
+        rmp_serde::to_vec(&flagstone::raft::network::SnapshotChunk::from(req)).unwrap()
+    };
+    type Reply = Result<
+        openraft::raft::InstallSnapshotResponse<u64>,
+        openraft::error::RaftError<u64, openraft::error::InstallSnapshotError>,
+    >;
+    let send = |body: Vec<u8>| {
+        let c = c.clone();
+        let url = url(&n1, "/raft/snapshot");
+        async move {
+            let r = c.post(url).body(body).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            rmp_serde::from_slice::<Reply>(&r.bytes().await.unwrap()).unwrap()
+        }
+    };
+    assert!(send(chunk(0, b"first bytes")).await.is_ok());
+    for offset in [12, 1 << 62] {
+        match send(chunk(offset, b"more")).await {
+            Err(openraft::error::RaftError::APIError(
+                openraft::error::InstallSnapshotError::SnapshotMismatch(m),
+            )) => assert_eq!((m.expect.offset, m.got.offset), (11, offset)),
+            other => panic!("a chunk at {offset}: {other:?}"),
+        }
+    }
+    // A chunk within what was received (a sender's retry) is taken.
+    assert!(send(chunk(11, b"more")).await.is_ok());
+
+    let r = c.get(url(&n1, "/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    n1.put("after", b"ok".to_vec(), PutOptions::default())
+        .await
+        .unwrap();
+    n1.shutdown().await;
+}
+
 /// One node must not be a member twice: a second id at a member's address
 /// (or at an address that answers as another node) would count that node's
 /// vote twice, and a write could be acknowledged with only it on disk. The

@@ -27,7 +27,8 @@
 //!   the sender's, a gap, falling terms, a higher term below what this node
 //!   applied), whose commands break the write rules, or whose membership is
 //!   empty or names a voter without an address (400, `check_append`,
-//!   `check_snapshot`);
+//!   `check_snapshot`); a snapshot chunk that starts past the bytes received
+//!   gets openraft's `SnapshotMismatch` (the vendored fork's check);
 //! - a vote from a node that is not a voter of this node's membership (403):
 //!   it would still move this node's term. A node that learned of a newer
 //!   membership first may refuse a new voter's vote for a moment; the

@@ -333,6 +333,23 @@ where C::SnapshotData: tokio::io::AsyncRead + tokio::io::AsyncWrite + tokio::io:
 
         {
             let s = streaming.as_mut().unwrap();
+            // flagstone patch: a chunk must start within the bytes already received. A real
+            // sender never leaves a gap (it restarts at 0 on a mismatch); a garbled or forged
+            // chunk with a far offset made a hole the install then failed on, or a seek or
+            // write past the file system's limit: a storage error, fatal to the Raft core.
+            if req.offset > s.received {
+                let mismatch = InstallSnapshotError::SnapshotMismatch(crate::error::SnapshotMismatch {
+                    expect: crate::SnapshotSegmentId {
+                        id: snapshot_id.clone(),
+                        offset: s.received,
+                    },
+                    got: crate::SnapshotSegmentId {
+                        id: snapshot_id.clone(),
+                        offset: req.offset,
+                    },
+                });
+                return Err(RaftError::APIError(mismatch));
+            }
             s.receive(req).await?;
         }
 
@@ -362,6 +379,9 @@ where C: RaftTypeConfig
     /// The offset of the last byte written to the snapshot.
     offset: u64,
 
+    /// How many bytes from the start have been written (flagstone patch).
+    received: u64,
+
     /// The ID of the snapshot being written.
     snapshot_id: SnapshotId,
 
@@ -375,6 +395,7 @@ where C: RaftTypeConfig
     pub fn new(snapshot_id: SnapshotId, snapshot_data: Box<C::SnapshotData>) -> Self {
         Self {
             offset: 0,
+            received: 0,
             snapshot_id,
             snapshot_data,
         }
@@ -421,6 +442,7 @@ where
             ));
         }
         self.offset += req.data.len() as u64;
+        self.received = self.received.max(self.offset);
         Ok(req.done)
     }
 }

@@ -138,6 +138,17 @@ async fn single_flag_statuses_and_error_codes() {
             "{b}"
         );
     }
+    // A key no flag can have (longer than any stored key) is not echoed.
+    let (s, b) = single(&node, &"k".repeat(60_000), ctx).await;
+    assert_eq!(
+        (s, &b["errorCode"]),
+        (StatusCode::BAD_REQUEST, &json!("GENERAL"))
+    );
+    assert_eq!(b["key"], Value::Null, "{b}");
+    assert_eq!(
+        b["errorDetails"],
+        "flag key is 60000 bytes long; the limit is 1024"
+    );
     // The legacy path is the same endpoint.
     let (s, b) = post(&node, "/v1/flags/str-flag/evaluate", ctx).await;
     assert_eq!((s, &b["value"]), (StatusCode::OK, &json!("red")));

@@ -32,6 +32,7 @@ use tokio::sync::broadcast::error::RecvError;
 use super::kv::wants_linearizable;
 use super::query::{QueryError, StrictQuery};
 use crate::flags::{PlainFlags, bulk_etag, evaluate_by_plugins, flag_keys, is_flag_key};
+use crate::keys::MAX_KEY_BYTES;
 use crate::node::Node;
 use crate::plugins::types::{ErrorCode, EvalContext, Evaluation, FlagValue, MetadataValue, Reason};
 use crate::raft::Change;
@@ -360,6 +361,16 @@ pub async fn evaluate_one(
             );
         }
     };
+    if key.len() > MAX_KEY_BYTES {
+        // No flag can have it (flags are stored under keys); not echoed.
+        let e = crate::keys::KeyError::TooLong(key.len());
+        return failure(
+            StatusCode::BAD_REQUEST,
+            None,
+            ErrorCode::General,
+            &format!("flag {e}"),
+        );
+    }
     let body = match body {
         Ok(b) => b,
         Err(e) => return body_rejected(Some(&key), e),

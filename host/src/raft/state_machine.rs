@@ -89,34 +89,41 @@ fn is_kv_keyspace_name(name: &str) -> bool {
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// Deletes the key-space keyspaces of `db` other than `live` that fjall
-/// created before it: the ones it replaced, which a crash may have left.
-/// Newer ones (installs a crash or an error interrupted) stay until an
-/// install's switch makes a newer keyspace live: deleting the keyspace with
-/// the highest fjall id lets fjall hand its id out again (see the module
-/// docs). Returns how many stay.
-fn delete_replaced_keyspaces(db: &Database, live: &Keyspace) -> Result<usize, StorageError> {
+/// Deletes the key-space keyspaces of `db` other than `live` (the ones it
+/// replaced, which a crash may have left, and installs a crash or an error
+/// interrupted), except the one fjall created last if that is not `live`:
+/// deleting the keyspace with the highest fjall id lets fjall hand its id
+/// out again (see the module docs). That one goes after the next install's
+/// switch, so at most one such copy of the key space stays on disk.
+fn delete_replaced_keyspaces(db: &Database, live: &Keyspace) -> Result<(), StorageError> {
     let write_err = |e: fjall::Error| sm_err(ErrorVerb::Write, e);
-    let mut kept = 0;
+    let mut others = Vec::new();
     for name in db.list_keyspace_names() {
-        if !is_kv_keyspace_name(&name) || name == *live.name() {
-            continue;
+        if is_kv_keyspace_name(&name) && name != *live.name() {
+            others.push(
+                db.keyspace(&name, fjall::KeyspaceCreateOptions::default)
+                    .map_err(write_err)?,
+            );
         }
-        let other = db
-            .keyspace(&name, fjall::KeyspaceCreateOptions::default)
-            .map_err(write_err)?;
-        if other.id() > live.id() {
+    }
+    let newest = others
+        .iter()
+        .map(Keyspace::id)
+        .max()
+        .filter(|&id| id > live.id());
+    for other in others {
+        let name = other.name().clone();
+        if Some(other.id()) == newest {
             tracing::info!(
                 keyspace = &*name,
                 "keeping an interrupted install's keyspace until the next install"
             );
-            kept += 1;
             continue;
         }
         tracing::info!(keyspace = &*name, "removing a replaced key-space keyspace");
         db.delete_keyspace(other).map_err(write_err)?;
     }
-    Ok(kept)
+    Ok(())
 }
 
 /// How far the state machine's durable state reaches: the index up to which
@@ -1204,8 +1211,8 @@ mod tests {
         let other = tempfile::tempdir().expect("temp dir");
         let mut index = 1;
         for round in 1..=6u64 {
-            // An install that fills its keyspace, then the process dies.
-            {
+            // Installs that fill their keyspace, then the process dies.
+            for _ in 0..2 {
                 let db = open_db(dir.path());
                 let mut sm = StateMachineStore::open(&db, dir.path()).expect("open");
                 let generation = sm.reserve_generation().expect("reserve");
@@ -1213,8 +1220,15 @@ mod tests {
                 StateMachineStore::ingest(&db, generation, file).expect("ingest");
                 db.persist(PersistMode::SyncData).unwrap();
             }
-            // A start that only cleans up.
-            drop(StateMachineStore::open(&open_db(dir.path()), dir.path()).expect("open"));
+            // A start that only cleans up: the newest interrupted install's
+            // keyspace stays (see the module docs), no other.
+            {
+                let db = open_db(dir.path());
+                drop(StateMachineStore::open(&db, dir.path()).expect("open"));
+                let kv = db.list_keyspace_names();
+                let kv = kv.iter().filter(|n| is_kv_keyspace_name(n)).count();
+                assert_eq!(kv, 2, "round {round}");
+            }
             // A start that installs, applies, and stops.
             {
                 let db = open_db(dir.path());

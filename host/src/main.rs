@@ -85,30 +85,43 @@ struct ServeArgs {
     threads: Option<u64>,
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
+/// Listens for SIGINT and SIGTERM from now on and returns what ends at the
+/// first of them. Listening starts here, not at the first poll: a signal
+/// that arrives while the node is still starting stops it as soon as it has
+/// started, instead of killing it.
+#[cfg(unix)]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let listen = |kind: SignalKind, name: &'static str| {
+        let stream = signal(kind)
+            .inspect_err(|e| tracing::error!(error = %e, "cannot listen for {name}"))
+            .ok();
+        async move {
+            match stream {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
+    };
+    let int = listen(SignalKind::interrupt(), "SIGINT");
+    let term = listen(SignalKind::terminate(), "SIGTERM");
+    async move {
+        tokio::select! {
+            _ = int => {},
+            _ = term => {},
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    async {
         if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for SIGINT");
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
     }
 }
 
@@ -150,6 +163,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.plugin_limits.on_change = Duration::from_millis(args.on_change_timeout_ms);
     config.plugin_limits.memory_bytes = args.plugin_memory_mib * 1024 * 1024;
     config.read_cache_bytes = args.read_cache_mib.saturating_mul(1024 * 1024);
+    let shutdown = shutdown_signal();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -158,7 +172,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     flagstone::node::check_config(&config, addr).context("checking the settings")?;
     // One machine-readable line on stdout so scripts and tests can find the port.
     println!("flagstone: node {} listening on http://{addr}", args.id);
-    flagstone::run(config, listener, shutdown_signal())
+    flagstone::run(config, listener, shutdown)
         .await
         .context("running the node")?;
     Ok(())

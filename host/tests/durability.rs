@@ -300,6 +300,26 @@ fn run_to_exit(args: &[&str]) -> Option<(std::process::ExitStatus, String, Strin
     Some((status, out, err))
 }
 
+/// SIGTERM right after the "listening on" line (printed before the node has
+/// started) stops the node cleanly once it has started, instead of killing
+/// it half-way; it starts again on the same data dir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_while_starting_stops_the_node_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let n1 = dir.path().join("n1");
+    for _ in 0..3 {
+        let mut p = Proc::spawn(1, &n1, "127.0.0.1:0", None);
+        let status = p.terminate();
+        assert!(status.success(), "{status}");
+    }
+    let p = Proc::spawn(1, &n1, "127.0.0.1:0", None);
+    let c = client();
+    wait_for("a write", Duration::from_secs(10), || async {
+        put(&c, &p.url, "k", "v").await.ok()
+    })
+    .await;
+}
+
 /// Settings that cannot work stop the binary at once with a message (and
 /// without the "listening on" line scripts wait for): a data dir of another
 /// node id (its log, vote and membership are that node's), an advertised or

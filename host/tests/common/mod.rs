@@ -137,6 +137,22 @@ pub struct Proc {
     child: Option<Child>,
 }
 
+/// Where a node's log goes: nowhere, or appended to `node-<id>.log` in
+/// `FLAGSTONE_TEST_NODE_LOGS` (a directory) when that is set, to look into a
+/// failure.
+fn node_stderr(id: u64) -> Stdio {
+    let Some(dir) = std::env::var_os("FLAGSTONE_TEST_NODE_LOGS") else {
+        return Stdio::null();
+    };
+    let path = Path::new(&dir).join(format!("node-{id}.log"));
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map(Stdio::from)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 impl Proc {
     /// Spawns a node; `listen` may be `127.0.0.1:0`.
     pub fn spawn(id: u64, data_dir: &Path, listen: &str, join: Option<&str>) -> Proc {
@@ -166,7 +182,7 @@ impl Proc {
         .env("FLAGSTONE_THREADS", "2")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        .stderr(node_stderr(id));
         if let Some(j) = join {
             cmd.args(["--join", j]);
         }

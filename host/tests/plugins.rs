@@ -394,6 +394,45 @@ async fn plugins_are_hot_reloaded() {
         "feature_flags.new_ui: expected boolean, got string \"yes\""
     );
 
+    // A replacement caught half-copied (or a build that does not load)
+    // leaves the running version validating: no window of unvalidated
+    // writes. The complete file then replaces it.
+    let wasm = std::fs::read(plugin_wasm_dir().join("flag_schema.wasm")).unwrap();
+    std::fs::write(plugins.join("flag_schema.wasm"), &wasm[..wasm.len() / 2]).unwrap();
+    wait_for(
+        "flag-schema to be stale",
+        Duration::from_secs(20),
+        || async { (status_of(&c, &node, "flag-schema").await["state"] == "stale").then_some(()) },
+    )
+    .await;
+    let status = status_of(&c, &node, "flag-schema").await;
+    let error = status["error"].as_str().unwrap_or_default();
+    assert!(error.contains("keeps running"), "{status}");
+    let r = c
+        .put(url(&node, "/v1/kv/feature_flags"))
+        .body(bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "still validated"
+    );
+    std::fs::write(plugins.join("flag_schema.wasm"), &wasm).unwrap();
+    wait_for("flag-schema to reload", Duration::from_secs(20), || async {
+        let s = status_of(&c, &node, "flag-schema").await;
+        (s["state"] == "ok" && s["error"].is_null()).then_some(())
+    })
+    .await;
+    let r = c
+        .put(url(&node, "/v1/kv/feature_flags"))
+        .body(bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+
     std::fs::remove_file(plugins.join("flag_schema.wasm")).unwrap();
     wait_for("flag-schema to unload", Duration::from_secs(20), || async {
         status_of(&c, &node, "flag-schema")

@@ -55,10 +55,17 @@ fn validates(p: &LoadedPlugin, key: &str) -> bool {
 /// An evaluation as answered by a plugin, or a typed error.
 pub type EvalResult = Result<(String, types::Evaluation), types::EvaluationError>;
 
+/// A file's modification time and length: a change to either is a change.
+type Stamp = (SystemTime, u64);
+
 struct Active {
     plugin: Arc<LoadedPlugin>,
     file: PathBuf,
-    stamp: (SystemTime, u64),
+    /// The stamp of the contents this plugin was loaded from.
+    stamp: Stamp,
+    /// Newer contents of the file that did not load, and why (the plugin
+    /// above keeps running: [`PluginHost::rescan`]).
+    rejected: Option<(Stamp, String)>,
     /// Sender into this plugin's on-change worker (None: no on-change hook).
     /// Weak references: the change history holds the changes (and bounds
     /// their bytes); one it dropped before the worker got to it is lost.
@@ -70,7 +77,7 @@ struct PluginSet {
     /// By plugin name: validators run in this order.
     active: BTreeMap<String, Active>,
     /// Files that failed to load, with the reason.
-    broken: BTreeMap<PathBuf, ((SystemTime, u64), String)>,
+    broken: BTreeMap<PathBuf, (Stamp, String)>,
     /// The active plugins in name order, shared with callers (rebuilt on
     /// every change, so a hook call clones one `Arc`, not a list).
     ordered: Arc<[Arc<LoadedPlugin>]>,
@@ -89,9 +96,11 @@ pub struct PluginStatus {
     pub hooks: Vec<&'static str>,
     /// Key prefixes.
     pub prefixes: Vec<String>,
-    /// `ok`, `unhealthy` (recent calls failed) or `broken` (did not load).
+    /// `ok`, `unhealthy` (recent calls failed), `stale` (the file changed
+    /// and does not load; the version loaded before runs) or `broken` (did
+    /// not load).
     pub state: &'static str,
-    /// Why it is broken.
+    /// Why it is broken or stale.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// Counters.
@@ -165,65 +174,74 @@ impl PluginHost {
 
     /// Looks at the directory and loads added or changed `.wasm` files,
     /// unloads removed ones. Returns whether anything changed.
+    ///
+    /// A changed file whose new contents do not load (half-copied, or a bad
+    /// build) leaves its previous version running, reported as `stale`:
+    /// dropping it would let every write to its keys through unvalidated
+    /// until the file is fixed. A new file that does not load is `broken`.
+    /// Files are loaded without holding the plugin set, so hook calls go on
+    /// meanwhile.
     pub fn rescan(&self) -> bool {
-        let mut found: BTreeMap<PathBuf, (SystemTime, u64)> = BTreeMap::new();
-        if let Ok(entries) = std::fs::read_dir(&self.dir) {
-            for e in entries.flatten() {
-                let path = e.path();
-                if path.extension().is_some_and(|x| x == "wasm")
-                    && let Ok(meta) = e.metadata()
-                    && meta.is_file()
-                {
-                    found.insert(
-                        path,
-                        (
-                            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                            meta.len(),
-                        ),
-                    );
-                }
+        let found = self.scan_dir();
+        // Files whose current contents were not tried yet.
+        let to_load: Vec<(PathBuf, Stamp)> = {
+            let set = self.read_set();
+            found
+                .iter()
+                .filter(|(file, stamp)| {
+                    let tried = set.active.values().any(|a| {
+                        a.file == **file
+                            && (a.stamp == **stamp
+                                || a.rejected.as_ref().is_some_and(|(s, _)| s == *stamp))
+                    }) || set.broken.get(*file).is_some_and(|(s, _)| s == *stamp);
+                    !tried
+                })
+                .map(|(file, stamp)| (file.clone(), *stamp))
+                .collect()
+        };
+        let loaded: Vec<_> = to_load
+            .into_iter()
+            .map(|(file, stamp)| {
+                let result = self.load_file(&file).map_err(|e| e.0);
+                (file, stamp, result)
+            })
+            .collect();
+
+        let mut set = self.write_set();
+        let before = (set.active.len(), set.broken.len());
+        // Removed files take their plugins with them; a broken file that
+        // changed is in `loaded`.
+        set.active.retain(|_, a| found.contains_key(&a.file));
+        set.broken
+            .retain(|f, (stamp, _)| found.get(f) == Some(stamp));
+        let mut changed = (set.active.len(), set.broken.len()) != before;
+        // A file changed back to the contents that are running.
+        for a in set.active.values_mut() {
+            if found.get(&a.file) == Some(&a.stamp) && a.rejected.take().is_some() {
+                changed = true;
             }
         }
-        let (unchanged_active, unchanged_broken): (Vec<PathBuf>, Vec<PathBuf>) = {
-            let set = self.read_set();
-            (
-                set.active
-                    .values()
-                    .filter(|a| found.get(&a.file) == Some(&a.stamp))
-                    .map(|a| a.file.clone())
-                    .collect(),
-                set.broken
-                    .iter()
-                    .filter(|(f, (st, _))| found.get(*f) == Some(st))
-                    .map(|(f, _)| f.clone())
-                    .collect(),
-            )
-        };
-        let to_load: Vec<_> = found
-            .iter()
-            .filter(|(f, _)| !unchanged_active.contains(f) && !unchanged_broken.contains(f))
-            .collect();
-        let mut changed = false;
-        let mut set = self.write_set();
-        // Unload what disappeared or changed.
-        let before = set.active.len() + set.broken.len();
-        set.active.retain(|_, a| unchanged_active.contains(&a.file));
-        set.broken.retain(|f, _| unchanged_broken.contains(f));
-        changed |= set.active.len() + set.broken.len() != before;
-        for (file, stamp) in to_load {
+        for (file, stamp, result) in loaded {
             changed = true;
-            match self.load_file(file) {
-                Ok(plugin) => {
-                    let name = plugin.name().to_owned();
-                    if let Some(other) = set.active.get(&name) {
-                        let msg = format!(
-                            "plugin name {name:?} is already used by {}",
-                            other.file.display()
-                        );
-                        tracing::error!(file = %file.display(), "{msg}");
-                        set.broken.insert(file.clone(), (*stamp, msg));
-                        continue;
+            let previous = set
+                .active
+                .iter()
+                .find(|(_, a)| a.file == file)
+                .map(|(name, _)| name.clone());
+            let result = result.and_then(|plugin| match set.active.get(plugin.name()) {
+                Some(other) if other.file != file => Err(format!(
+                    "plugin name {:?} is already used by {}",
+                    plugin.name(),
+                    other.file.display()
+                )),
+                _ => Ok(plugin),
+            });
+            match (result, previous) {
+                (Ok(plugin), previous) => {
+                    if let Some(previous) = previous {
+                        set.active.remove(&previous);
                     }
+                    let name = plugin.name().to_owned();
                     tracing::info!(plugin = %name, version = %plugin.info.version, file = %file.display(), "plugin loaded");
                     let plugin = Arc::new(plugin);
                     let reactor = self.start_reactor(&plugin);
@@ -231,15 +249,22 @@ impl PluginHost {
                         name,
                         Active {
                             plugin,
-                            file: file.clone(),
-                            stamp: *stamp,
+                            file,
+                            stamp,
+                            rejected: None,
                             reactor,
                         },
                     );
                 }
-                Err(e) => {
-                    tracing::error!(file = %file.display(), error = %e, "plugin failed to load");
-                    set.broken.insert(file.clone(), (*stamp, e.0));
+                (Err(error), Some(previous)) => {
+                    tracing::error!(file = %file.display(), %error, plugin = %previous, "the changed plugin file does not load; its previous version keeps running");
+                    if let Some(a) = set.active.get_mut(&previous) {
+                        a.rejected = Some((stamp, error));
+                    }
+                }
+                (Err(error), None) => {
+                    tracing::error!(file = %file.display(), %error, "plugin failed to load");
+                    set.broken.insert(file, (stamp, error));
                 }
             }
         }
@@ -247,6 +272,24 @@ impl PluginHost {
             set.ordered = set.active.values().map(|a| a.plugin.clone()).collect();
         }
         changed
+    }
+
+    /// The `.wasm` files of the plugins directory and their stamps.
+    fn scan_dir(&self) -> BTreeMap<PathBuf, Stamp> {
+        let mut found = BTreeMap::new();
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let path = e.path();
+                if path.extension().is_some_and(|x| x == "wasm")
+                    && let Ok(meta) = e.metadata()
+                    && meta.is_file()
+                {
+                    let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                    found.insert(path, (modified, meta.len()));
+                }
+            }
+        }
+        found
     }
 
     fn load_file(&self, file: &Path) -> Result<LoadedPlugin, LoadError> {
@@ -464,12 +507,16 @@ impl PluginHost {
                 file: a.file.display().to_string(),
                 hooks: a.plugin.info.hooks.iter().map(hook_name).collect(),
                 prefixes: a.plugin.info.key_prefixes.clone(),
-                state: if a.plugin.stats.unhealthy() {
+                state: if a.rejected.is_some() {
+                    "stale"
+                } else if a.plugin.stats.unhealthy() {
                     "unhealthy"
                 } else {
                     "ok"
                 },
-                error: None,
+                error: a.rejected.as_ref().map(|(_, error)| {
+                    format!("the file changed and does not load: {error}; the version loaded before keeps running")
+                }),
                 counters: Some(a.plugin.stats.view()),
             })
             .collect();

@@ -44,7 +44,38 @@ pub fn evaluate(
     key: &str,
     ctx: &EvalContext,
 ) -> Result<Evaluation, EvaluationError> {
-    evaluate_by_plugins(plugins, key, ctx).unwrap_or_else(|| PlainFlags::read(reader).evaluate(key))
+    evaluate_by_plugins(plugins, key, ctx)
+        .unwrap_or_else(|| unanswered(reader, &PlainFlags::read(reader), key))
+}
+
+/// The answer for `key` when no evaluator plugin knows it: the plain flag's
+/// ([`PlainFlags::evaluate`]), except for a flag defined under `flags/`,
+/// which only an evaluator can answer: GENERAL, not FLAG_NOT_FOUND — the
+/// flag exists, and FLAG_NOT_FOUND makes OpenFeature SDKs quietly serve
+/// their default (a node without the evaluator plugin, or while it does not
+/// load).
+pub fn unanswered(
+    reader: &KvReader,
+    plain: &PlainFlags,
+    key: &str,
+) -> Result<Evaluation, EvaluationError> {
+    let answer = plain.evaluate(key);
+    if answer
+        .as_ref()
+        .is_err_and(|e| e.code == ErrorCode::FlagNotFound)
+    {
+        let definition = format!("{FLAGS_PREFIX}{key}");
+        if let Ok(Some(_)) = reader.get(&definition) {
+            return Err(error(
+                ErrorCode::General,
+                format!(
+                    "flag {key:?} is defined ({definition}), but no evaluator plugin on this node \
+                     evaluates it"
+                ),
+            ));
+        }
+    }
+    answer
 }
 
 /// The evaluator plugins' answer, or `None` when none of them knows `key`

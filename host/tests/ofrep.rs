@@ -368,12 +368,32 @@ async fn plain_feature_flags_evaluate_without_plugins_and_changes_are_announced(
         b,
         json!({"key":"new_ui","value":true,"variant":"true","reason":"STATIC","metadata":{}})
     );
+    // A rich flag exists but needs an evaluator: not FLAG_NOT_FOUND, which
+    // makes OpenFeature SDKs quietly serve their default.
     let (s, b) = single(&node, "bool-flag", "{}").await;
     assert_eq!(
         (s.as_u16(), &b["errorCode"]),
-        (404, &json!("FLAG_NOT_FOUND")),
-        "rich flags need an evaluator"
+        (400, &json!("GENERAL")),
+        "rich flags need an evaluator: {b}"
     );
+    assert_eq!(
+        b["errorDetails"],
+        "flag \"bool-flag\" is defined (flags/bool-flag), but no evaluator plugin on this node evaluates it"
+    );
+    let (s, b) = single(&node, "no-such-flag", "{}").await;
+    assert_eq!(
+        (s.as_u16(), &b["errorCode"]),
+        (404, &json!("FLAG_NOT_FOUND"))
+    );
+    let (s, b) = post(&node, "/ofrep/v1/evaluate/flags", "{}").await;
+    assert_eq!(s, 200);
+    let bool_flag = b["flags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["key"] == "bool-flag")
+        .cloned();
+    assert_eq!(bool_flag.unwrap()["errorCode"], "GENERAL", "{b}");
     let (s, b) = single(&node, "odd", "{}").await;
     assert_eq!(
         (s.as_u16(), &b["errorCode"]),

@@ -31,7 +31,9 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::kv::wants_linearizable;
 use super::query::{QueryError, StrictQuery};
-use crate::flags::{PlainFlags, bulk_etag, evaluate_by_plugins, flag_keys, is_flag_key};
+use crate::flags::{
+    PlainFlags, bulk_etag, evaluate_by_plugins, flag_keys, is_flag_key, unanswered,
+};
 use crate::keys::MAX_KEY_BYTES;
 use crate::node::Node;
 use crate::plugins::types::{ErrorCode, EvalContext, Evaluation, FlagValue, MetadataValue, Reason};
@@ -450,12 +452,14 @@ fn bulk(node: &Node, headers: &HeaderMap, context: &Value, ctx: &EvalContext) ->
     };
     let flags: Vec<Value> = keys
         .iter()
-        .map(
-            |k| match evaluate_by_plugins(plugins, k, ctx).unwrap_or_else(|| plain.evaluate(k)) {
+        .map(|k| {
+            match evaluate_by_plugins(plugins, k, ctx)
+                .unwrap_or_else(|| unanswered(reader, &plain, k))
+            {
                 Ok(e) => serde_json::to_value(success(k, &e)).unwrap_or(Value::Null),
                 Err(e) => failure_json(Some(k), e.code, &e.message),
-            },
-        )
+            }
+        })
         .collect();
     let body = json!({
         "flags": flags,

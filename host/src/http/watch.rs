@@ -131,7 +131,8 @@ impl Watch {
                 Err(RecvError::Lagged(n)) => {
                     self.rx = None;
                     let msg = format!(
-                        "consumer too slow: {n} changes could not be delivered; reconnect with since={}",
+                        "consumer too slow: it fell {n} changes behind, and the stream ends here \
+                         (later changes are not sent either); reconnect with since={}",
                         self.last
                     );
                     let resume = Some(self.last);

@@ -518,13 +518,13 @@ impl Node {
 
     /// The current leader and its URL, if known.
     pub fn leader(&self) -> Option<(NodeId, String)> {
-        let m = self.raft.metrics();
-        let m = m.borrow();
-        let id = m.current_leader?;
-        let addr = m.membership_config.membership().get_node(&id)?.addr.clone();
-        Some((id, addr))
+        known_leader(&self.raft.metrics().borrow())
     }
 
+    /// The leader once one is known that is a member (bounded wait). A
+    /// leader just removed from the membership still counts as leader here
+    /// until the others elect a new one: a request waits for that election
+    /// rather than failing at once.
     async fn wait_for_leader(&self) -> Option<(NodeId, String)> {
         if let Some(l) = self.leader() {
             return Some(l);
@@ -532,7 +532,7 @@ impl Node {
         let _ = self
             .raft
             .wait(Some(LEADER_WAIT))
-            .metrics(|m| m.current_leader.is_some(), "leader known")
+            .metrics(|m| known_leader(m).is_some(), "leader known")
             .await;
         self.leader()
     }
@@ -1225,6 +1225,15 @@ pub fn check_config(config: &NodeConfig, local_addr: SocketAddr) -> Result<Strin
     }
     crate::raft::claim_data_dir(&config.data_dir, config.id)?;
     Ok(advertise)
+}
+
+/// The leader `m` names and its address, if the leader is a member.
+fn known_leader(
+    m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>,
+) -> Option<(NodeId, String)> {
+    let id = m.current_leader?;
+    let addr = m.membership_config.membership().get_node(&id)?.addr.clone();
+    Some((id, addr))
 }
 
 /// Runs a node on `listener` until `shutdown` resolves, then stops it cleanly.

@@ -294,6 +294,50 @@ async fn late_joiner_catches_up_through_snapshot_and_members_can_be_removed() {
     }
 }
 
+/// Removing the leader: writes through the remaining members wait for the
+/// election that follows and succeed, instead of failing at once with 503
+/// `no_leader` while the members still name the removed node as leader
+/// (about 1 s of errors on every node before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_wait_out_the_removal_of_the_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = cluster3(dir.path(), fast_tuning()).await;
+    let leader_id = nodes[0].cluster_info().leader_id.unwrap();
+    let rest: Vec<_> = nodes
+        .iter()
+        .filter(|n| n.id() != leader_id)
+        .cloned()
+        .collect();
+    let c = client();
+    let r = c
+        .delete(url(&rest[0], &format!("/v1/cluster/members/{leader_id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    for (i, n) in rest.iter().enumerate() {
+        let r = c
+            .put(url(n, &format!("/v1/kv/after/{i}")))
+            .body("ok")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+    wait_converged(&rest, 2).await;
+    for n in &rest {
+        let keys = wait_for("both writes", Duration::from_secs(10), || async {
+            let k = n.list_custom_data_keys("after/").await.unwrap();
+            (k.len() == 2).then_some(k)
+        })
+        .await;
+        assert_eq!(keys, ["after/0", "after/1"]);
+    }
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
 /// A new member catches up on 40 MiB of large values from the log. Each
 /// AppendEntries must answer within the heartbeat interval (openraft's RPC
 /// timeout): sent all at once, they timed out again and again (a member took

@@ -4,9 +4,10 @@
 //!
 //! History is kept in memory, bounded by a number of changes and by the
 //! bytes of their keys and values (values are up to 1 MiB: 10,000 changes of
-//! blobs would be gigabytes): after a restart or a snapshot install, only
-//! changes after that point are available, and an older `since` is answered
-//! with [`Compacted`].
+//! blobs would be gigabytes): after a restart, only the changes the node
+//! re-applies from its log as it starts and later ones are available, after a
+//! snapshot install only later ones, and an older `since` is answered with
+//! [`Compacted`].
 //!
 //! The history holds the only strong references to published changes: the
 //! live channel and the plugins' on-change queues carry weak ones. So what

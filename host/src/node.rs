@@ -41,6 +41,7 @@ use crate::plugins::{Limits, PluginHost};
 use crate::raft::follower_read::{LeaderView, ReadIndexRequest, confirmed_read_index};
 use crate::raft::network::Network;
 use crate::raft::network::check_peer_addr;
+use crate::raft::removal::VoteRefusals;
 use crate::raft::{
     Command, CommandResult, KvReader, NodeId, Precondition, Raft, ValueRecord, open_storage,
 };
@@ -209,6 +210,8 @@ pub struct Node {
     reader: KvReader,
     committed: Arc<AtomicU64>,
     peers: PeerClient,
+    /// Votes other nodes refused as from a non-member ([`Node::removed`]).
+    refusals: Arc<VoteRefusals>,
     membership_lock: Mutex<()>,
     plugins: Option<Arc<PluginHost>>,
     evaluations: Evaluations,
@@ -302,10 +305,11 @@ impl Node {
         .validate()
         .map_err(|e| NodeError::Raft(e.to_string()))?;
         let compaction_log = log_store.clone();
+        let refusals = Arc::new(VoteRefusals::default());
         let raft = Raft::new(
             config.id,
             Arc::new(raft_config),
-            Network,
+            Network::new(refusals.clone()),
             log_store,
             state_machine,
         )
@@ -331,6 +335,7 @@ impl Node {
             reader,
             committed,
             peers,
+            refusals,
             membership_lock: Mutex::new(()),
             plugins,
             evaluations: Evaluations::new(
@@ -349,6 +354,7 @@ impl Node {
             background: std::sync::Mutex::new(Vec::new()),
         });
 
+        node.track_background(tokio::spawn(report_removal(Arc::downgrade(&node))));
         if let Some(host) = &node.plugins {
             node.track_background(host.dispatch_changes());
             node.track_background(host.watch_dir(config.plugin_reload_every));
@@ -927,6 +933,22 @@ impl Node {
                     .is_some_and(|ms| ms <= self.quorum_stale_ms))
     }
 
+    /// Whether this node looks removed from its cluster: it knows no leader
+    /// and every other voter of its membership refused its votes lately as
+    /// from a non-member (see `raft/removal.rs`).
+    pub fn removed(&self) -> bool {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        known_leader(&m).is_none()
+            && self.refusals.refused_by_all(
+                m.membership_config
+                    .membership()
+                    .voter_ids()
+                    .filter(|id| *id != self.id),
+                std::time::Instant::now(),
+            )
+    }
+
     /// Why this node's Raft core stopped, if it did (a storage error, a
     /// panic, or the node stopping): it then neither writes nor follows
     /// until restarted.
@@ -1225,6 +1247,27 @@ pub fn check_config(config: &NodeConfig, local_addr: SocketAddr) -> Result<Strin
     }
     crate::raft::claim_data_dir(&config.data_dir, config.id)?;
     Ok(advertise)
+}
+
+/// Logs when this node starts (and stops) looking removed from its cluster
+/// ([`Node::removed`]), until the node is gone.
+async fn report_removal(node: std::sync::Weak<Node>) {
+    let mut was = false;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(node) = node.upgrade() else { return };
+        let now = node.removed();
+        if now && !was {
+            tracing::warn!(
+                "every other voter refuses this node's votes as from a non-member: it was \
+                 removed from the cluster. Stop it (to add it again, start it on an empty data \
+                 dir with --join)"
+            );
+        } else if was && !now {
+            tracing::info!("this node is counted as a voter again");
+        }
+        was = now;
+    }
 }
 
 /// The leader `m` names and its address, if the leader is a member.

@@ -338,6 +338,60 @@ async fn writes_wait_out_the_removal_of_the_leader() {
     }
 }
 
+/// A removed node is not told, keeps its old membership and campaigns; the
+/// others refuse its votes as from a non-member. Once all of them did, it
+/// says so: `/readyz` 503 `removed`, instead of looking like a node that
+/// merely lost its leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_node_reports_itself_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = cluster3(dir.path(), fast_tuning()).await;
+    let leader_id = nodes[0].cluster_info().leader_id.unwrap();
+    let leader = leader_of(&nodes, leader_id);
+    let removed = nodes.iter().find(|n| n.id() != leader_id).unwrap().clone();
+    let c = client();
+    let r = c
+        .delete(url(
+            &leader,
+            &format!("/v1/cluster/members/{}", removed.id()),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let body = wait_for(
+        "the removed node to say so",
+        Duration::from_secs(20),
+        || async {
+            let r = c.get(url(&removed, "/readyz")).send().await.ok()?;
+            let body: Value = r.json().await.ok()?;
+            (body["error"]["code"] == "removed").then_some(body)
+        },
+    )
+    .await;
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("stop it"),
+        "{body}"
+    );
+    let rest: Vec<_> = nodes
+        .iter()
+        .filter(|n| n.id() != removed.id())
+        .cloned()
+        .collect();
+    wait_converged(&rest, 2).await;
+    for n in &rest {
+        assert!(!n.removed(), "node {} is a member", n.id());
+        let r = c.get(url(n, "/readyz")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
 /// A new member catches up on 40 MiB of large values from the log. Each
 /// AppendEntries must answer within the heartbeat interval (openraft's RPC
 /// timeout): sent all at once, they timed out again and again (a member took

@@ -145,6 +145,14 @@ pub async fn healthz(State(node): State<Arc<Node>>) -> Response {
 pub async fn readyz(State(node): State<Arc<Node>>) -> Result<Response, ApiError> {
     if node.is_ready() {
         Ok(Json(json!({ "status": "ready" })).into_response())
+    } else if node.removed() {
+        Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "removed",
+            "every other voter refuses this node's votes as from a non-member: it was removed \
+             from the cluster; stop it (to add it again, start it on an empty data dir with \
+             --join)",
+        ))
     } else {
         let info = node.cluster_info();
         Err(ApiError::new(

@@ -12,6 +12,7 @@ pub mod history;
 pub mod log_store;
 pub mod network;
 pub mod record_cache;
+pub mod removal;
 pub mod snapshot_file;
 pub mod state_machine;
 pub mod types;

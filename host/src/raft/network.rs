@@ -6,8 +6,10 @@
 //! An AppendEntries the peer refuses as too large (413) becomes openraft's
 //! `PayloadTooLarge` with half the entries, so it is retried in smaller parts.
 //! Snapshot chunks travel as [`SnapshotChunk`]: their bytes as MessagePack
-//! binary, not openraft's array of integers.
+//! binary, not openraft's array of integers. A vote a peer refuses as from a
+//! non-member (403) is noted in [`VoteRefusals`] (`removal.rs`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,6 +30,7 @@ use openraft::raft::{
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use super::removal::VoteRefusals;
 use super::types::{NodeId, SnapshotMeta, TypeConfig};
 
 /// An `InstallSnapshotRequest` on the wire: its fields in its order, with
@@ -76,9 +79,19 @@ pub const MSGPACK: &str = "application/msgpack";
 /// How long connecting to a peer may take before it counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Creates one [`PeerConnection`] per target.
+/// Creates one [`PeerConnection`] per target; they all note refused votes
+/// in one [`VoteRefusals`].
 #[derive(Clone, Default)]
-pub struct Network;
+pub struct Network {
+    refusals: Arc<VoteRefusals>,
+}
+
+impl Network {
+    /// Connections that note refused votes in `refusals`.
+    pub fn new(refusals: Arc<VoteRefusals>) -> Self {
+        Network { refusals }
+    }
+}
 
 /// RPC endpoint for one peer: one keep-alive HTTP/1.1 connection, opened on
 /// first use and again after any failure. openraft sends one RPC at a time
@@ -88,6 +101,7 @@ pub struct PeerConnection {
     /// `host:port` of the peer (from its advertised URL), or why it is unusable.
     authority: Result<String, String>,
     conn: Option<SendRequest<Full<Bytes>>>,
+    refusals: Arc<VoteRefusals>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -98,6 +112,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             authority: authority_of(&node.addr),
             conn: None,
+            refusals: self.refusals.clone(),
         }
     }
 }
@@ -242,6 +257,7 @@ impl PeerConnection {
             target,
             authority,
             conn,
+            refusals,
         } = self;
         let authority = match authority {
             Ok(a) => a.as_str(),
@@ -272,6 +288,10 @@ impl PeerConnection {
             return Err(RPCError::PayloadTooLarge(
                 PayloadTooLarge::new_entries_hint((entries / 2) as u64),
             ));
+        }
+        if path == "/raft/vote" && status == StatusCode::FORBIDDEN {
+            // `not_a_voter`: the peer's membership does not have this node.
+            refusals.refused_by(*target);
         }
         if !status.is_success() {
             let msg = format!(
@@ -312,7 +332,11 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
-        self.call("/raft/vote", &rpc, &option, 0).await
+        let answer = self.call("/raft/vote", &rpc, &option, 0).await;
+        if answer.is_ok() {
+            self.refusals.answered_by(self.target);
+        }
+        answer
     }
 }
 
@@ -393,7 +417,7 @@ mod tests {
             .await
         });
         let node = BasicNode::new(format!("http://{addr}"));
-        (Network.new_client(2, &node).await, seen)
+        (Network::default().new_client(2, &node).await, seen)
     }
 
     async fn vote(c: &mut PeerConnection) -> bool {

@@ -4,55 +4,103 @@
 //! leader validates and proposes each, its group commit joins them into one
 //! entry) and each gets its own answer back.
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
 use crate::batcher;
 use crate::coalesce::Coalescer;
 use crate::error::WriteError;
 use crate::peer::PeerClient;
 use crate::raft::{Command, CommandResult};
 
-/// Forward batches in flight at once. One: the leader proposes each forward
-/// as one entry (`Node::write_local_all`), so writes that queue here while a
-/// forward is out all travel, and commit, together. With two, each forward
-/// carried about half as many writes and the leader made twice the entries
-/// (17 instead of 31 writes per entry at 64 clients, BENCHMARKS item 28), and
-/// per-entry work (fsyncs, AppendEntries, apply) costs more than the idle
-/// round trip saves on this CPU-bound path.
+/// Forward batches in flight at once, per leader. One: the leader proposes
+/// each forward as one entry (`Node::write_local_all`), so writes that queue
+/// here while a forward is out all travel, and commit, together. With two,
+/// each forward carried about half as many writes and the leader made twice
+/// the entries (17 instead of 31 writes per entry at 64 clients, BENCHMARKS
+/// item 28), and per-entry work (fsyncs, AppendEntries, apply) costs more
+/// than the idle round trip saves on this CPU-bound path.
 const FORWARDS_IN_FLIGHT: usize = 1;
+
+/// How long a forward already sent may still answer once another leader is
+/// known. A leader that stepped down answers at once (its writes are then
+/// retried at the new one); one cut off by a partition never answers, and
+/// without this limit its forward would hold its queue until the forward
+/// timeout (10 s).
+const ANSWER_GRACE: Duration = Duration::from_secs(1);
 
 type Answer = Result<CommandResult, WriteError>;
 
-/// Batches writes forwarded to the leader.
+/// What forwarding needs to know about who leads.
+pub trait LeaderWatch: Sync {
+    /// Whether the leader is (still) the node at `addr`.
+    fn leads_at(&self, addr: &str) -> bool;
+    /// Resolves once a leader at another address is known.
+    fn moved_from<'a>(&'a self, addr: &'a str) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+}
+
+/// Batches writes forwarded to the leader: one queue per leader address, so
+/// writes for a new leader never wait behind a forward to the old one.
+#[derive(Default)]
 pub struct Forwarder {
-    writes: Coalescer<(String, Command), Answer>,
-}
-
-impl Default for Forwarder {
-    fn default() -> Self {
-        Forwarder {
-            writes: Coalescer::new(FORWARDS_IN_FLIGHT),
-        }
-    }
-}
-
-/// The next batch: queued writes for the same leader address as the first,
-/// within the leader's batch limits.
-fn batch_len(queued: &[(String, Command)]) -> usize {
-    let Some((addr, _)) = queued.first() else {
-        return 0;
-    };
-    let same_leader = queued.iter().take_while(|(a, _)| a == addr).count();
-    batcher::batch_len(&queued[..same_leader], |(_, cmd)| cmd)
+    queues: Mutex<HashMap<String, Arc<Coalescer<Command, Answer>>>>,
 }
 
 impl Forwarder {
-    /// Sends `cmd` to the leader at `addr`, with whatever else is waiting.
-    pub async fn forward(&self, peers: &PeerClient, addr: String, cmd: Command) -> Answer {
-        self.writes
-            .call((addr, cmd), batch_len, |batch| async move {
-                let addr = batch[0].0.clone();
-                let cmds: Vec<Command> = batch.into_iter().map(|(_, c)| c).collect();
-                peers.forward_writes(&addr, &cmds).await
-            })
+    fn queue(&self, addr: &str) -> Arc<Coalescer<Command, Answer>> {
+        let mut queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
+        queues
+            .entry(addr.to_owned())
+            .or_insert_with(|| Arc::new(Coalescer::new(FORWARDS_IN_FLIGHT)))
+            .clone()
+    }
+
+    /// Sends `cmd` to the leader at `addr`, with whatever else is waiting for
+    /// it. Writes still queued when another node leads are not sent: they
+    /// answer `NotLeader`, and the caller retries them at the new leader. A
+    /// forward already sent that has not answered [`ANSWER_GRACE`] after
+    /// another leader is known answers `Unavailable` (it may or may not have
+    /// been applied).
+    pub async fn forward(
+        &self,
+        peers: &PeerClient,
+        leader: &impl LeaderWatch,
+        addr: String,
+        cmd: Command,
+    ) -> Answer {
+        let addr = addr.as_str();
+        self.queue(addr)
+            .call(
+                cmd,
+                |queued| batcher::batch_len(queued, |c| c),
+                |batch| async move {
+                    if !leader.leads_at(addr) {
+                        return vec![Err(WriteError::NotLeader { leader: None }); batch.len()];
+                    }
+                    let cut_off = async {
+                        // (Not watching during the first wait: a forward
+                        // normally answers long before, and the watch would
+                        // wake this task at every change of the Raft metrics.)
+                        tokio::time::sleep(ANSWER_GRACE).await;
+                        leader.moved_from(addr).await;
+                        tokio::time::sleep(ANSWER_GRACE).await;
+                    };
+                    tokio::select! {
+                        answers = peers.forward_writes(addr, &batch) => answers,
+                        () = cut_off => vec![
+                            Err(WriteError::Unavailable(
+                                "another node leads now and the one this write was forwarded \
+                                 to did not answer; it may or may not have been applied"
+                                    .into(),
+                            ));
+                            batch.len()
+                        ],
+                    }
+                },
+            )
             .await
             .unwrap_or_else(|| {
                 Err(WriteError::Unavailable(
@@ -61,38 +109,5 @@ impl Forwarder {
                         .into(),
                 ))
             })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::batcher::{MAX_BATCH_BYTES, MAX_BATCH_LEN};
-
-    fn put(key: &str, len: usize) -> Command {
-        Command::Put {
-            key: key.into(),
-            value: vec![0; len],
-            content_type: None,
-            precondition: Default::default(),
-        }
-    }
-
-    #[test]
-    fn a_batch_goes_to_one_leader_within_the_limits() {
-        let a = || "http://a".to_string();
-        let b = || "http://b".to_string();
-        assert_eq!(batch_len(&[]), 0);
-        let q = vec![(a(), put("k", 1)), (a(), put("k", 1)), (b(), put("k", 1))];
-        assert_eq!(batch_len(&q), 2, "stops at another address");
-        let big = MAX_BATCH_BYTES / 2;
-        let q = vec![
-            (a(), put("k", big)),
-            (a(), put("k", big)),
-            (a(), put("k", 1)),
-        ];
-        assert_eq!(batch_len(&q), 1, "stops before the byte limit");
-        let q: Vec<_> = (0..MAX_BATCH_LEN + 5).map(|_| (a(), put("k", 1))).collect();
-        assert_eq!(batch_len(&q), MAX_BATCH_LEN);
     }
 }

@@ -701,7 +701,7 @@ impl Node {
             || WriteError::NoLeader,
             |e| matches!(e, WriteError::NotLeader { .. } | WriteError::NoLeader),
             || self.write_local(cmd.clone()),
-            |addr| self.forwarder.forward(&self.peers, addr, cmd.clone()),
+            |addr| self.forwarder.forward(&self.peers, self, addr, cmd.clone()),
         );
         let result = tokio::time::timeout(self.write_timeout, write)
             .await
@@ -1247,6 +1247,32 @@ pub fn check_config(config: &NodeConfig, local_addr: SocketAddr) -> Result<Strin
     }
     crate::raft::claim_data_dir(&config.data_dir, config.id)?;
     Ok(advertise)
+}
+
+impl crate::forward::LeaderWatch for Node {
+    fn leads_at(&self, addr: &str) -> bool {
+        self.leader().is_some_and(|(_, a)| a == addr)
+    }
+
+    fn moved_from<'a>(
+        &'a self,
+        addr: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            let moved = self
+                .raft
+                .wait(None)
+                .metrics(
+                    |m| known_leader(m).is_some_and(|(_, a)| a != addr),
+                    "another leader",
+                )
+                .await;
+            if moved.is_err() {
+                // The node is stopping: the forward ends some other way.
+                std::future::pending::<()>().await;
+            }
+        })
+    }
 }
 
 /// Logs when this node starts (and stops) looking removed from its cluster

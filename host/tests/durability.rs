@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
@@ -116,6 +116,72 @@ async fn kill9_leader_loses_no_acknowledged_write_and_it_rejoins() {
         .await;
         assert_eq!(&got, v);
     }
+}
+
+/// A leader that stops answering without closing its connections (paused
+/// here; cut off by a network partition alike: nothing resets them) does not
+/// hold a follower's writes until the forward timeout: writes sent once the
+/// others elected a new leader go to it at once, and the forwards stuck on
+/// the old one give up about a second after the change (before: every
+/// write through that follower waited the full 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_stops_answering_does_not_hold_writes_for_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let procs = three(dir.path());
+    let c = client();
+    let leader = wait_proc_converged(&c, &procs.iter().collect::<Vec<_>>(), 3).await;
+    for (i, p) in procs.iter().enumerate() {
+        put(&c, &p.url, &format!("before/{i}"), "x").await.unwrap();
+    }
+    let old = procs.iter().find(|p| p.id == leader).unwrap();
+    let others: Vec<&Proc> = procs.iter().filter(|p| p.id != leader).collect();
+    old.signal("STOP");
+    // Forwarded to the paused leader, and stuck there.
+    let stuck: Vec<_> = others
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let (c, url) = (c.clone(), p.url.clone());
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let r = put(&c, &url, &format!("stuck/{i}"), "x").await;
+                (r, started.elapsed())
+            })
+        })
+        .collect();
+    let next = wait_for("a new leader", Duration::from_secs(20), || async {
+        let mut agreed = None;
+        for p in &others {
+            let l = cluster_json(&c, &p.url).await?["leader_id"].as_u64()?;
+            if l == leader || agreed.is_some_and(|a| a != l) {
+                return None;
+            }
+            agreed = Some(l);
+        }
+        agreed
+    })
+    .await;
+    for (i, p) in others.iter().enumerate() {
+        let started = Instant::now();
+        let r = put(&c, &p.url, &format!("after/{i}"), "x").await;
+        let took = started.elapsed();
+        assert!(r.is_ok(), "node {} (leader {next}): {r:?}", p.id);
+        assert!(
+            took < Duration::from_secs(3),
+            "a write through node {} took {took:?} with node {next} leading",
+            p.id
+        );
+    }
+    for handle in stuck {
+        let (r, took) = handle.await.unwrap();
+        // Applied or not: the forward's answer never came.
+        if let Err(e) = &r {
+            assert!(e.contains("may or may not have been applied"), "{e}");
+        }
+        assert!(took < Duration::from_secs(8), "stuck for {took:?}: {r:?}");
+    }
+    old.signal("CONT");
+    wait_proc_converged(&c, &procs.iter().collect::<Vec<_>>(), 3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -220,6 +220,16 @@ impl Proc {
         }
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, …) to the node.
+    pub fn signal(&self, signal: &str) {
+        let c = self.child.as_ref().expect("running");
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), c.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} node {}", self.id);
+    }
+
     /// SIGTERM and wait; returns the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("running");

@@ -833,8 +833,21 @@ impl Node {
     }
 
     /// Waits until this node has applied everything committed before the
-    /// call. Concurrent callers share read-index requests.
+    /// call. Concurrent callers share read-index requests. Bounded like a
+    /// write (the write timeout, 10 s by default): a node cut off from the
+    /// leader answers 503 then, not after retrying for as long as it may.
     pub async fn read_barrier(&self) -> Result<(), ReadError> {
+        tokio::time::timeout(self.write_timeout, self.read_barrier_unbounded())
+            .await
+            .unwrap_or_else(|_| {
+                Err(ReadError::Unavailable(format!(
+                    "could not confirm this read with the leader within {:?}",
+                    self.write_timeout
+                )))
+            })
+    }
+
+    async fn read_barrier_unbounded(&self) -> Result<(), ReadError> {
         let index = self
             .read_index
             .read_index(|| self.fetch_read_index())

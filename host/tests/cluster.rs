@@ -614,6 +614,18 @@ async fn a_write_without_a_quorum_times_out_with_503() {
     let code = &body["error"]["code"];
     assert!(code == "unavailable" || code == "no_leader", "{body}");
     assert!(took < Duration::from_secs(10), "answered after {took:?}");
+
+    // A linearizable read cannot be confirmed either: bounded the same way
+    // (it used to retry for 12 s and more).
+    let started = std::time::Instant::now();
+    let resp = client()
+        .get(url(&leader, "/v1/kv/before?consistency=linearizable"))
+        .send()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(resp.status(), 503);
+    assert!(took < Duration::from_secs(5), "answered after {took:?}");
     leader.shutdown().await;
 }
 

@@ -105,6 +105,64 @@ async fn put_get_delete_list_round_trip() {
     node.shutdown().await;
 }
 
+/// A GET whose `If-None-Match` names the current revision (weakly, in a
+/// list, or `*`) is 304 with the ETag and no body; a stale or foreign tag
+/// gets the value; a changed key no longer matches its old tag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_naming_the_current_etag_is_not_modified() {
+    use reqwest::Method;
+    let (_dir, node) = single_node(|_| {}).await;
+    let c = client();
+    let base = node.advertise();
+    let k = format!("{base}/v1/kv/cfg");
+    let r = c.put(&k).body("one").send().await.unwrap();
+    let etag = r.headers()["etag"].to_str().unwrap().to_owned();
+    let rev = etag.trim_matches('"').to_owned();
+    let weak = format!("W/{etag}");
+    let listed = format!("\"999\", {etag}");
+    let matching: Vec<Vec<(&str, &str)>> = vec![
+        vec![("if-none-match", etag.as_str())],
+        vec![("if-none-match", weak.as_str())],
+        vec![("if-none-match", listed.as_str())],
+        vec![
+            ("if-none-match", "\"999\""),
+            ("if-none-match", etag.as_str()),
+        ],
+        vec![("if-none-match", "*")],
+    ];
+    for headers in &matching {
+        for url in [k.clone(), format!("{k}?consistency=linearizable")] {
+            let r = send_with(&c, Method::GET, &url, headers).await;
+            assert_eq!(r.status(), StatusCode::NOT_MODIFIED, "{url} {headers:?}");
+            assert_eq!(r.headers()["etag"].to_str().unwrap(), etag);
+            assert!(r.bytes().await.unwrap().is_empty());
+        }
+    }
+    // Not this revision: the full answer. A bare revision is not an entity
+    // tag, and an unparsable one is a foreign tag, not an error.
+    for value in ["\"999\"", rev.as_str(), "\"abc\"", "garbage"] {
+        let r = send_with(&c, Method::GET, &k, &[("if-none-match", value)]).await;
+        assert_eq!(r.status(), 200, "{value}");
+        assert_eq!(r.text().await.unwrap(), "one");
+    }
+    // After a write the old tag is stale.
+    c.put(&k).body("two").send().await.unwrap();
+    let r = send_with(&c, Method::GET, &k, &[("if-none-match", etag.as_str())]).await;
+    assert_eq!(r.status(), 200);
+    assert_ne!(r.headers()["etag"].to_str().unwrap(), etag);
+    assert_eq!(r.text().await.unwrap(), "two");
+    // An absent key is 404 even for `*`.
+    let r = send_with(
+        &c,
+        Method::GET,
+        &format!("{base}/v1/kv/none"),
+        &[("if-none-match", "*")],
+    )
+    .await;
+    error_code(r, StatusCode::NOT_FOUND).await;
+    node.shutdown().await;
+}
+
 /// Sends `method url` with `headers`, each pair its own header line (a name
 /// may repeat), and for a PUT the body `new`.
 async fn send_with(

@@ -3,8 +3,10 @@
 //! Values are raw bytes; their Content-Type is stored and returned. Revisions
 //! travel as `ETag: "<revision>"`; `If-Match` (that ETag exactly, the bare revision, or `*`)
 //! makes a write compare-and-set, `If-None-Match: *` makes a put create-only.
-//! Any other form, or either header more than once, is a 400. Reads are local
-//! unless `?consistency=linearizable`.
+//! Any other form, or either header more than once, is a 400 on a write. On a
+//! GET, `If-None-Match` is a cache validator (RFC 9110 §13.1.2: a list of
+//! tags compared weakly, or `*`): naming the current revision answers 304
+//! with no body. Reads are local unless `?consistency=linearizable`.
 
 use std::sync::Arc;
 
@@ -336,11 +338,34 @@ pub async fn put(
     Ok(resp)
 }
 
-/// `GET /v1/kv/{key}`
+/// Whether a GET's `If-None-Match` names the current revision (RFC 9110
+/// §13.1.2: a list of entity tags compared weakly, or `*` for any current
+/// value), so the answer is 304 with no body. A member that is not a tag
+/// this server issues (another server's tag, garbage) just does not match:
+/// a cache validator is advice, and a GET answers in full rather than fail.
+fn not_modified(headers: &HeaderMap, revision: u64) -> bool {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .any(|member| {
+            member == "*"
+                || matches!(
+                    entity_tag(member),
+                    Some(EntityTag::Strong(r) | EntityTag::Weak(r)) if r == revision
+                )
+        })
+}
+
+/// `GET /v1/kv/{key}`: the value, or 304 when `If-None-Match` names its
+/// revision.
 pub async fn get(
     State(node): State<Arc<Node>>,
     path: Result<Path<String>, PathRejection>,
     query: Result<StrictQuery<ReadParams>, QueryError>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let key = key_of(path)?;
     let params = params(query)?;
@@ -360,6 +385,11 @@ pub async fn get(
         .and_then(|c| HeaderValue::from_str(c).ok())
         .unwrap_or(HeaderValue::from_static("application/octet-stream"));
     let revision = record.revision;
+    if not_modified(&headers, revision) {
+        let mut resp = StatusCode::NOT_MODIFIED.into_response();
+        resp.headers_mut().insert(header::ETAG, etag(revision));
+        return Ok(resp);
+    }
     // The body borrows the (possibly cached) record's bytes: no copy.
     let mut resp = Body::from(Bytes::from_owner(RecordValue(record))).into_response();
     let h = resp.headers_mut();

@@ -164,6 +164,17 @@ impl NodeConfig {
     }
 }
 
+/// One page of a key listing ([`Node::list_page`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPage {
+    /// The keys, sorted bytewise.
+    pub keys: Vec<String>,
+    /// Whether more keys under the prefix follow the last one.
+    pub more: bool,
+    /// The store's revision when the page was read.
+    pub revision: u64,
+}
+
 /// Optional conditions and metadata of a put.
 #[derive(Debug, Clone, Default)]
 pub struct PutOptions {
@@ -647,11 +658,30 @@ impl Node {
         prefix: &str,
         linearizable: bool,
     ) -> Result<(Vec<String>, u64), ReadError> {
+        let page = self.list_page(prefix, "", usize::MAX, linearizable).await?;
+        Ok((page.keys, page.revision))
+    }
+
+    /// At most `limit` keys under `prefix` that sort after `after` (`""`:
+    /// from the first), with whether more follow and the revision the page
+    /// was read at (the listing holds every change up to it).
+    pub async fn list_page(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+        linearizable: bool,
+    ) -> Result<KeyPage, ReadError> {
         if linearizable {
             self.read_barrier().await?;
         }
         let revision = self.reader.revision_now();
-        Ok((self.reader.list(prefix)?, revision))
+        let (keys, more) = self.reader.list_page(prefix, after, limit)?;
+        Ok(KeyPage {
+            keys,
+            more,
+            revision,
+        })
     }
 
     /// Runs `local` if this node leads, else `remote` with the leader's URL.

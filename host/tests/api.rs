@@ -163,6 +163,106 @@ async fn a_get_naming_the_current_etag_is_not_modified() {
     node.shutdown().await;
 }
 
+/// `?limit=N` pages through a listing in key order, `more` says whether a
+/// next page exists and `after` (the last key of a page) asks for it; a
+/// limit outside 1–10000 or a cursor longer than a key is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_pages_through_its_keys() {
+    let (_dir, node) = single_node(|_| {}).await;
+    let c = client();
+    let base = node.advertise();
+    for k in [
+        "a", "flags/1", "flags/2", "flags/3", "flags/4", "flags/5", "z",
+    ] {
+        let r = c
+            .put(format!("{base}/v1/kv/{k}"))
+            .body("v")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let page = |query: &str| {
+        let url = format!("{base}/v1/kv?{query}");
+        let c = c.clone();
+        async move {
+            let j = get_json(&c, url).await;
+            let keys: Vec<String> = serde_json::from_value(j["keys"].clone()).unwrap();
+            (keys, j["more"].as_bool().unwrap())
+        }
+    };
+    let v = |keys: &[&str]| keys.iter().map(|k| k.to_string()).collect::<Vec<_>>();
+    let all = v(&["flags/1", "flags/2", "flags/3", "flags/4", "flags/5"]);
+    assert_eq!(page("prefix=flags/").await, (all.clone(), false));
+    assert_eq!(page("prefix=flags/&limit=5").await, (all.clone(), false));
+    assert_eq!(
+        page("prefix=flags/&limit=2").await,
+        (v(&["flags/1", "flags/2"]), true)
+    );
+    assert_eq!(
+        page("prefix=flags/&limit=2&after=flags/2").await,
+        (v(&["flags/3", "flags/4"]), true)
+    );
+    assert_eq!(
+        page("prefix=flags/&limit=2&after=flags/4").await,
+        (v(&["flags/5"]), false)
+    );
+    assert_eq!(page("prefix=flags/&after=flags/5").await, (vec![], false));
+    // A cursor that is not a key: before the prefix, inside it, past it.
+    assert_eq!(
+        page("prefix=flags/&limit=3&after=a").await,
+        (all[..3].to_vec(), true)
+    );
+    assert_eq!(
+        page("prefix=flags/&after=flags/2x").await,
+        (all[2..].to_vec(), false)
+    );
+    assert_eq!(page("prefix=flags/&after=g").await, (vec![], false));
+    assert_eq!(page("limit=2&after=flags/5").await, (v(&["z"]), false));
+    assert_eq!(
+        page("prefix=flags/&limit=2&after=flags/1&consistency=linearizable").await,
+        (v(&["flags/2", "flags/3"]), true)
+    );
+    // Page by page, one key at a time, the whole listing comes out once.
+    let (mut seen, mut after) = (Vec::new(), String::new());
+    for _ in 0..20 {
+        let (keys, more) = page(&format!("limit=1&after={after}")).await;
+        seen.extend(keys.iter().cloned());
+        if !more {
+            break;
+        }
+        after = keys.last().unwrap().clone();
+    }
+    assert_eq!(seen, page("").await.0);
+    assert_eq!(seen.len(), 7);
+
+    let long = "k".repeat(MAX_KEY_BYTES + 1);
+    for (query, code) in [
+        ("limit=0", "invalid_limit"),
+        ("limit=10001", "invalid_limit"),
+        ("limit=-1", "invalid_limit"),
+        ("limit=01", "invalid_limit"),
+        ("limit=", "invalid_limit"),
+        ("limit=ten", "invalid_limit"),
+        ("limit=99999999999999999999", "invalid_limit"),
+        (&format!("after={long}")[..], "invalid_after"),
+    ] {
+        let r = c.get(format!("{base}/v1/kv?{query}")).send().await.unwrap();
+        assert_eq!(
+            error_code(r, StatusCode::BAD_REQUEST).await["code"],
+            code,
+            "{query}"
+        );
+    }
+    let r = c
+        .get(format!("{base}/v1/kv?limit=10000"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    node.shutdown().await;
+}
+
 /// Sends `method url` with `headers`, each pair its own header line (a name
 /// may repeat), and for a PUT the body `new`.
 async fn send_with(

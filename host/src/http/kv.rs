@@ -6,7 +6,8 @@
 //! Any other form, or either header more than once, is a 400 on a write. On a
 //! GET, `If-None-Match` is a cache validator (RFC 9110 §13.1.2: a list of
 //! tags compared weakly, or `*`): naming the current revision answers 304
-//! with no body. Reads are local unless `?consistency=linearizable`.
+//! with no body. Reads are local unless `?consistency=linearizable`. A
+//! listing may be read in pages (`?limit=N&after=K`).
 
 use std::sync::Arc;
 
@@ -24,7 +25,7 @@ use serde_json::json;
 
 use super::error::ApiError;
 use super::query::{QueryError, StrictQuery};
-use crate::keys::{MAX_VALUE_BYTES, validate_key};
+use crate::keys::{MAX_KEY_BYTES, MAX_VALUE_BYTES, validate_key};
 use crate::node::{Node, PutOptions};
 use crate::raft::{Precondition, ValueRecord};
 
@@ -32,8 +33,6 @@ use crate::raft::{Precondition, ValueRecord};
 #[derive(Debug, Deserialize, Default)]
 pub struct ReadParams {
     consistency: Option<String>,
-    #[serde(default)]
-    prefix: String,
 }
 
 impl ReadParams {
@@ -419,14 +418,75 @@ pub async fn delete(
     Ok(Json(json!({ "deleted": deleted, "revision": revision })).into_response())
 }
 
-/// `GET /v1/kv?prefix=P`
+/// Most keys one listing page may ask for (`?limit=`).
+pub const MAX_LIST_LIMIT: usize = 10_000;
+
+/// Query parameters of a listing.
+#[derive(Debug, Deserialize, Default)]
+pub struct ListParams {
+    consistency: Option<String>,
+    #[serde(default)]
+    prefix: String,
+    /// Kept as text, so that a bad value gets its own message.
+    limit: Option<String>,
+    #[serde(default)]
+    after: String,
+}
+
+impl ListParams {
+    /// `?limit=`: 1 to [`MAX_LIST_LIMIT`], canonical decimal; absent: all keys.
+    fn limit(&self) -> Result<usize, ApiError> {
+        let Some(text) = self.limit.as_deref() else {
+            return Ok(usize::MAX);
+        };
+        let canonical = !text.is_empty()
+            && text.len() <= 5
+            && text.bytes().all(|b| b.is_ascii_digit())
+            && !text.starts_with('0');
+        match text.parse::<usize>() {
+            Ok(n) if canonical && n <= MAX_LIST_LIMIT => Ok(n),
+            _ => Err(ApiError::bad_request(
+                "invalid_limit",
+                format!("limit must be a whole number from 1 to {MAX_LIST_LIMIT}, not {text:?}"),
+            )),
+        }
+    }
+
+    /// `?after=`: a key (the last one of the previous page); `""`: the start.
+    fn after(&self) -> Result<&str, ApiError> {
+        if self.after.len() > MAX_KEY_BYTES {
+            return Err(ApiError::bad_request(
+                "invalid_after",
+                format!(
+                    "after is {} bytes long; keys are at most {MAX_KEY_BYTES}",
+                    self.after.len()
+                ),
+            ));
+        }
+        Ok(&self.after)
+    }
+}
+
+/// `GET /v1/kv?prefix=P[&limit=N&after=K]`: the keys under `P`, sorted; with
+/// `limit`, a page of them and whether more follow (ask for the next page
+/// with `after` = the last key of this one).
 pub async fn list(
     State(node): State<Arc<Node>>,
-    query: Result<StrictQuery<ReadParams>, QueryError>,
+    query: Result<StrictQuery<ListParams>, QueryError>,
 ) -> Result<Response, ApiError> {
-    let params = params(query)?;
-    let (keys, revision) = node.list(&params.prefix, params.linearizable()?).await?;
-    Ok(Json(json!({ "keys": keys, "revision": revision })).into_response())
+    let params = query
+        .map(|StrictQuery(p)| p)
+        .map_err(|e| ApiError::bad_request("invalid_query", e.0))?;
+    let linearizable = wants_linearizable(params.consistency.as_deref())
+        .map_err(|msg| ApiError::bad_request("invalid_consistency", msg))?;
+    let (limit, after) = (params.limit()?, params.after()?);
+    let page = node
+        .list_page(&params.prefix, after, limit, linearizable)
+        .await?;
+    Ok(
+        Json(json!({ "keys": page.keys, "more": page.more, "revision": page.revision }))
+            .into_response(),
+    )
 }
 
 /// Any method on `/v1/kv/` (an empty key).

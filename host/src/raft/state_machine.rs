@@ -38,6 +38,7 @@
 //! every start in fjall's recovery ("should exist").
 
 use std::collections::HashMap;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -294,12 +295,37 @@ impl KvReader {
 
     /// Keys starting with `prefix`, sorted bytewise (which is UTF-8 order).
     pub fn list(&self, prefix: &str) -> Result<Vec<String>, ReadError> {
+        Ok(self.list_page(prefix, "", usize::MAX)?.0)
+    }
+
+    /// At most `limit` keys starting with `prefix` and sorting after `after`
+    /// (`""`: from the first), sorted bytewise, and whether more follow.
+    pub fn list_page(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<(Vec<String>, bool), ReadError> {
+        let kv = self.kv.get();
+        // Every key under `prefix` sorts at or after it, so a cursor before
+        // the prefix changes nothing.
+        let items = if after.as_bytes() >= prefix.as_bytes() && !after.is_empty() {
+            kv.range::<&[u8], _>((Bound::Excluded(after.as_bytes()), Bound::Unbounded))
+        } else {
+            kv.prefix(prefix)
+        };
         let mut keys = Vec::new();
-        for item in self.kv.get().prefix(prefix) {
+        for item in items {
             let key = item.key().map_err(|e| ReadError(e.to_string()))?;
+            if !key.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            if keys.len() == limit {
+                return Ok((keys, true));
+            }
             keys.push(String::from_utf8_lossy(&key).into_owned());
         }
-        Ok(keys)
+        Ok((keys, false))
     }
 
     /// The last applied Raft log index (what linearizable reads wait for).

@@ -20,7 +20,11 @@
 //! A runner's future can be dropped mid-batch (an HTTP handler whose client
 //! went away). The items of that batch then get no answer (their outcome is
 //! unknown), and the runner's slot passes on in the same way, so nothing
-//! queued behind it waits forever.
+//! queued behind it waits forever. A waiting caller can go away too (its
+//! timeout, its client hanging up): its item is left out of every later
+//! batch (nobody would get its answer, and a client that retries must not
+//! find its first attempt applied behind its back), and a slot handed to it
+//! just as it went passes on as well.
 
 use std::future::Future;
 use std::sync::Mutex;
@@ -117,7 +121,7 @@ impl<T, R> Coalescer<T, R> {
                 let (tx, rx) = oneshot::channel();
                 q.items.push(item);
                 q.replies.push(tx);
-                waiting.push(rx);
+                waiting.push(Waiting { owner: self, rx });
             }
             let lead = !waiting.is_empty() && q.running < self.max_inflight;
             if lead {
@@ -150,26 +154,22 @@ impl<T, R> Coalescer<T, R> {
             .collect()
     }
 
-    /// Waits for the answer behind `rx`; handed the runner slot, runs a
+    /// Waits for the answer behind `waiting`; handed the runner slot, runs a
     /// batch (which holds this item: it is first in the queue) and waits on.
-    async fn answer<C, F, Fut>(
-        &self,
-        mut rx: oneshot::Receiver<Msg<T, R>>,
-        cut: &C,
-        run: &F,
-    ) -> Option<R>
+    async fn answer<C, F, Fut>(&self, mut waiting: Waiting<'_, T, R>, cut: &C, run: &F) -> Option<R>
     where
         C: Fn(&[T]) -> usize,
         F: Fn(Vec<T>) -> Fut,
         Fut: Future<Output = Vec<R>>,
     {
         loop {
-            match rx.await {
+            match (&mut waiting.rx).await {
                 Ok(Msg::Done(answer)) => return Some(answer),
                 Ok(Msg::Lead(next)) => {
-                    // The slot came with the message: `running` already counts it.
+                    // The slot came with the message: `running` already counts
+                    // it, and from here `lead`'s guard passes it on.
+                    waiting.rx = next;
                     self.lead(cut, run, false).await;
-                    rx = next;
                 }
                 Err(_) => return None,
             }
@@ -192,6 +192,7 @@ impl<T, R> Coalescer<T, R> {
         }
         let (items, replies) = {
             let mut q = self.lock();
+            drop_abandoned(&mut q);
             if q.items.is_empty() {
                 // `q` drops before `_slot`, which takes the lock again.
                 return;
@@ -222,6 +223,46 @@ fn pass_slot<T, R>(q: &mut Queue<T, R>) {
         q.replies.remove(0);
     }
     q.running -= 1;
+}
+
+/// Takes out of the queue the items whose callers went away (their answer
+/// could reach no one; a write whose client timed out and may retry must not
+/// be proposed behind its back). [`pass_slot`] only skips such items at the
+/// head of the queue; a batch must not carry them from further back.
+fn drop_abandoned<T, R>(q: &mut Queue<T, R>) {
+    if q.replies.iter().all(|r| !r.is_closed()) {
+        return;
+    }
+    // One reading per reply: a caller may go away while this runs, and
+    // items and replies must stay paired.
+    let keep: Vec<bool> = q.replies.iter().map(|r| !r.is_closed()).collect();
+    let mut k = keep.iter();
+    q.items.retain(|_| *k.next().unwrap_or(&true));
+    let mut k = keep.iter();
+    q.replies.retain(|_| *k.next().unwrap_or(&true));
+}
+
+/// A caller's wait for its item's answer. If the caller goes away after the
+/// runner slot was sent to it but before it took the slot, the slot passes
+/// on as this drops; otherwise `running` would count a runner that never
+/// runs, and with one slot nothing queued would ever run again.
+struct Waiting<'a, T, R> {
+    owner: &'a Coalescer<T, R>,
+    rx: oneshot::Receiver<Msg<T, R>>,
+}
+
+impl<T, R> Drop for Waiting<'_, T, R> {
+    fn drop(&mut self) {
+        // After `close`, nothing more can be sent; what was sent before is
+        // still there to take.
+        self.rx.close();
+        if let Ok(Msg::Lead(next)) = self.rx.try_recv() {
+            // The item's answer would go to `next`: dropping it makes the
+            // item abandoned, and `pass_slot` skips it.
+            drop(next);
+            pass_slot(&mut self.owner.lock());
+        }
+    }
 }
 
 /// A held runner slot; as it drops (its batch done, or the runner's future
@@ -477,6 +518,97 @@ mod tests {
         gates[1].add_permits(1);
         let got = within("the second caller runs its batch", second).await;
         assert_eq!(got.unwrap(), Some(2));
+    }
+
+    /// A coalescer whose first batch waits for `gate`; every batch's items
+    /// are recorded in `seen`.
+    struct Gated {
+        c: Arc<Coalescer<u32, u32>>,
+        gate: Arc<tokio::sync::Semaphore>,
+        seen: Arc<Mutex<Vec<Vec<u32>>>>,
+    }
+
+    impl Gated {
+        fn new() -> Self {
+            Gated {
+                c: Arc::new(Coalescer::new(1)),
+                gate: Arc::new(tokio::sync::Semaphore::new(0)),
+                seen: Arc::new(Mutex::new(Vec::new())),
+            }
+        }
+
+        fn call(&self, i: u32) -> impl Future<Output = Option<u32>> + Send + 'static {
+            let (c, gate, seen) = (self.c.clone(), self.gate.clone(), self.seen.clone());
+            async move {
+                let run = |items: Vec<u32>| {
+                    let first = {
+                        let mut seen = seen.lock().unwrap();
+                        seen.push(items.clone());
+                        seen.len() == 1
+                    };
+                    let gate = gate.clone();
+                    async move {
+                        if first {
+                            let _ = gate.acquire().await.unwrap();
+                        }
+                        items.into_iter().map(|i| i * 10).collect()
+                    }
+                };
+                c.call(i, |q| q.len(), run).await
+            }
+        }
+
+        fn queued(&self) -> usize {
+            self.c.lock().items.len()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_caller_gone_before_it_took_the_slot_passes_it_on() {
+        let g = Gated::new();
+        let runner = tokio::spawn(g.call(1));
+        until("the first batch runs", || {
+            !g.seen.lock().unwrap().is_empty()
+        })
+        .await;
+        // A caller queues behind it (polled once, then never again).
+        let mut gone = Box::pin(g.call(2));
+        assert!(futures::poll!(&mut gone).is_pending());
+        assert_eq!(g.queued(), 1);
+        // The batch ends and hands the slot to that caller, which goes away
+        // (a timeout, a client that hung up) before it takes it.
+        g.gate.add_permits(1);
+        assert_eq!(
+            within("the runner's answer", runner).await.unwrap(),
+            Some(10)
+        );
+        drop(gone);
+        // The slot was not lost with it: later calls still run.
+        assert_eq!(within("a later call", g.call(3)).await, Some(30));
+        assert_eq!(*g.seen.lock().unwrap(), vec![vec![1], vec![3]]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_leaves_out_the_items_of_callers_gone() {
+        let g = Gated::new();
+        let runner = tokio::spawn(g.call(1));
+        until("the first batch runs", || {
+            !g.seen.lock().unwrap().is_empty()
+        })
+        .await;
+        let second = tokio::spawn(g.call(2));
+        until("the second caller queues", || g.queued() == 1).await;
+        let mut gone = Box::pin(g.call(3));
+        assert!(futures::poll!(&mut gone).is_pending());
+        let fourth = tokio::spawn(g.call(4));
+        until("the fourth caller queues", || g.queued() == 3).await;
+        // The third caller gives up while it waits in the middle of the queue.
+        drop(gone);
+        g.gate.add_permits(1);
+        assert_eq!(within("the runner", runner).await.unwrap(), Some(10));
+        assert_eq!(within("the second", second).await.unwrap(), Some(20));
+        assert_eq!(within("the fourth", fourth).await.unwrap(), Some(40));
+        assert_eq!(*g.seen.lock().unwrap(), vec![vec![1], vec![2, 4]]);
     }
 
     /// Yields until `holds()`; fails the test, naming `what`, after 5 s.

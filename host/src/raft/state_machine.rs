@@ -462,6 +462,17 @@ impl StateMachineStore {
                  from the snapshot file and the log"
             );
             (last_applied, membership, rev) = (None, StoredMembership::default(), 0);
+            // On disk before the empty keyspace exists: a rebuild killed
+            // (or failing) after it made the keyspace must find "nothing
+            // applied" at the next start, and install the file again, not
+            // trust an empty key space with the old applied index.
+            let mut batch = db.batch();
+            batch.insert(&meta, LAST_APPLIED, encode_meta(&last_applied)?);
+            batch.insert(&meta, MEMBERSHIP, encode_meta(&membership)?);
+            batch.insert(&meta, REVISION, encode_meta(&rev)?);
+            batch.commit().map_err(|e| sm_err(ErrorVerb::Write, e))?;
+            db.persist(PersistMode::SyncData)
+                .map_err(|e| sm_err(ErrorVerb::Write, e))?;
         }
         let kv = db
             .keyspace(&live_name, super::bulk_keyspace)
@@ -1317,6 +1328,39 @@ mod tests {
         let reader = sm.reader();
         assert_eq!(reader.list("").unwrap(), ["snap"]);
         drop((sm, reader, db));
+
+        // A rebuild that stops after it made the new, empty keyspace (killed,
+        // or here: the file's pairs unreadable) must not leave that keyspace
+        // trusted with the old applied index: the next start rebuilds again.
+        lose_the_live_keyspace();
+        let current = dir.path().join("snapshot").join(snapshot_file::CURRENT);
+        let good = std::fs::read(&current).unwrap();
+        let mut garbled = good.clone();
+        garbled[16..20].fill(0xFF); // the first key's length
+        std::fs::write(&current, &garbled).unwrap();
+        let db = open_db(dir.path());
+        assert!(
+            StateMachineStore::open(&db, dir.path()).is_err(),
+            "garbled pairs"
+        );
+        drop(db);
+        // What it left on disk says nothing is applied, whatever became of
+        // the keyspace it made.
+        let applied_on_disk = {
+            let db = open_db(dir.path());
+            let meta = db
+                .keyspace("sm_meta", fjall::KeyspaceCreateOptions::default)
+                .unwrap();
+            let bytes = meta.get(LAST_APPLIED).unwrap().expect("a record");
+            rmp_serde::from_slice::<Option<LogId>>(&bytes).unwrap()
+        };
+        assert_eq!(applied_on_disk, None);
+        std::fs::write(&current, &good).unwrap();
+        let db = open_db(dir.path());
+        let sm = StateMachineStore::open(&db, dir.path()).expect("reopen");
+        assert_eq!((sm.last_applied, sm.rev), (meta(20).last_log_id, 7));
+        assert_eq!(sm.reader().list("").unwrap(), ["snap"]);
+        drop((sm, db));
 
         lose_the_live_keyspace();
         std::fs::remove_dir_all(dir.path().join("snapshot")).unwrap();

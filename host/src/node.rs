@@ -810,6 +810,11 @@ impl Node {
                     leader: f.leader_id,
                 })
             }
+            // Appended, then replaced by a newer leader's entries: a copy
+            // elsewhere may still commit, so it is not retried.
+            Err(RaftError::APIError(ClientWriteError::EntryTruncated(t))) => Err(
+                WriteError::Unavailable(format!("{t}: it may or may not have been applied")),
+            ),
             Err(RaftError::APIError(e)) => Err(WriteError::Unavailable(e.to_string())),
             Err(RaftError::Fatal(e)) => Err(WriteError::Unavailable(e.to_string())),
         }

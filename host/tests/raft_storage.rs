@@ -13,7 +13,9 @@ use flagstone::raft::{
     Command, Entry, KvReader, LogId, LogStore, NodeId, Raft, StateMachineStore, StorageError,
     TypeConfig, open_storage,
 };
-use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    ClientWriteError, InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -203,6 +205,10 @@ struct Link {
 impl Router {
     fn isolate(&self, id: NodeId) {
         self.isolated.lock().unwrap().insert(id);
+    }
+
+    fn heal(&self, id: NodeId) {
+        self.isolated.lock().unwrap().remove(&id);
     }
 
     fn appends_to(&self, id: NodeId) -> u64 {
@@ -503,6 +509,54 @@ async fn leader_counts_its_own_copy_only_once_flushed() {
 /// It restarts as a follower; leadership comes from an election in a higher
 /// term, which voters with a longer log refuse it. (Published openraft 0.9
 /// restores leadership at startup: this test times out on it.)
+/// A write whose entry a newer leader replaced before it committed gets
+/// `EntryTruncated` (the vendored patch of `DeleteConflictLog`): its outcome
+/// is unknown, since in a larger cluster a copy elsewhere could still
+/// commit, so it must not look like `ForwardToLeader`, which flagstone
+/// retries because it means "refused before the append".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_replaced_by_a_newer_leader_is_reported_truncated() {
+    let cluster = Cluster::start().await;
+    let first = cluster.rafts[0]
+        .client_write(put("first"))
+        .await
+        .expect("client write");
+    // The leader is cut off; its next write is appended to its log only.
+    cluster.router.isolate(1);
+    let old_leader = cluster.rafts[0].clone();
+    let lost = tokio::spawn(async move { old_leader.client_write(put("lost")).await });
+    let m = cluster.rafts[1]
+        .wait(Some(Duration::from_secs(10)))
+        .metrics(
+            |m| m.current_leader.is_some_and(|l| l != 1),
+            "the other two elect a leader",
+        )
+        .await
+        .expect("a new leader");
+    let leader = m.current_leader.expect("leader") as usize - 1;
+    let next = cluster.rafts[leader]
+        .client_write(put("next"))
+        .await
+        .expect("client write on the new leader");
+    cluster.router.heal(1);
+    let answer = tokio::time::timeout(Duration::from_secs(10), lost)
+        .await
+        .expect("the old leader answers once its entry is replaced")
+        .expect("task");
+    match answer {
+        Err(RaftError::APIError(ClientWriteError::EntryTruncated(t))) => {
+            assert!(t.index > first.log_id.index, "{t}");
+        }
+        other => panic!("expected EntryTruncated, got {other:?}"),
+    }
+    for reader in &cluster.readers {
+        wait_applied(reader, next.log_id.index).await;
+        assert!(reader.get("next").unwrap().is_some());
+        assert!(reader.get("lost").unwrap().is_none());
+    }
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_leader_leads_again_only_after_an_election() {
     // Election timeouts well above the restart time, so the followers do

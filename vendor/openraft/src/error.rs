@@ -196,6 +196,26 @@ where
     /// When writing a change-membership entry.
     #[error(transparent)]
     ChangeMembershipError(#[from] ChangeMembershipError<NID>),
+
+    /// flagstone patch: the write's entry was appended, then removed from
+    /// this node's log by a newer leader before it committed here.
+    #[error(transparent)]
+    EntryTruncated(#[from] EntryTruncated),
+}
+
+/// flagstone patch: a write's entry was removed from the log of the node it
+/// was proposed on (by a newer leader's entries) before it committed there.
+///
+/// Unlike [`ForwardToLeader`] before the append, the write's outcome is
+/// unknown: another node may hold a copy of the entry that a later leader
+/// commits (in a cluster of five or more voters), so retrying the write
+/// elsewhere could apply it twice.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize, serde::Serialize))]
+#[error("the write's log entry (index {index}) was replaced by a newer leader's before it committed on this node; another node may still commit its copy")]
+pub struct EntryTruncated {
+    /// The index the entry had.
+    pub index: u64,
 }
 
 impl<NID, N> TryAsRef<ForwardToLeader<NID, N>> for ClientWriteError<NID, N>

@@ -50,6 +50,7 @@ use crate::entry::RaftEntry;
 use crate::error::ClientWriteError;
 use crate::error::Fatal;
 use crate::error::ForwardToLeader;
+use crate::error::EntryTruncated;
 use crate::error::Infallible;
 use crate::error::InitializeError;
 use crate::error::QuorumNotEnough;
@@ -711,6 +712,8 @@ where
         leading.and_then(|l| l.last_quorum_acked_time())
     }
 
+    // flagstone patch: unused since truncated writes get `EntryTruncated`.
+    #[allow(dead_code)]
     pub(crate) fn get_leader_node(&self, leader_id: Option<C::NodeId>) -> Option<C::Node> {
         let leader_id = leader_id?;
 
@@ -1757,21 +1760,23 @@ where
                 self.log_store.truncate(since.clone()).await?;
 
                 // Inform clients waiting for logs to be applied.
+                //
+                // flagstone patch: they get `EntryTruncated`, not
+                // `ForwardToLeader`. Their entries were appended, and a copy
+                // on another node may still commit under a later leader, so
+                // unlike a write refused before its append, a retry is not
+                // safe: the outcome is unknown.
                 let removed = self.client_resp_channels.split_off(&since.index);
                 if !removed.is_empty() {
-                    let leader_id = self.current_leader();
-                    let leader_node = self.get_leader_node(leader_id.clone());
-
                     // False positive lint warning(`non-binding `let` on a future`): https://github.com/rust-lang/rust-clippy/issues/9932
                     #[allow(clippy::let_underscore_future)]
                     let _ = C::spawn(async move {
                         for (log_index, tx) in removed.into_iter() {
-                            tx.send(Err(ClientWriteError::ForwardToLeader(ForwardToLeader {
-                                leader_id: leader_id.clone(),
-                                leader_node: leader_node.clone(),
+                            tx.send(Err(ClientWriteError::EntryTruncated(EntryTruncated {
+                                index: log_index,
                             })));
 
-                            tracing::debug!("sent ForwardToLeader for log_index: {}", log_index,);
+                            tracing::debug!("sent EntryTruncated for log_index: {}", log_index,);
                         }
                     });
                 }

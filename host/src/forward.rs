@@ -26,10 +26,12 @@ use crate::raft::{Command, CommandResult};
 const FORWARDS_IN_FLIGHT: usize = 1;
 
 /// How long a forward already sent may still answer once another leader is
-/// known. A leader that stepped down answers at once (its writes are then
-/// retried at the new one); one cut off by a partition never answers, and
-/// without this limit its forward would hold its queue until the forward
-/// timeout (10 s).
+/// known (and at least this long after it was sent: the watch for a new
+/// leader starts only then, so the cut-off comes one to two of these after
+/// the change). A leader that stepped down answers at once (its writes are
+/// then retried at the new one); one cut off by a partition never answers,
+/// and without this limit its forward would hold its queue until the
+/// forward timeout (10 s).
 const ANSWER_GRACE: Duration = Duration::from_secs(1);
 
 type Answer = Result<CommandResult, WriteError>;
@@ -61,9 +63,9 @@ impl Forwarder {
     /// Sends `cmd` to the leader at `addr`, with whatever else is waiting for
     /// it. Writes still queued when another node leads are not sent: they
     /// answer `NotLeader`, and the caller retries them at the new leader. A
-    /// forward already sent that has not answered [`ANSWER_GRACE`] after
-    /// another leader is known answers `Unavailable` (it may or may not have
-    /// been applied).
+    /// forward already sent that has not answered one to two
+    /// [`ANSWER_GRACE`]s after another leader is known answers `Unavailable`
+    /// (it may or may not have been applied).
     pub async fn forward(
         &self,
         peers: &PeerClient,

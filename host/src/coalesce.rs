@@ -18,9 +18,8 @@
 //! anyway; it is sent last, so Tokio runs that caller next on this worker.
 //!
 //! A runner's future can be dropped mid-batch (an HTTP handler whose client
-//! went away; writes run on tasks of their own for this reason,
-//! `http/detach.rs`, so for them only a timeout does it). The items of that
-//! batch then get no answer (their outcome is unknown), and the runner's slot passes on in the same way, so nothing
+//! went away). The items of that batch then get no answer (their outcome is
+//! unknown), and the runner's slot passes on in the same way, so nothing
 //! queued behind it waits forever. A waiting caller can go away too (its
 //! timeout, its client hanging up): its item is left out of every later
 //! batch (nobody would get its answer, and a client that retries must not

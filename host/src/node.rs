@@ -724,11 +724,6 @@ impl Node {
         Err(last.unwrap_or_else(no_leader))
     }
 
-    /// How long a write may take to commit before it is answered 503.
-    pub fn write_timeout(&self) -> Duration {
-        self.write_timeout
-    }
-
     /// Routes a command to the leader (forwarding from followers) and turns a
     /// failed precondition into an error.
     pub async fn write(&self, cmd: Command) -> Result<CommandResult, WriteError> {

@@ -23,10 +23,8 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::detach::detached;
 use super::error::ApiError;
 use super::query::{QueryError, StrictQuery};
-use crate::error::WriteError;
 use crate::keys::{MAX_KEY_BYTES, MAX_VALUE_BYTES, validate_key};
 use crate::node::{Node, PutOptions};
 use crate::raft::{Precondition, ValueRecord};
@@ -313,13 +311,7 @@ async fn read_value(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError
     Ok(buf)
 }
 
-/// A backstop for a detached write: `Node::write` answers within the write
-/// timeout itself.
-fn write_limit(node: &Node) -> Duration {
-    node.write_timeout() + Duration::from_secs(1)
-}
-
-/// `PUT /v1/kv/{key}`: the write runs detached (`detach.rs`).
+/// `PUT /v1/kv/{key}`
 pub async fn put(
     State(node): State<Arc<Node>>,
     path: Result<Path<String>, PathRejection>,
@@ -330,19 +322,16 @@ pub async fn put(
     let precondition = precondition(&headers, WriteKind::Put)?;
     let content_type = content_type_of(&headers)?;
     let value = read_value(&headers, body).await?;
-    let revision = {
-        let (node, key) = (node.clone(), key.clone());
-        let opts = PutOptions {
-            content_type,
-            precondition,
-        };
-        detached(
-            write_limit(&node),
-            async move { node.put(&key, value, opts).await },
-            |why| Err(WriteError::Unavailable(why)),
+    let revision = node
+        .put(
+            &key,
+            value,
+            PutOptions {
+                content_type,
+                precondition,
+            },
         )
-        .await?
-    };
+        .await?;
     let mut resp = Json(json!({ "key": key, "revision": revision })).into_response();
     resp.headers_mut().insert(header::ETAG, etag(revision));
     Ok(resp)
@@ -425,15 +414,7 @@ pub async fn delete(
 ) -> Result<Response, ApiError> {
     let key = key_of(path)?;
     let precondition = precondition(&headers, WriteKind::Delete)?;
-    let (deleted, revision) = {
-        let (node, key) = (node.clone(), key.clone());
-        detached(
-            write_limit(&node),
-            async move { node.delete(&key, precondition).await },
-            |why| Err(WriteError::Unavailable(why)),
-        )
-        .await?
-    };
+    let (deleted, revision) = node.delete(&key, precondition).await?;
     Ok(Json(json!({ "deleted": deleted, "revision": revision })).into_response())
 }
 

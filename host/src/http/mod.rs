@@ -10,13 +10,11 @@
 //! | `raft_rpc.rs` | `/raft/*` (node to node) |
 //! | `error.rs` | the JSON error body; 404 and 405 fallbacks |
 //! | `query.rs` | the query-string extractor every route above uses |
-//! | `detach.rs` | writes on a task of their own, so a client that hangs up cancels no batch |
 //!
 //! `server.rs` serves the router (`serve(listener, app, shutdown)`), with
 //! read timeouts against clients that send slowly.
 
 pub mod cluster;
-pub mod detach;
 pub mod error;
 pub mod flags;
 pub mod kv;

@@ -44,9 +44,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::detach::detached;
 use super::error::ApiError;
-use crate::error::WriteError;
 use crate::node::Node;
 use crate::raft::follower_read::ReadIndexRequest;
 use crate::raft::network::MSGPACK;
@@ -282,12 +280,7 @@ pub async fn forward(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let cmd: Command = decode(body)?;
-    let limit = node.write_timeout();
-    let result = detached(limit, async move { node.write_local(cmd).await }, |why| {
-        Err(WriteError::Unavailable(why))
-    })
-    .await;
-    Ok(reply(&result))
+    Ok(reply(&node.write_local(cmd).await))
 }
 
 /// `POST /raft/forward-batch`: validate and propose writes a follower
@@ -298,16 +291,7 @@ pub async fn forward_batch(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let cmds: Vec<Command> = decode(body)?;
-    let (limit, n) = (node.write_timeout(), cmds.len());
-    // Detached: the follower giving up on this forward (its client hung up,
-    // its cut-off) must not cancel the leader's batch these writes joined.
-    let results = detached(
-        limit,
-        async move { node.write_local_all(cmds).await },
-        |why| vec![Err(WriteError::Unavailable(why)); n],
-    )
-    .await;
-    Ok(reply(&results))
+    Ok(reply(&node.write_local_all(cmds).await))
 }
 
 /// `POST /raft/read-index`: confirm leadership and return the read index. The

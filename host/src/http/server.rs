@@ -13,6 +13,15 @@
 //!   handler then gets a read error: 400 `invalid_body`, or for Raft RPCs
 //!   `invalid_rpc_body`). A slow but steady upload is not cut off.
 //!
+//! A client that hangs up while its request is being served does not cancel
+//! it (hyper's `half_close`): the handler runs to its end and its answer goes
+//! nowhere. A write's handler may be running the batch of other clients'
+//! writes (`coalesce.rs`), which cancelling it would leave without answers
+//! ("may or may not have been applied") although their entry commits. The
+//! price: a closed connection is noticed when its answer is written, so a
+//! watch stream whose client went away ends at its next event or keep-alive
+//! (15 s), not at once.
+//!
 //! Responses are not limited: a watch stream lasts as long as its client
 //! reads it. On shutdown the loop stops accepting, lets each connection
 //! finish the request in progress, and returns once they are all closed.
@@ -102,7 +111,10 @@ async fn connection<S>(
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(read_timeout);
+        .header_read_timeout(read_timeout)
+        // A client that closes its side mid-request does not cancel the
+        // request (see the module docs).
+        .half_close(true);
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     let mut stopping = false;
@@ -119,5 +131,55 @@ async fn connection<S>(
                 conn.as_mut().graceful_shutdown();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use axum::routing::get;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    /// A client that closes its connection while its request is served
+    /// does not cancel the handler.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_hangs_up_does_not_cancel_its_request() {
+        let finished = Arc::new(AtomicBool::new(false));
+        let handler = {
+            let finished = finished.clone();
+            move || async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                finished.store(true, Ordering::SeqCst);
+                "done"
+            }
+        };
+        let app = Router::new().route("/slow", get(handler));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, app, Duration::from_secs(5), async {
+            let _ = stopped.await;
+        }));
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET /slow HTTP/1.1\r\nhost: test\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(client);
+        let ran_to_its_end = tokio::time::timeout(Duration::from_secs(5), async {
+            while !finished.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(ran_to_its_end.is_ok(), "the handler was cancelled");
+        let _ = stop.send(());
+        server.await.unwrap();
     }
 }

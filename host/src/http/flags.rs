@@ -398,12 +398,8 @@ pub async fn evaluate_one(
 }
 
 fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
-    headers
-        .get_all(header::IF_NONE_MATCH)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().trim_start_matches("W/"))
+    super::kv::none_match_members(headers)
+        .map(|t| t.trim_start_matches("W/"))
         .any(|t| t == etag || t == "*")
 }
 

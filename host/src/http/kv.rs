@@ -37,9 +37,13 @@ pub struct ReadParams {
 
 impl ReadParams {
     fn linearizable(&self) -> Result<bool, ApiError> {
-        wants_linearizable(self.consistency.as_deref())
-            .map_err(|msg| ApiError::bad_request("invalid_consistency", msg))
+        linearizable(self.consistency.as_deref())
     }
+}
+
+/// `?consistency=` of a key read or a listing, as an API error when bad.
+fn linearizable(consistency: Option<&str>) -> Result<bool, ApiError> {
+    wants_linearizable(consistency).map_err(|msg| ApiError::bad_request("invalid_consistency", msg))
 }
 
 /// Reads `?consistency=`: `linearizable` (true), `serializable` / `local` /
@@ -54,7 +58,7 @@ pub fn wants_linearizable(consistency: Option<&str>) -> Result<bool, String> {
     }
 }
 
-fn params(q: Result<StrictQuery<ReadParams>, QueryError>) -> Result<ReadParams, ApiError> {
+fn params<P>(q: Result<StrictQuery<P>, QueryError>) -> Result<P, ApiError> {
     q.map(|StrictQuery(p)| p)
         .map_err(|e| ApiError::bad_request("invalid_query", e.0))
 }
@@ -170,7 +174,7 @@ fn entity_tag(text: &str) -> Option<EntityTag> {
         Some(tag) => (true, tag),
         None => (false, text),
     };
-    let revision = canonical_revision(tag.strip_prefix('"')?.strip_suffix('"')?)?;
+    let revision = canonical_number(tag.strip_prefix('"')?.strip_suffix('"')?)?;
     Some(if weak {
         EntityTag::Weak(revision)
     } else {
@@ -178,10 +182,11 @@ fn entity_tag(text: &str) -> Option<EntityTag> {
     })
 }
 
-/// A revision written as this server writes it: ASCII digits, no sign, no
-/// leading zero (but `0` itself), within a u64. Entity tags compare as
-/// strings, so `"052"` must not stand for revision 52.
-fn canonical_revision(digits: &str) -> Option<u64> {
+/// A number written as this server writes it (revisions, a listing's
+/// limit): ASCII digits, no sign, no leading zero (but `0` itself), within a
+/// u64. Entity tags compare as strings, so `"052"` must not stand for
+/// revision 52.
+fn canonical_number(digits: &str) -> Option<u64> {
     let canonical = !digits.is_empty()
         && digits.bytes().all(|b| b.is_ascii_digit())
         && (digits == "0" || !digits.starts_with('0'));
@@ -221,7 +226,7 @@ fn if_match(text: String) -> Result<Precondition, PreconditionError> {
     }
     // The bare revision (`If-Match: 52`) is documented and kept; it too
     // must be canonical.
-    let tag = entity_tag(&text).or_else(|| canonical_revision(&text).map(EntityTag::Strong));
+    let tag = entity_tag(&text).or_else(|| canonical_number(&text).map(EntityTag::Strong));
     match tag {
         Some(EntityTag::Strong(revision)) => Ok(Precondition::Revision(revision)),
         Some(EntityTag::Weak(_)) => Err(PreconditionError::WeakIfMatch(text)),
@@ -337,25 +342,30 @@ pub async fn put(
     Ok(resp)
 }
 
-/// Whether a GET's `If-None-Match` names the current revision (RFC 9110
-/// §13.1.2: a list of entity tags compared weakly, or `*` for any current
-/// value), so the answer is 304 with no body. A member that is not a tag
-/// this server issues (another server's tag, garbage) just does not match:
-/// a cache validator is advice, and a GET answers in full rather than fail.
-fn not_modified(headers: &HeaderMap, revision: u64) -> bool {
+/// The members of a request's `If-None-Match` (every line, comma-separated,
+/// trimmed), for a GET's or an OFREP bulk evaluation's cache validation.
+pub(super) fn none_match_members(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(header::IF_NONE_MATCH)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .any(|member| {
-            member == "*"
-                || matches!(
-                    entity_tag(member),
-                    Some(EntityTag::Strong(r) | EntityTag::Weak(r)) if r == revision
-                )
-        })
+}
+
+/// Whether a GET's `If-None-Match` names the current revision (RFC 9110
+/// §13.1.2: a list of entity tags compared weakly, or `*` for any current
+/// value), so the answer is 304 with no body. A member that is not a tag
+/// this server issues (another server's tag, garbage) just does not match:
+/// a cache validator is advice, and a GET answers in full rather than fail.
+fn not_modified(headers: &HeaderMap, revision: u64) -> bool {
+    none_match_members(headers).any(|member| {
+        member == "*"
+            || matches!(
+                entity_tag(member),
+                Some(EntityTag::Strong(r) | EntityTag::Weak(r)) if r == revision
+            )
+    })
 }
 
 /// `GET /v1/kv/{key}`: the value, or 304 when `If-None-Match` names its
@@ -439,12 +449,8 @@ impl ListParams {
         let Some(text) = self.limit.as_deref() else {
             return Ok(usize::MAX);
         };
-        let canonical = !text.is_empty()
-            && text.len() <= 5
-            && text.bytes().all(|b| b.is_ascii_digit())
-            && !text.starts_with('0');
-        match text.parse::<usize>() {
-            Ok(n) if canonical && n <= MAX_LIST_LIMIT => Ok(n),
+        match canonical_number(text) {
+            Some(n) if (1..=MAX_LIST_LIMIT as u64).contains(&n) => Ok(n as usize),
             _ => Err(ApiError::bad_request(
                 "invalid_limit",
                 format!("limit must be a whole number from 1 to {MAX_LIST_LIMIT}, not {text:?}"),
@@ -474,14 +480,11 @@ pub async fn list(
     State(node): State<Arc<Node>>,
     query: Result<StrictQuery<ListParams>, QueryError>,
 ) -> Result<Response, ApiError> {
-    let params = query
-        .map(|StrictQuery(p)| p)
-        .map_err(|e| ApiError::bad_request("invalid_query", e.0))?;
-    let linearizable = wants_linearizable(params.consistency.as_deref())
-        .map_err(|msg| ApiError::bad_request("invalid_consistency", msg))?;
+    let params = params(query)?;
+    let consistent = linearizable(params.consistency.as_deref())?;
     let (limit, after) = (params.limit()?, params.after()?);
     let page = node
-        .list_page(&params.prefix, after, limit, linearizable)
+        .list_page(&params.prefix, after, limit, consistent)
         .await?;
     Ok(
         Json(json!({ "keys": page.keys, "more": page.more, "revision": page.revision }))

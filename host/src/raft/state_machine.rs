@@ -231,6 +231,22 @@ fn sm_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError 
     .into()
 }
 
+/// Writes `records` to the meta keyspace `meta` of `db` in one batch and
+/// fsyncs it (with everything the journal holds before it).
+fn write_meta_synced(
+    db: &Database,
+    meta: &Keyspace,
+    records: impl IntoIterator<Item = (&'static str, Vec<u8>)>,
+) -> Result<(), StorageError> {
+    let mut batch = db.batch();
+    for (key, value) in records {
+        batch.insert(meta, key, value);
+    }
+    batch.commit().map_err(|e| sm_err(ErrorVerb::Write, e))?;
+    db.persist(PersistMode::SyncData)
+        .map_err(|e| sm_err(ErrorVerb::Write, e))
+}
+
 fn encode_meta<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StorageError> {
     rmp_serde::to_vec(value).map_err(|e| sm_err(ErrorVerb::Write, e))
 }
@@ -466,13 +482,15 @@ impl StateMachineStore {
             // (or failing) after it made the keyspace must find "nothing
             // applied" at the next start, and install the file again, not
             // trust an empty key space with the old applied index.
-            let mut batch = db.batch();
-            batch.insert(&meta, LAST_APPLIED, encode_meta(&last_applied)?);
-            batch.insert(&meta, MEMBERSHIP, encode_meta(&membership)?);
-            batch.insert(&meta, REVISION, encode_meta(&rev)?);
-            batch.commit().map_err(|e| sm_err(ErrorVerb::Write, e))?;
-            db.persist(PersistMode::SyncData)
-                .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+            write_meta_synced(
+                db,
+                &meta,
+                [
+                    (LAST_APPLIED, encode_meta(&last_applied)?),
+                    (MEMBERSHIP, encode_meta(&membership)?),
+                    (REVISION, encode_meta(&rev)?),
+                ],
+            )?;
         }
         let kv = db
             .keyspace(&live_name, super::bulk_keyspace)
@@ -554,12 +572,16 @@ impl StateMachineStore {
     ) -> Result<(), StorageError> {
         // Applies ride on the log's fsyncs, but the old keyspace is about to
         // be deleted: the switch must be on disk first.
-        self.write_meta_synced([
-            (KV_GENERATION, encode_meta(&generation)?),
-            (LAST_APPLIED, encode_meta(&meta.last_log_id)?),
-            (MEMBERSHIP, encode_meta(&meta.last_membership)?),
-            (REVISION, encode_meta(&rev)?),
-        ])?;
+        write_meta_synced(
+            &self.db,
+            &self.meta,
+            [
+                (KV_GENERATION, encode_meta(&generation)?),
+                (LAST_APPLIED, encode_meta(&meta.last_log_id)?),
+                (MEMBERSHIP, encode_meta(&meta.last_membership)?),
+                (REVISION, encode_meta(&rev)?),
+            ],
+        )?;
         self.kv_generation = generation;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
@@ -585,25 +607,13 @@ impl StateMachineStore {
     /// for, recorded on disk before the caller creates one ([`KV_RESERVED`]).
     fn reserve_generation(&mut self) -> Result<u64, StorageError> {
         let generation = self.kv_reserved + 1;
-        self.write_meta_synced([(KV_RESERVED, encode_meta(&generation)?)])?;
+        write_meta_synced(
+            &self.db,
+            &self.meta,
+            [(KV_RESERVED, encode_meta(&generation)?)],
+        )?;
         self.kv_reserved = generation;
         Ok(generation)
-    }
-
-    /// Writes `records` to the meta keyspace in one batch and fsyncs it
-    /// (with everything the journal holds before it).
-    fn write_meta_synced(
-        &self,
-        records: impl IntoIterator<Item = (&'static str, Vec<u8>)>,
-    ) -> Result<(), StorageError> {
-        let mut batch = self.db.batch();
-        for (key, value) in records {
-            batch.insert(&self.meta, key, value);
-        }
-        batch.commit().map_err(|e| sm_err(ErrorVerb::Write, e))?;
-        self.db
-            .persist(PersistMode::SyncData)
-            .map_err(|e| sm_err(ErrorVerb::Write, e))
     }
 
     /// At open: a snapshot file ahead of what the key space says it applied

@@ -558,6 +558,17 @@ mod tests {
             }
         }
 
+        /// Calls with item 1 and returns once its batch runs (held at the
+        /// gate), with the call's task.
+        async fn first_batch_running(&self) -> tokio::task::JoinHandle<Option<u32>> {
+            let runner = tokio::spawn(self.call(1));
+            until("the first batch runs", || {
+                !self.seen.lock().unwrap().is_empty()
+            })
+            .await;
+            runner
+        }
+
         fn queued(&self) -> usize {
             self.c.lock().items.len()
         }
@@ -566,11 +577,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_caller_gone_before_it_took_the_slot_passes_it_on() {
         let g = Gated::new();
-        let runner = tokio::spawn(g.call(1));
-        until("the first batch runs", || {
-            !g.seen.lock().unwrap().is_empty()
-        })
-        .await;
+        let runner = g.first_batch_running().await;
         // A caller queues behind it (polled once, then never again).
         let mut gone = Box::pin(g.call(2));
         assert!(futures::poll!(&mut gone).is_pending());
@@ -591,11 +598,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_batch_leaves_out_the_items_of_callers_gone() {
         let g = Gated::new();
-        let runner = tokio::spawn(g.call(1));
-        until("the first batch runs", || {
-            !g.seen.lock().unwrap().is_empty()
-        })
-        .await;
+        let runner = g.first_batch_running().await;
         let second = tokio::spawn(g.call(2));
         until("the second caller queues", || g.queued() == 1).await;
         let mut gone = Box::pin(g.call(3));

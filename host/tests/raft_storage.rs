@@ -23,7 +23,7 @@ use openraft::raft::{
 };
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::testing::{StoreBuilder, Suite};
-use openraft::{BasicNode, RaftLogReader, Vote};
+use openraft::{BasicNode, RaftLogReader, RaftMetrics, Vote};
 use tokio::sync::Mutex;
 
 /// Builds stores for the node with this id.
@@ -415,6 +415,22 @@ impl Cluster {
         (self.rafts[i], self.logs[i], self.readers[i]) = (raft, log, reader);
     }
 
+    /// The index in `rafts` of the leader that node `watcher` knows once
+    /// `holds` is true of its metrics (within 10 s).
+    async fn leader_once(
+        &self,
+        watcher: usize,
+        holds: impl Fn(&RaftMetrics<NodeId, BasicNode>) -> bool + Send,
+        what: &str,
+    ) -> usize {
+        let m = self.rafts[watcher]
+            .wait(Some(Duration::from_secs(10)))
+            .metrics(holds, what)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        m.current_leader.expect("leader") as usize - 1
+    }
+
     async fn shutdown(self) {
         for raft in &self.rafts {
             raft.shutdown().await.expect("shutdown");
@@ -525,15 +541,13 @@ async fn a_write_replaced_by_a_newer_leader_is_reported_truncated() {
     cluster.router.isolate(1);
     let old_leader = cluster.rafts[0].clone();
     let lost = tokio::spawn(async move { old_leader.client_write(put("lost")).await });
-    let m = cluster.rafts[1]
-        .wait(Some(Duration::from_secs(10)))
-        .metrics(
+    let leader = cluster
+        .leader_once(
+            1,
             |m| m.current_leader.is_some_and(|l| l != 1),
             "the other two elect a leader",
         )
-        .await
-        .expect("a new leader");
-    let leader = m.current_leader.expect("leader") as usize - 1;
+        .await;
     let next = cluster.rafts[leader]
         .client_write(put("next"))
         .await
@@ -582,15 +596,13 @@ async fn a_crashed_leader_leads_again_only_after_an_election() {
     }
     cluster.crash_and_restart(0).await;
 
-    let m = cluster.rafts[0]
-        .wait(Some(Duration::from_secs(10)))
-        .metrics(
+    let leader = cluster
+        .leader_once(
+            0,
             |m| m.current_term > term && m.current_leader.is_some(),
-            "a leader elected in a higher term",
+            "a leader elected in a higher term after the restart",
         )
-        .await
-        .expect("an election after the restart");
-    let leader = m.current_leader.expect("leader") as usize - 1;
+        .await;
     let third = cluster.rafts[leader]
         .client_write(put("third"))
         .await

@@ -652,16 +652,6 @@ impl Node {
         Ok(self.reader.get(key)?)
     }
 
-    /// Lists keys with the revision they were read at.
-    pub async fn list(
-        &self,
-        prefix: &str,
-        linearizable: bool,
-    ) -> Result<(Vec<String>, u64), ReadError> {
-        let page = self.list_page(prefix, "", usize::MAX, linearizable).await?;
-        Ok((page.keys, page.revision))
-    }
-
     /// At most `limit` keys under `prefix` that sort after `after` (`""`:
     /// from the first), with whether more follow and the revision the page
     /// was read at (the listing holds every change up to it).
